@@ -1,0 +1,595 @@
+//! `#[derive(Event)]`: attributes -> checked model -> tokens.
+
+use crate::attr::{snake_case, Errors, Once};
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+use syn::{Data, DeriveInput, Fields, LitInt, LitStr};
+
+const ENVELOPE_COLUMNS: [&str; 4] = ["global_position", "stream_id", "stream_version", "created_at"];
+
+pub fn derive(input: DeriveInput) -> TokenStream {
+    match derive_inner(&input) {
+        Ok(tokens) => tokens,
+        Err(err) => {
+            let mut out = err.to_compile_error();
+            out.extend(fallback(&input));
+            out
+        }
+    }
+}
+
+/// Keeps follow-up errors away: the type still implements the trait.
+fn fallback(input: &DeriveInput) -> TokenStream {
+    if !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let ident = &input.ident;
+    let krate = default_crate();
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            impl #krate::Event for #ident {
+                const EVENT_TYPES: &'static [&'static str] = &[];
+                fn event_type(&self) -> &'static str { unreachable!() }
+                fn event_version(&self) -> u16 { unreachable!() }
+                fn encode(&self) -> ::core::result::Result<::std::string::String, #krate::EncodeError> { unreachable!() }
+                fn decode(_: &str, _: u16, _: &str) -> ::core::result::Result<Self, #krate::DecodeError> { unreachable!() }
+            }
+        };
+    }
+}
+
+fn default_crate() -> syn::Path {
+    syn::parse_quote!(::es_diesel::__private::es_core)
+}
+
+pub fn derive_inner(input: &DeriveInput) -> syn::Result<TokenStream> {
+    match &input.data {
+        Data::Struct(data) => {
+            let model = StructModel::parse(input, &data.fields)?;
+            Ok(model.expand())
+        }
+        Data::Enum(data) => {
+            let model = EnumModel::parse(input, data)?;
+            Ok(model.expand())
+        }
+        Data::Union(u) => Err(syn::Error::new_spanned(
+            u.union_token,
+            "an event must be a struct with named fields, or an enum whose variants each wrap one event struct; unions cannot be stored",
+        )),
+    }
+}
+
+struct ContainerAttrs {
+    name: Option<(String, LitStr)>,
+    version: Option<u16>,
+    view: Option<ViewSetting>,
+    krate: Option<syn::Path>,
+}
+
+enum ViewSetting {
+    Off,
+    Named(syn::Ident),
+}
+
+fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerAttrs {
+    let mut name = Once::new("name");
+    let mut version = Once::new("version");
+    let mut view = Once::new("view");
+    let mut krate = Once::new("crate");
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("event")) {
+        let res = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("name") {
+                let lit: LitStr = meta.value()?.parse()?;
+                if lit.value().trim().is_empty() {
+                    return Err(syn::Error::new_spanned(&lit, "the event type name cannot be empty; write e.g. #[event(name = \"BookBorrowed\")]"));
+                }
+                name.set(&meta, (lit.value(), lit))
+            } else if meta.path.is_ident("version") {
+                let value = meta.value()?;
+                let lit: syn::Lit = value.parse()?;
+                let v = match &lit {
+                    syn::Lit::Int(int) => parse_version(int)?,
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            other,
+                            "`version` takes a positive integer literal without quotes, e.g. #[event(version = 2)]",
+                        ))
+                    }
+                };
+                version.set(&meta, v)
+            } else if meta.path.is_ident("view") {
+                let lit: syn::Lit = meta.value()?.parse()?;
+                let setting = match &lit {
+                    syn::Lit::Bool(b) if !b.value => ViewSetting::Off,
+                    syn::Lit::Str(s) => match syn::parse_str::<syn::Ident>(&s.value()) {
+                        Ok(ident) => ViewSetting::Named(syn::Ident::new(&ident.to_string(), s.span())),
+                        Err(_) => return Err(syn::Error::new_spanned(s, "the view name must be a valid identifier, e.g. #[event(view = \"book_borrowed\")]")),
+                    },
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            other,
+                            "`view` takes a name, e.g. #[event(view = \"book_borrowed\")], or `false` to generate no typed view",
+                        ))
+                    }
+                };
+                view.set(&meta, setting)
+            } else if meta.path.is_ident("crate") {
+                let value = meta.value()?;
+                let path: syn::Path = if value.peek(LitStr) {
+                    value.parse::<LitStr>()?.parse()?
+                } else {
+                    value.parse()?
+                };
+                krate.set(&meta, path)
+            } else {
+                Err(meta.error(format!(
+                    "unknown event attribute `{}`; expected one of: name = \"..\", version = N, view = \"..\" | false, crate = path",
+                    path_text(&meta.path)
+                )))
+            }
+        });
+        if let Err(err) = res {
+            errors.push(err);
+        }
+    }
+    ContainerAttrs {
+        name: name.get(),
+        version: version.get(),
+        view: view.get(),
+        krate: krate.get(),
+    }
+}
+
+fn parse_version(int: &LitInt) -> syn::Result<u16> {
+    match int.base10_parse::<u16>() {
+        Ok(0) => Err(syn::Error::new_spanned(int, "event versions start at 1; write #[event(version = 1)] or more")),
+        Ok(v) => Ok(v),
+        Err(_) => Err(syn::Error::new_spanned(int, "`version` must fit in 1..=65535, e.g. #[event(version = 2)]")),
+    }
+}
+
+fn path_text(path: &syn::Path) -> String {
+    quote!(#path).to_string().replace(' ', "")
+}
+
+struct StructModel<'a> {
+    ident: &'a syn::Ident,
+    name: String,
+    version: u16,
+    krate: syn::Path,
+    view: Option<View>,
+}
+
+struct View {
+    ident: syn::Ident,
+    columns: Vec<Column>,
+}
+
+struct Column {
+    ident: syn::Ident,
+    json_key: String,
+    kind: &'static str,
+    nullable: bool,
+}
+
+impl<'a> StructModel<'a> {
+    fn parse(input: &'a DeriveInput, fields: &'a Fields) -> syn::Result<Self> {
+        let mut errors = Errors::default();
+        let attrs = parse_container_attrs(input, &mut errors);
+        if !input.generics.params.is_empty() {
+            errors.spanned(&input.generics, "an event cannot be generic: its stored type name must name one concrete shape");
+        }
+        let named = match fields {
+            Fields::Named(named) => Some(named),
+            Fields::Unnamed(u) => {
+                errors.spanned(u, "an event needs named fields so its JSON payload and view columns have names; write `struct Name { field: Type }`");
+                None
+            }
+            Fields::Unit => {
+                errors.spanned(&input.ident, "an event needs at least one named field; write `struct Name { field: Type }`");
+                None
+            }
+        };
+        let name = attrs.name.map(|(n, _)| n).unwrap_or_else(|| input.ident.to_string());
+        let view_enabled = !matches!(attrs.view, Some(ViewSetting::Off));
+        let view_ident = match attrs.view {
+            Some(ViewSetting::Named(ident)) => ident,
+            _ => format_ident!("{}", snake_case(&input.ident.to_string()), span = input.ident.span()),
+        };
+        let mut columns = Vec::new();
+        if view_enabled {
+            if let Some(rename_all) = serde_container_rename_all(input) {
+                errors.spanned(rename_all, "the typed view cannot follow #[serde(rename_all)]; rename fields one by one with #[serde(rename = \"..\")], or turn the view off with #[event(view = false)]");
+            }
+        }
+        for field in named.into_iter().flat_map(|n| n.named.iter()) {
+            let ident = field.ident.clone().expect("named field");
+            let json = match parse_field_attrs(field) {
+                Ok(json) => json,
+                Err(err) => {
+                    errors.push(err);
+                    continue;
+                }
+            };
+            if !view_enabled {
+                continue;
+            }
+            if has_serde_flag(field, "flatten") {
+                errors.spanned(field, "a #[serde(flatten)] field has no single column in the typed view; turn the view off with #[event(view = false)]");
+                continue;
+            }
+            if has_serde_flag(field, "skip") || has_serde_flag(field, "skip_serializing") {
+                continue;
+            }
+            let column_name = ident.to_string();
+            let column_name = column_name.trim_start_matches("r#");
+            if ENVELOPE_COLUMNS.contains(&column_name) {
+                errors.spanned(&ident, format!("field `{column_name}` collides with the view's envelope column of the same name; rename the field, or turn the view off with #[event(view = false)]"));
+                continue;
+            }
+            let json_key = serde_rename(field).unwrap_or_else(|| column_name.to_owned());
+            let (kind, nullable) = if json {
+                ("Json", is_option(&field.ty))
+            } else {
+                match column_kind(&field.ty) {
+                    Some(k) => k,
+                    None => {
+                        let ty = &field.ty;
+                        errors.spanned(ty, format!(
+                            "field `{column_name}` of type `{}` has no column type in the typed view `{view_ident}`; mark the field #[event(json)] to expose it as JSON text, or turn the view off with #[event(view = false)]",
+                            quote!(#ty).to_string().replace(' ', "")
+                        ));
+                        continue;
+                    }
+                }
+            };
+            columns.push(Column { ident, json_key, kind, nullable });
+        }
+        errors.finish()?;
+        Ok(StructModel {
+            ident: &input.ident,
+            name,
+            version: attrs.version.unwrap_or(1),
+            krate: attrs.krate.unwrap_or_else(default_crate),
+            view: view_enabled.then_some(View { ident: view_ident, columns }),
+        })
+    }
+
+    fn expand(&self) -> TokenStream {
+        let StructModel { ident, name, version, krate, .. } = self;
+        let mut out = quote! {
+            const _: () = {
+                #[automatically_derived]
+                impl #krate::Event for #ident {
+                    const EVENT_TYPES: &'static [&'static str] = &[#name];
+
+                    #[inline]
+                    fn event_type(&self) -> &'static str {
+                        #name
+                    }
+
+                    #[inline]
+                    fn event_version(&self) -> u16 {
+                        #version
+                    }
+
+                    fn encode(&self) -> ::core::result::Result<::std::string::String, #krate::EncodeError> {
+                        #krate::__private::serde_json::to_string(self)
+                            .map_err(|source| #krate::EncodeError { event_type: #name, source })
+                    }
+
+                    fn decode(
+                        event_type: &str,
+                        event_version: u16,
+                        payload: &str,
+                    ) -> ::core::result::Result<Self, #krate::DecodeError> {
+                        if event_type != #name {
+                            return ::core::result::Result::Err(#krate::DecodeError::UnknownType {
+                                event_type: ::std::borrow::ToOwned::to_owned(event_type),
+                                expected: <Self as #krate::Event>::EVENT_TYPES,
+                            });
+                        }
+                        #krate::__private::decode_payload::<Self>(#name, #version, event_version, payload)
+                    }
+                }
+
+                #[automatically_derived]
+                impl #krate::EventType for #ident {
+                    const NAME: &'static str = #name;
+                    const VERSION: u16 = #version;
+                }
+            };
+        };
+        if let Some(view) = &self.view {
+            out.extend(view.expand(name, krate));
+        }
+        out
+    }
+}
+
+impl View {
+    fn expand(&self, event_type: &str, krate: &syn::Path) -> TokenStream {
+        let view = &self.ident;
+        let view_name = view.to_string();
+        let descriptors = self.columns.iter().map(|c| {
+            let name = c.ident.to_string();
+            let name = name.trim_start_matches("r#");
+            let key = &c.json_key;
+            let kind = format_ident!("{}", c.kind);
+            let nullable = c.nullable;
+            quote! {
+                #krate::__private::ViewColumn {
+                    name: #name,
+                    json_key: #key,
+                    ty: #krate::__private::ColumnType::#kind,
+                    nullable: #nullable,
+                }
+            }
+        });
+        let columns = self.columns.iter().map(|c| {
+            let ident = &c.ident;
+            let sql = match c.kind {
+                "Json" => format_ident!("Text"),
+                k => format_ident!("{}", k),
+            };
+            let doc = format!("Payload field `{}`.", c.json_key);
+            if c.nullable {
+                quote! { #[doc = #doc] #ident -> Nullable<#sql>, }
+            } else {
+                quote! { #[doc = #doc] #ident -> #sql, }
+            }
+        });
+        let doc = format!(
+            "Typed view `{view_name}` over the log: one row per `{event_type}` event. Created by the store's `migrate`."
+        );
+        quote! {
+            #krate::__private::inventory::submit! {
+                #krate::__private::EventView {
+                    name: #view_name,
+                    event_type: #event_type,
+                    columns: &[#(#descriptors),*],
+                }
+            }
+
+            diesel::table! {
+                #[doc = #doc]
+                #view (global_position) {
+                    /// Position of the event in the whole log.
+                    global_position -> BigInt,
+                    /// Stream the event belongs to.
+                    stream_id -> Text,
+                    /// Version of the event in its stream.
+                    stream_version -> BigInt,
+                    /// When the store appended the event (UTC).
+                    created_at -> Timestamp,
+                    #(#columns)*
+                }
+            }
+        }
+    }
+}
+
+fn parse_field_attrs(field: &syn::Field) -> syn::Result<bool> {
+    let mut json = false;
+    for attr in field.attrs.iter().filter(|a| a.path().is_ident("event")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("json") {
+                if json {
+                    return Err(meta.error("duplicate `json` attribute; give it once"));
+                }
+                json = true;
+                Ok(())
+            } else {
+                Err(meta.error(format!(
+                    "unknown event field attribute `{}`; the only one is #[event(json)]",
+                    path_text(&meta.path)
+                )))
+            }
+        })?;
+    }
+    Ok(json)
+}
+
+fn serde_container_rename_all(input: &DeriveInput) -> Option<syn::Attribute> {
+    input
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("serde"))
+        .find(|a| {
+            let mut found = false;
+            let _ = a.parse_nested_meta(|meta| {
+                if meta.path.is_ident("rename_all") {
+                    found = true;
+                }
+                if meta.input.peek(syn::Token![=]) {
+                    let _: syn::Expr = meta.value()?.parse()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let _content;
+                    syn::parenthesized!(_content in meta.input);
+                }
+                Ok(())
+            });
+            found
+        })
+        .cloned()
+}
+
+fn serde_items(field: &syn::Field) -> Vec<(String, Option<LitStr>)> {
+    let mut items = Vec::new();
+    for attr in field.attrs.iter().filter(|a| a.path().is_ident("serde")) {
+        let _ = attr.parse_nested_meta(|meta| {
+            let key = path_text(&meta.path);
+            if meta.input.peek(syn::Token![=]) {
+                let expr: syn::Expr = meta.value()?.parse()?;
+                let lit = match expr {
+                    syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => Some(s),
+                    _ => None,
+                };
+                items.push((key, lit));
+            } else {
+                if meta.input.peek(syn::token::Paren) {
+                    let _content;
+                    syn::parenthesized!(_content in meta.input);
+                }
+                items.push((key, None));
+            }
+            Ok(())
+        });
+    }
+    items
+}
+
+fn has_serde_flag(field: &syn::Field, flag: &str) -> bool {
+    serde_items(field).iter().any(|(k, _)| k == flag)
+}
+
+fn serde_rename(field: &syn::Field) -> Option<String> {
+    serde_items(field)
+        .into_iter()
+        .find(|(k, _)| k == "rename")
+        .and_then(|(_, lit)| lit.map(|l| l.value()))
+}
+
+fn is_option(ty: &syn::Type) -> bool {
+    option_inner(ty).is_some()
+}
+
+fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
+    let syn::Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if seg.ident != "Option" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &seg.arguments else { return None };
+    match args.args.first()? {
+        syn::GenericArgument::Type(inner) => Some(inner),
+        _ => None,
+    }
+}
+
+/// The view column type of a field type, and whether it is nullable.
+fn column_kind(ty: &syn::Type) -> Option<(&'static str, bool)> {
+    if let Some(inner) = option_inner(ty) {
+        return column_kind(inner).filter(|(_, nullable)| !nullable).map(|(k, _)| (k, true));
+    }
+    let syn::Type::Path(p) = ty else { return None };
+    if p.qself.is_some() {
+        return None;
+    }
+    let seg = p.path.segments.last()?;
+    if !seg.arguments.is_empty() {
+        return None;
+    }
+    let kind = match seg.ident.to_string().as_str() {
+        "i8" | "u8" | "i16" => "SmallInt",
+        "u16" | "i32" => "Integer",
+        "u32" | "i64" | "u64" | "isize" | "usize" => "BigInt",
+        "f32" => "Float",
+        "f64" => "Double",
+        "bool" => "Bool",
+        "String" | "char" | "Uuid" => "Text",
+        _ => return None,
+    };
+    Some((kind, false))
+}
+
+struct EnumModel<'a> {
+    ident: &'a syn::Ident,
+    krate: syn::Path,
+    variants: Vec<(&'a syn::Ident, &'a syn::Type)>,
+}
+
+impl<'a> EnumModel<'a> {
+    fn parse(input: &'a DeriveInput, data: &'a syn::DataEnum) -> syn::Result<Self> {
+        let mut errors = Errors::default();
+        let attrs = parse_container_attrs(input, &mut errors);
+        if let Some((_, lit)) = &attrs.name {
+            errors.spanned(lit, "`name` belongs on each event struct, not on the enum that groups them; remove it here");
+        }
+        if attrs.version.is_some() || attrs.view.is_some() {
+            errors.spanned(&input.ident, "`version` and `view` belong on each event struct, not on the enum that groups them; remove them here");
+        }
+        if !input.generics.params.is_empty() {
+            errors.spanned(&input.generics, "an event enum cannot be generic");
+        }
+        if data.variants.is_empty() {
+            errors.spanned(&input.ident, "an event enum needs at least one variant wrapping an event struct, e.g. `BookBorrowed(BookBorrowed)`");
+        }
+        let mut variants = Vec::new();
+        for v in &data.variants {
+            match &v.fields {
+                Fields::Unnamed(f) if f.unnamed.len() == 1 => {
+                    variants.push((&v.ident, &f.unnamed[0].ty));
+                }
+                _ => errors.spanned(v, format!(
+                    "each variant of an event enum wraps one event struct; write `{0}({0})` and #[derive(Event)] on `struct {0}`",
+                    v.ident
+                )),
+            }
+        }
+        errors.finish()?;
+        Ok(EnumModel {
+            ident: &input.ident,
+            krate: attrs.krate.unwrap_or_else(default_crate),
+            variants,
+        })
+    }
+
+    fn expand(&self) -> TokenStream {
+        let EnumModel { ident, krate, variants } = self;
+        let names: Vec<_> = variants.iter().map(|(v, _)| v).collect();
+        let tys: Vec<_> = variants.iter().map(|(_, t)| t).collect();
+        quote! {
+            const _: () = {
+                #[automatically_derived]
+                impl #krate::Event for #ident {
+                    const EVENT_TYPES: &'static [&'static str] = &[#(<#tys as #krate::EventType>::NAME),*];
+
+                    fn event_type(&self) -> &'static str {
+                        match self {
+                            #(Self::#names(e) => <#tys as #krate::EventType>::NAME,)*
+                        }
+                    }
+
+                    fn event_version(&self) -> u16 {
+                        match self {
+                            #(Self::#names(_) => <#tys as #krate::EventType>::VERSION,)*
+                        }
+                    }
+
+                    fn encode(&self) -> ::core::result::Result<::std::string::String, #krate::EncodeError> {
+                        match self {
+                            #(Self::#names(e) => <#tys as #krate::Event>::encode(e),)*
+                        }
+                    }
+
+                    fn decode(
+                        event_type: &str,
+                        event_version: u16,
+                        payload: &str,
+                    ) -> ::core::result::Result<Self, #krate::DecodeError> {
+                        #(
+                            if event_type == <#tys as #krate::EventType>::NAME {
+                                return <#tys as #krate::Event>::decode(event_type, event_version, payload).map(Self::#names);
+                            }
+                        )*
+                        ::core::result::Result::Err(#krate::DecodeError::UnknownType {
+                            event_type: ::std::borrow::ToOwned::to_owned(event_type),
+                            expected: <Self as #krate::Event>::EVENT_TYPES,
+                        })
+                    }
+                }
+
+                #(
+                    #[automatically_derived]
+                    impl ::core::convert::From<#tys> for #ident {
+                        fn from(event: #tys) -> Self {
+                            Self::#names(event)
+                        }
+                    }
+                )*
+            };
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Connections: one Diesel connection type over every backend, chosen at run
+//! time from the database URL, and the r2d2 pool that hands them out.
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::PgConnection;
+use diesel::r2d2::R2D2Connection;
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, ConnectionError};
+use std::time::Duration;
+
+/// A connection to whichever database the store was opened on.
+///
+/// Projectors receive it inside the append transaction; it supports Diesel's
+/// query DSL for every backend (`diesel::MultiConnection`).
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Postgres(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// The database behind a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        })
+    }
+}
+
+impl DbConnection {
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbConnection::Postgres(_) => Backend::Postgres,
+            DbConnection::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+}
+
+/// How SQLite makes commits durable (`PRAGMA synchronous`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// Every commit is on disk before append returns (the default: nothing
+    /// acknowledged is ever lost, even on power failure).
+    Full,
+    /// WAL commits survive a crash of the process but the last ones may be
+    /// lost on power failure; several times faster for small transactions.
+    Normal,
+    /// No syncing at all. Only for throwaway databases.
+    Off,
+}
+
+/// Settings of [`EventStore::open_with`](crate::EventStore::open_with).
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Connections in the pool (an in-memory SQLite database always uses 1).
+    pub pool_size: u32,
+    /// How long a SQLite writer waits for the write lock before failing.
+    pub busy_timeout: Duration,
+    pub sqlite_sync: SqliteSync,
+    /// How long `pool.get()` waits for a free connection.
+    pub connection_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            pool_size: 8,
+            busy_timeout: Duration::from_secs(30),
+            sqlite_sync: SqliteSync::Full,
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a database URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Postgres(String),
+    Sqlite { path: String, memory: bool },
+}
+
+pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectionError> {
+    let url = url.trim();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Target::Postgres(url.to_owned()));
+    }
+    if let Some(scheme) = url.split_once("://").map(|(s, _)| s) {
+        if scheme != "sqlite" && scheme != "file" {
+            return Err(ConnectionError::InvalidConnectionUrl(format!(
+                "unsupported database URL scheme `{scheme}://`; use postgres://user@host/db, or a SQLite file path such as library.db or sqlite://library.db, or :memory:"
+            )));
+        }
+    }
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    if path.is_empty() {
+        return Err(ConnectionError::InvalidConnectionUrl(
+            "empty database URL; give a SQLite file path such as library.db, :memory:, or postgres://user@host/db".into(),
+        ));
+    }
+    let memory = path == ":memory:" || path.contains("mode=memory");
+    Ok(Target::Sqlite {
+        path: path.to_owned(),
+        memory,
+    })
+}
+
+/// Opens connections for the pool and prepares each one (SQLite pragmas).
+/// Opaque: it appears in [`PooledConnection`](crate::PooledConnection).
+#[derive(Clone, Debug)]
+pub struct Manager {
+    pub(crate) target: Target,
+    pub(crate) options: StoreOptions,
+}
+
+impl Manager {
+    pub(crate) fn establish(&self) -> Result<DbConnection, ConnectionError> {
+        match &self.target {
+            Target::Postgres(url) => {
+                let mut conn = PgConnection::establish(url)?;
+                conn.batch_execute("SET client_min_messages = warning")
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(DbConnection::Postgres(conn))
+            }
+            Target::Sqlite { path, memory } => {
+                let mut conn = SqliteConnection::establish(path)?;
+                let sync = match self.options.sqlite_sync {
+                    SqliteSync::Full => "FULL",
+                    SqliteSync::Normal => "NORMAL",
+                    SqliteSync::Off => "OFF",
+                };
+                let journal = if *memory { "MEMORY" } else { "WAL" };
+                conn.batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = {journal}; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;",
+                    self.options.busy_timeout.as_millis()
+                ))
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(DbConnection::Sqlite(conn))
+            }
+        }
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = DbConnection;
+    type Error = ConnectionError;
+
+    fn connect(&self) -> Result<DbConnection, ConnectionError> {
+        self.establish()
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ConnectionError> {
+        conn.ping().map_err(ConnectionError::CouldntSetupConfiguration)
+    }
+
+    fn has_broken(&self, conn: &mut DbConnection) -> bool {
+        conn.is_broken()
+    }
+}
+
+/// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so that
+/// concurrent writers queue for the lock (honouring the busy timeout)
+/// instead of failing with "database is locked" at their first write. Inside
+/// an open transaction it nests as a savepoint.
+pub fn write_transaction<T, E>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    let nested = Tm::transaction_manager_status_mut(conn)
+        .transaction_depth()?
+        .is_some();
+    match conn {
+        DbConnection::Sqlite(c) if !nested => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        _ => Tm::begin_transaction(conn)?,
+    }
+    match f(conn) {
+        Ok(value) => match Tm::commit_transaction(conn) {
+            Ok(()) => Ok(value),
+            Err(commit_err) => {
+                let _ = Tm::rollback_transaction(conn);
+                Err(commit_err.into())
+            }
+        },
+        Err(err) => {
+            match Tm::rollback_transaction(conn) {
+                Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {}
+                Err(rollback_err) => return Err(rollback_err.into()),
+            }
+            Err(err)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("postgres://u@h/db").unwrap(),
+            Target::Postgres("postgres://u@h/db".into())
+        );
+        assert_eq!(
+            parse_url("library.db").unwrap(),
+            Target::Sqlite { path: "library.db".into(), memory: false }
+        );
+        assert_eq!(
+            parse_url("sqlite://x.db").unwrap(),
+            Target::Sqlite { path: "x.db".into(), memory: false }
+        );
+        assert!(matches!(parse_url(":memory:").unwrap(), Target::Sqlite { memory: true, .. }));
+        assert!(parse_url("redis://h").is_err());
+        assert!(parse_url("").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+use es_core::{DecodeError, EncodeError, ExpectedVersion, StreamIdError};
+
+/// Everything the store can fail with. Variants carry what you need to act.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another writer got there first; nothing of the append was written.
+    /// Reload the stream and decide again.
+    #[error("version conflict on stream `{stream}`: expected {expected}, but the stream is at version {actual}; nothing was written")]
+    Conflict {
+        stream: String,
+        expected: ExpectedVersion,
+        actual: i64,
+    },
+
+    /// An event with this id is already in the log (appends of events
+    /// with ids you chose, e.g. an import, are idempotent through this).
+    #[error("an event with id {event_id} is already in the log; nothing of this append was written")]
+    DuplicateEventId { event_id: uuid::Uuid },
+
+    #[error("invalid stream id {stream:?}: {source}")]
+    InvalidStreamId {
+        stream: String,
+        #[source]
+        source: StreamIdError,
+    },
+
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+
+    /// A stored event cannot be read as the requested type.
+    #[error("cannot decode the event at global position {position} (`{event_type}` version {event_version} in stream `{stream}`): {source}")]
+    Decode {
+        position: i64,
+        stream: String,
+        event_type: String,
+        event_version: u16,
+        #[source]
+        source: DecodeError,
+    },
+
+    /// A stored row is not what the store wrote (edited by hand?).
+    #[error("malformed stored event at global position {position}: {reason}")]
+    Malformed { position: i64, reason: String },
+
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+
+    #[error("cannot connect to the database: {0}")]
+    Connection(#[from] diesel::ConnectionError),
+
+    #[error("no database connection available: {0}")]
+    Pool(#[from] r2d2::Error),
+
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: diesel::result::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn decode(ev: &es_core::RecordedEvent, source: DecodeError) -> Self {
+        Error::Decode {
+            position: ev.global_position,
+            stream: ev.stream_id.clone(),
+            event_type: ev.event_type.clone(),
+            event_version: ev.event_version,
+            source,
+        }
+    }
+
+    /// Is this a lost optimistic-concurrency race?
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}
+
+pub(crate) fn check_stream_id(stream: &str) -> Result<()> {
+    es_core::validate_stream_id(stream).map_err(|source| Error::InvalidStreamId {
+        stream: truncate(stream, 80),
+        source,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}

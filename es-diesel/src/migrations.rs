@@ -1,0 +1,205 @@
+//! The store's own schema, as numbered migrations per backend, plus the
+//! typed event views registered by `#[derive(Event)]`.
+
+use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::error::{Error, Result};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer};
+use es_core::view::{event_views, ColumnType, EventView};
+
+/// One step of the store's schema. Applied once, in order, in a transaction.
+pub(crate) struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "event log",
+    sqlite: r#"
+CREATE TABLE es_events (
+    global_position INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT    NOT NULL UNIQUE,
+    stream_id       TEXT    NOT NULL,
+    stream_version  INTEGER NOT NULL CHECK (stream_version > 0),
+    event_type      TEXT    NOT NULL,
+    event_version   INTEGER NOT NULL CHECK (event_version > 0),
+    payload         TEXT    NOT NULL CHECK (json_valid(payload)),
+    metadata        TEXT    NOT NULL CHECK (json_valid(metadata)),
+    created_at      TEXT    NOT NULL,
+    UNIQUE (stream_id, stream_version)
+);
+CREATE INDEX es_events_by_type ON es_events (event_type, global_position);
+CREATE TRIGGER es_events_no_update BEFORE UPDATE ON es_events
+BEGIN SELECT RAISE(ABORT, 'es_events is append-only: UPDATE is refused'); END;
+CREATE TRIGGER es_events_no_delete BEFORE DELETE ON es_events
+BEGIN SELECT RAISE(ABORT, 'es_events is append-only: DELETE is refused'); END;
+"#,
+    postgres: r#"
+CREATE TABLE es_events (
+    global_position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id        UUID        NOT NULL UNIQUE,
+    stream_id       TEXT        NOT NULL,
+    stream_version  BIGINT      NOT NULL CHECK (stream_version > 0),
+    event_type      TEXT        NOT NULL,
+    event_version   SMALLINT    NOT NULL CHECK (event_version > 0),
+    payload         JSONB       NOT NULL,
+    metadata        JSONB       NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    transaction_id  XID8        NOT NULL DEFAULT pg_current_xact_id()
+);
+-- Stream ids may be kilobytes long, beyond what a btree entry holds, so
+-- uniqueness and stream lookups go through the md5 of the id.
+CREATE UNIQUE INDEX es_events_stream ON es_events (md5(stream_id), stream_version);
+CREATE INDEX es_events_by_type ON es_events (event_type, global_position);
+CREATE FUNCTION es_events_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'es_events is append-only: % is refused', TG_OP
+        USING ERRCODE = 'restrict_violation';
+END $$;
+CREATE TRIGGER es_events_append_only BEFORE UPDATE OR DELETE ON es_events
+    FOR EACH ROW EXECUTE FUNCTION es_events_refuse_change();
+CREATE TRIGGER es_events_no_truncate BEFORE TRUNCATE ON es_events
+    FOR EACH STATEMENT EXECUTE FUNCTION es_events_refuse_change();
+"#,
+}];
+
+#[derive(QueryableByName)]
+struct Applied {
+    #[diesel(sql_type = Integer)]
+    version: i32,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Applies pending migrations and (re)creates the typed event views.
+/// Safe to call from many processes at once.
+pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
+    write_transaction(conn, |conn| {
+        let backend = conn.backend();
+        if backend == Backend::Postgres {
+            conn.batch_execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('es_diesel.migrate.' || current_schema(), 0))",
+            )?;
+        }
+        conn.batch_execute(
+            "CREATE TABLE IF NOT EXISTS es_schema_migrations (
+                version INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at TEXT NOT NULL
+            )",
+        )?;
+        let applied: Vec<i32> = diesel::sql_query("SELECT version FROM es_schema_migrations")
+            .load::<Applied>(conn)?
+            .into_iter()
+            .map(|a| a.version)
+            .collect();
+        for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+            let sql = match backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            let run = |conn: &mut DbConnection| -> QueryResult<()> {
+                conn.batch_execute(sql)?;
+                let stamp = chrono::Utc::now().to_rfc3339();
+                conn.batch_execute(&format!(
+                    "INSERT INTO es_schema_migrations (version, name, applied_at) VALUES ({}, {}, {})",
+                    m.version,
+                    quote_literal(m.name),
+                    quote_literal(&stamp)
+                ))
+            };
+            run(conn).map_err(|source| Error::Migration {
+                version: m.version,
+                name: m.name,
+                source,
+            })?;
+            tracing::info!(version = m.version, name = m.name, "applied migration");
+        }
+        for view in event_views() {
+            create_view(conn, view)?;
+        }
+        Ok(())
+    })
+}
+
+/// The newest schema version this code knows, and the one the database has.
+pub(crate) fn schema_versions(conn: &mut DbConnection) -> Result<(i32, i64)> {
+    let latest = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
+    let have = diesel::sql_query("SELECT COUNT(*) AS n FROM es_schema_migrations")
+        .get_result::<Count>(conn)
+        .map(|c| c.n)
+        .unwrap_or(0);
+    Ok((latest, have))
+}
+
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn create_view(conn: &mut DbConnection, view: &EventView) -> Result<()> {
+    let backend = conn.backend();
+    let mut cols = vec![
+        "e.global_position AS global_position".to_owned(),
+        "e.stream_id AS stream_id".to_owned(),
+        "e.stream_version AS stream_version".to_owned(),
+        match backend {
+            Backend::Postgres => "(e.created_at AT TIME ZONE 'UTC') AS created_at".to_owned(),
+            Backend::Sqlite => "e.created_at AS created_at".to_owned(),
+        },
+    ];
+    for c in view.columns {
+        let expr = match backend {
+            Backend::Postgres => {
+                let key = quote_literal(c.json_key);
+                match c.ty {
+                    ColumnType::Text => format!("(e.payload->>{key})"),
+                    ColumnType::Json => format!("(e.payload->{key})::text"),
+                    ty => format!("(e.payload->>{key})::{}", pg_type(ty)),
+                }
+            }
+            Backend::Sqlite => {
+                let path = quote_literal(&format!("$.{}", quote_ident(c.json_key)));
+                match c.ty {
+                    ColumnType::Json => format!("(e.payload -> {path})"),
+                    ColumnType::Float | ColumnType::Double => {
+                        format!("CAST(json_extract(e.payload, {path}) AS REAL)")
+                    }
+                    _ => format!("json_extract(e.payload, {path})"),
+                }
+            }
+        };
+        cols.push(format!("{expr} AS {}", quote_ident(c.name)));
+    }
+    let name = quote_ident(view.name);
+    let sql = format!(
+        "DROP VIEW IF EXISTS {name}; CREATE VIEW {name} AS SELECT {} FROM es_events e WHERE e.event_type = {}",
+        cols.join(", "),
+        quote_literal(view.event_type)
+    );
+    conn.batch_execute(&sql)?;
+    Ok(())
+}
+
+fn pg_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::SmallInt => "smallint",
+        ColumnType::Integer => "integer",
+        ColumnType::BigInt => "bigint",
+        ColumnType::Float => "real",
+        ColumnType::Double => "double precision",
+        ColumnType::Bool => "boolean",
+        ColumnType::Text | ColumnType::Json => "text",
+    }
+}

@@ -1,0 +1,174 @@
+//! Reading the log: one stream, the whole log in global order, by event type.
+//! Every read is a bounded page.
+
+use crate::append::Version;
+use crate::connection::DbConnection;
+use crate::error::{Error, Result};
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, SmallInt, Text, Timestamp};
+use es_core::{Metadata, Payload, RecordedEvent};
+
+#[derive(QueryableByName)]
+pub(crate) struct EventRow {
+    #[diesel(sql_type = BigInt)]
+    global_position: i64,
+    #[diesel(sql_type = Text)]
+    event_id: String,
+    #[diesel(sql_type = Text)]
+    stream_id: String,
+    #[diesel(sql_type = BigInt)]
+    stream_version: i64,
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = SmallInt)]
+    event_version: i16,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = Text)]
+    metadata: String,
+    #[diesel(sql_type = Timestamp)]
+    created_at: NaiveDateTime,
+}
+
+impl EventRow {
+    pub(crate) fn into_recorded(self) -> Result<RecordedEvent> {
+        let position = self.global_position;
+        let malformed = |reason: String| Error::Malformed { position, reason };
+        let event_id = uuid::Uuid::parse_str(&self.event_id)
+            .map_err(|e| malformed(format!("event_id {:?} is not a UUID: {e}", self.event_id)))?;
+        let metadata = Metadata::from_json(&self.metadata)
+            .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?;
+        let event_version = u16::try_from(self.event_version)
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| malformed(format!("event_version {} is not a positive version", self.event_version)))?;
+        Ok(RecordedEvent {
+            global_position: position,
+            event_id,
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            event_type: self.event_type,
+            event_version,
+            metadata,
+            created_at: self.created_at.and_utc(),
+            event: Payload(self.payload),
+        })
+    }
+}
+
+const PG_COLUMNS: &str = "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
+     event_version, payload::text AS payload, metadata::text AS metadata, \
+     (created_at AT TIME ZONE 'UTC') AS created_at";
+const SQLITE_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
+     event_version, payload, metadata, created_at";
+
+fn rows_into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>> {
+    rows.into_iter().map(EventRow::into_recorded).collect()
+}
+
+fn clamp(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Events of `stream` with `stream_version >= from_version`, at most `limit`.
+pub(crate) fn read_stream(conn: &mut DbConnection, stream: &str, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    let rows = match conn {
+        DbConnection::Postgres(c) => diesel::sql_query(format!(
+            "SELECT {PG_COLUMNS} FROM es_events WHERE md5(stream_id) = md5($1) AND stream_id = $1 \
+             AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+        ))
+        .bind::<Text, _>(stream)
+        .bind::<BigInt, _>(from_version)
+        .bind::<BigInt, _>(clamp(limit))
+        .load::<EventRow>(c)?,
+        DbConnection::Sqlite(c) => diesel::sql_query(format!(
+            "SELECT {SQLITE_COLUMNS} FROM es_events WHERE stream_id = ? AND stream_version >= ? \
+             ORDER BY stream_version LIMIT ?"
+        ))
+        .bind::<Text, _>(stream)
+        .bind::<BigInt, _>(from_version)
+        .bind::<BigInt, _>(clamp(limit))
+        .load::<EventRow>(c)?,
+    };
+    rows_into_events(rows)
+}
+
+/// Events with `global_position > after`, in global order, at most `limit`.
+pub(crate) fn read_all(conn: &mut DbConnection, after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    let rows = match conn {
+        DbConnection::Postgres(c) => diesel::sql_query(format!(
+            "SELECT {PG_COLUMNS} FROM es_events WHERE global_position > $1 ORDER BY global_position LIMIT $2"
+        ))
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(clamp(limit))
+        .load::<EventRow>(c)?,
+        DbConnection::Sqlite(c) => diesel::sql_query(format!(
+            "SELECT {SQLITE_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?"
+        ))
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(clamp(limit))
+        .load::<EventRow>(c)?,
+    };
+    rows_into_events(rows)
+}
+
+/// Events of the given types with `global_position > after`, in global order.
+pub(crate) fn read_types(conn: &mut DbConnection, types: &[&str], after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    if types.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = match conn {
+        DbConnection::Postgres(c) => diesel::sql_query(format!(
+            "SELECT {PG_COLUMNS} FROM es_events WHERE event_type = ANY($1) AND global_position > $2 \
+             ORDER BY global_position LIMIT $3"
+        ))
+        .bind::<diesel::sql_types::Array<Text>, _>(types)
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(clamp(limit))
+        .load::<EventRow>(c)?,
+        DbConnection::Sqlite(c) => {
+            let marks = vec!["?"; types.len()].join(", ");
+            let mut q = diesel::sql_query(format!(
+                "SELECT {SQLITE_COLUMNS} FROM es_events WHERE event_type IN ({marks}) AND global_position > ? \
+                 ORDER BY global_position LIMIT ?"
+            ))
+            .into_boxed();
+            for t in types {
+                q = q.bind::<Text, _>(*t);
+            }
+            q.bind::<BigInt, _>(after)
+                .bind::<BigInt, _>(clamp(limit))
+                .load::<EventRow>(c)?
+        }
+    };
+    rows_into_events(rows)
+}
+
+/// The stream's last version, 0 when it has no events.
+pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
+    let v = match conn {
+        DbConnection::Postgres(c) => diesel::sql_query(
+            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE md5(stream_id) = md5($1) AND stream_id = $1",
+        )
+        .bind::<Text, _>(stream)
+        .get_result::<Version>(c)?,
+        DbConnection::Sqlite(c) => diesel::sql_query(
+            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE stream_id = ?",
+        )
+        .bind::<Text, _>(stream)
+        .get_result::<Version>(c)?,
+    };
+    Ok(v.v)
+}
+
+/// The highest global position in the log, 0 when it is empty.
+pub(crate) fn head(conn: &mut DbConnection) -> Result<i64> {
+    let v = match conn {
+        DbConnection::Postgres(c) => diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
+            .get_result::<Version>(c)?,
+        DbConnection::Sqlite(c) => diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
+            .get_result::<Version>(c)?,
+    };
+    Ok(v.v)
+}

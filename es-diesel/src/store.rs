@@ -1,0 +1,285 @@
+//! [`EventStore`]: the one handle an application keeps.
+
+use crate::append::{append_in, StreamWrite, ACTUAL_UNKNOWN};
+use crate::connection::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
+use crate::error::{check_stream_id, Error, Result};
+use crate::{migrations, read};
+use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};
+use std::collections::VecDeque;
+
+/// A connection checked out of the store's pool.
+pub type PooledConnection = r2d2::PooledConnection<Manager>;
+
+/// How many times an append whose streams all expect [`ExpectedVersion::Any`]
+/// is retried after losing a race for the same version.
+const ANY_RETRIES: usize = 16;
+
+/// Page size of the reads that load whole streams.
+const STREAM_PAGE: usize = 1_000;
+
+/// The event store: an append-only log in a SQL database, with a pool of
+/// connections. Cheap to clone; clones share the pool.
+///
+/// ```
+/// use es_diesel::{Event, EventStore, ExpectedVersion};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
+/// #[event(view = false)]
+/// struct BookRegistered { book_id: i64, title: String }
+///
+/// # fn main() -> es_diesel::Result<()> {
+/// let store = EventStore::open(":memory:")?;
+/// store.migrate()?;
+/// let recorded = store.append("book-1", ExpectedVersion::NoStream, [BookRegistered { book_id: 1, title: "Dune".into() }])?;
+/// assert_eq!(recorded[0].stream_version, 1);
+/// let events = store.load_stream::<BookRegistered>("book-1")?;
+/// assert_eq!(events[0].title, "Dune");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EventStore {
+    pool: r2d2::Pool<Manager>,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+impl EventStore {
+    /// Opens a store with default options. The URL chooses the backend:
+    /// a SQLite file path (`library.db`, `sqlite://library.db`), `:memory:`,
+    /// or `postgres://user@host/db`.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, StoreOptions::default())
+    }
+
+    pub fn open_with(url: &str, options: StoreOptions) -> Result<Self> {
+        let target = parse_url(url)?;
+        let memory = matches!(target, Target::Sqlite { memory: true, .. });
+        let (backend, size) = match &target {
+            Target::Postgres(_) => (Backend::Postgres, options.pool_size.max(1)),
+            Target::Sqlite { memory: true, .. } => (Backend::Sqlite, 1),
+            Target::Sqlite { .. } => (Backend::Sqlite, options.pool_size.max(1)),
+        };
+        let manager = Manager {
+            target,
+            options: options.clone(),
+        };
+        // Fail now with the real connection error rather than a pool timeout.
+        let first = manager.establish()?;
+        drop(first);
+        let pool = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(if memory { 1 } else { 0 }))
+            .connection_timeout(options.connection_timeout)
+            // An in-memory database lives and dies with its one connection.
+            .idle_timeout(if memory { None } else { Some(std::time::Duration::from_secs(600)) })
+            .max_lifetime(if memory { None } else { Some(std::time::Duration::from_secs(1800)) })
+            .build(manager)?;
+        Ok(EventStore { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A connection from the pool, for Diesel queries on views and read models.
+    pub fn connection(&self) -> Result<PooledConnection> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Creates or upgrades the store's tables and the typed event views.
+    /// Idempotent, and safe to run from several processes at once.
+    pub fn migrate(&self) -> Result<()> {
+        let mut conn = self.connection()?;
+        migrations::migrate(&mut conn)
+    }
+
+    /// The newest schema version this code knows and the number of
+    /// migrations the database has applied.
+    pub fn schema_versions(&self) -> Result<(i32, i64)> {
+        migrations::schema_versions(&mut *self.connection()?)
+    }
+
+    /// Appends `events` to `stream` if it is at the `expected` version, in
+    /// one transaction. Returns the recorded events. On
+    /// [`Error::Conflict`] nothing is written.
+    pub fn append<E: Event>(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<Recorded<E>>> {
+        self.append_with(stream, expected, events, &Metadata::default())
+    }
+
+    /// [`append`](Self::append) with the same metadata on every event.
+    pub fn append_with<E: Event>(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: impl IntoIterator<Item = E>,
+        metadata: &Metadata,
+    ) -> Result<Vec<Recorded<E>>> {
+        let events: Vec<E> = events.into_iter().collect();
+        let mut write = StreamWrite::new(stream, expected);
+        for e in &events {
+            write.push_new(NewEvent::new(e)?.with_metadata(metadata.clone()));
+        }
+        let recorded = self.append_streams(std::slice::from_ref(&write))?;
+        Ok(recorded
+            .into_iter()
+            .zip(events)
+            .map(|(r, e)| r.map(|_| e))
+            .collect())
+    }
+
+    /// Appends to several streams atomically: every expectation holds and
+    /// everything is written, or nothing is.
+    pub fn append_streams(&self, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
+        for w in writes {
+            check_stream_id(&w.stream_id)?;
+        }
+        let mut conn = self.connection()?;
+        let retry = writes.iter().all(|w| w.expected == ExpectedVersion::Any);
+        let mut attempt = 0;
+        loop {
+            let result = write_transaction(&mut conn, |c| append_in(c, writes));
+            match result {
+                Err(Error::Conflict { stream, expected, actual }) if actual == ACTUAL_UNKNOWN => {
+                    attempt += 1;
+                    if retry && attempt <= ANY_RETRIES {
+                        tracing::debug!(%stream, attempt, "append with ExpectedVersion::Any lost a race; retrying");
+                        continue;
+                    }
+                    let actual = read::stream_version(&mut conn, &stream)?;
+                    return Err(Error::Conflict { stream, expected, actual });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Events of `stream` from `from_version` (1 = the start), at most `limit`.
+    pub fn read_stream(&self, stream: &str, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        check_stream_id(stream)?;
+        read::read_stream(&mut *self.connection()?, stream, from_version, limit)
+    }
+
+    /// Every event of `stream`, decoded as `E`, read in pages.
+    pub fn load_stream<E: Event>(&self, stream: &str) -> Result<Vec<Recorded<E>>> {
+        check_stream_id(stream)?;
+        let mut conn = self.connection()?;
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = read::read_stream(&mut conn, stream, from, STREAM_PAGE)?;
+            let full = page.len() == STREAM_PAGE;
+            for ev in page {
+                from = ev.stream_version + 1;
+                out.push(ev.decode::<E>().map_err(|e| Error::decode(&ev, e))?);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The stream's current version (0 if it has no events).
+    pub fn stream_version(&self, stream: &str) -> Result<i64> {
+        check_stream_id(stream)?;
+        read::stream_version(&mut *self.connection()?, stream)
+    }
+
+    /// Events with a global position above `after`, in global order, at most `limit`.
+    ///
+    /// On PostgreSQL, concurrent writers commit positions out of order: a
+    /// page may miss an event that commits later with a lower position. Use a
+    /// projection runner, not this, to follow the log.
+    pub fn read_all(&self, after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        read::read_all(&mut *self.connection()?, after, limit)
+    }
+
+    /// Iterates over the whole log after `after`, `page` events per query.
+    pub fn iter_all(&self, after: i64, page: usize) -> LogIter {
+        LogIter {
+            store: self.clone(),
+            after,
+            page: page.max(1),
+            types: None,
+            buffer: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Events whose type is one of `types`, after `after`, in global order.
+    pub fn read_types(&self, types: &[&str], after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        read::read_types(&mut *self.connection()?, types, after, limit)
+    }
+
+    /// Iterates over all events of the given types after `after`.
+    pub fn iter_types(&self, types: &[&str], after: i64, page: usize) -> LogIter {
+        LogIter {
+            types: Some(types.iter().map(|t| t.to_string()).collect()),
+            ..self.iter_all(after, page)
+        }
+    }
+
+    /// Events decodable as `E` (one type, or all variants of an event enum),
+    /// after `after`, in global order, at most `limit`.
+    pub fn read_events<E: Event>(&self, after: i64, limit: usize) -> Result<Vec<Recorded<E>>> {
+        self.read_types(E::EVENT_TYPES, after, limit)?
+            .into_iter()
+            .map(|ev| ev.decode::<E>().map_err(|e| Error::decode(&ev, e)))
+            .collect()
+    }
+
+    /// The highest global position (0 for an empty log).
+    pub fn head(&self) -> Result<i64> {
+        read::head(&mut *self.connection()?)
+    }
+}
+
+/// Pages through the log; see [`EventStore::iter_all`].
+pub struct LogIter {
+    store: EventStore,
+    after: i64,
+    page: usize,
+    types: Option<Vec<String>>,
+    buffer: VecDeque<RecordedEvent>,
+    done: bool,
+}
+
+impl Iterator for LogIter {
+    type Item = Result<RecordedEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buffer.is_empty() && !self.done {
+            let page = match &self.types {
+                None => self.store.read_all(self.after, self.page),
+                Some(types) => {
+                    let types: Vec<&str> = types.iter().map(String::as_str).collect();
+                    self.store.read_types(&types, self.after, self.page)
+                }
+            };
+            match page {
+                Ok(events) => {
+                    self.done = events.len() < self.page;
+                    if let Some(last) = events.last() {
+                        self.after = last.global_position;
+                    }
+                    self.buffer.extend(events);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.buffer.pop_front().map(Ok)
+    }
+}

@@ -1,0 +1,128 @@
+//! Throwaway, isolated databases for tests: a temporary SQLite file, or a
+//! fresh PostgreSQL schema that is dropped afterwards. Tests using them can
+//! run in parallel.
+//!
+//! PostgreSQL is used when `ES_TEST_POSTGRES_URL` is set (for example
+//! `postgres://postgres@127.0.0.1:5432/test`). Without it those tests are
+//! skipped with a message on stderr, unless `ES_TEST_REQUIRE_ALL=1`, which
+//! turns a missing URL into a failure.
+
+use crate::connection::Backend;
+use crate::{EventStore, StoreOptions};
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+/// The environment variable naming the PostgreSQL server for tests.
+pub const POSTGRES_URL_VAR: &str = "ES_TEST_POSTGRES_URL";
+/// Set to `1` to fail instead of skipping a backend whose URL is missing.
+pub const REQUIRE_ALL_VAR: &str = "ES_TEST_REQUIRE_ALL";
+
+/// One isolated database; removed when dropped.
+pub struct TestDatabase {
+    url: String,
+    backend: Backend,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(#[allow(dead_code)] tempfile::TempDir),
+    PgSchema { admin_url: String, schema: String },
+}
+
+static SKIP_NOTICE: Once = Once::new();
+
+impl TestDatabase {
+    /// A new SQLite file in a temporary directory.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let path = dir.path().join("events.db");
+        TestDatabase {
+            url: path.to_string_lossy().into_owned(),
+            backend: Backend::Sqlite,
+            cleanup: Cleanup::File(dir),
+        }
+    }
+
+    /// A new schema on the server of `ES_TEST_POSTGRES_URL`, or `None` (with
+    /// a notice on stderr) when it is not set. Panics when it is not set and
+    /// `ES_TEST_REQUIRE_ALL=1`, or when the server cannot be reached.
+    pub fn postgres() -> Option<Self> {
+        let admin_url = match std::env::var(POSTGRES_URL_VAR) {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => {
+                if std::env::var(REQUIRE_ALL_VAR).is_ok_and(|v| v == "1") {
+                    panic!("{REQUIRE_ALL_VAR}=1 but {POSTGRES_URL_VAR} is not set: set it to postgres://user@host:port/db");
+                }
+                SKIP_NOTICE.call_once(|| {
+                    // Written past the test harness's output capture, so it is seen.
+                    let _ = writeln!(
+                        std::io::stderr().lock(),
+                        "SKIPPED: PostgreSQL tests (set {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/test to run them)"
+                    );
+                });
+                return None;
+            }
+        };
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let schema = format!(
+            "es_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            uuid::Uuid::new_v4().simple().to_string().get(..8).unwrap_or("0")
+        );
+        let mut admin = PgConnection::establish(&admin_url)
+            .unwrap_or_else(|e| panic!("cannot connect to {POSTGRES_URL_VAR}={admin_url}: {e}"));
+        admin
+            .batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+            .unwrap_or_else(|e| panic!("cannot create test schema {schema}: {e}"));
+        let sep = if admin_url.contains('?') { '&' } else { '?' };
+        let url = format!("{admin_url}{sep}options=-csearch_path%3D{schema}");
+        Some(TestDatabase {
+            url,
+            backend: Backend::Postgres,
+            cleanup: Cleanup::PgSchema { admin_url, schema },
+        })
+    }
+
+    /// SQLite, plus every other backend whose URL is set.
+    pub fn all() -> Vec<Self> {
+        let mut dbs = vec![Self::sqlite()];
+        dbs.extend(Self::postgres());
+        dbs
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Opens a store on this database and migrates it.
+    pub fn store(&self) -> EventStore {
+        self.store_with(StoreOptions::default())
+    }
+
+    pub fn store_with(&self, options: StoreOptions) -> EventStore {
+        let store = EventStore::open_with(&self.url, options)
+            .unwrap_or_else(|e| panic!("open {} test store: {e}", self.backend));
+        store
+            .migrate()
+            .unwrap_or_else(|e| panic!("migrate {} test store: {e}", self.backend));
+        store
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Cleanup::PgSchema { admin_url, schema } = &self.cleanup {
+            if let Ok(mut admin) = PgConnection::establish(admin_url) {
+                let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+            }
+        }
+    }
+}
