@@ -83,7 +83,12 @@ pub(crate) fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Resu
         let mut expected = w.expected;
         for chunk in w.events.chunks(CHUNK) {
             let rows = match conn {
-                DbConnection::Postgres(c) => insert_pg(c, &w.stream_id, expected, chunk)?,
+                DbConnection::Postgres(c) => {
+                    if expected == ExpectedVersion::Any {
+                        lock_stream_pg(c, &w.stream_id)?;
+                    }
+                    insert_pg(c, &w.stream_id, expected, chunk)?
+                }
                 DbConnection::Sqlite(c) => insert_sqlite(c, &w.stream_id, expected, chunk)?,
             };
             if rows.len() != chunk.len() {
@@ -117,7 +122,11 @@ fn map_insert_error(err: DieselError, stream: &str, expected: ExpectedVersion, c
         let on_event_id = info.constraint_name().is_some_and(|c| c.contains("event_id"))
             || info.message().contains("event_id");
         if on_event_id {
-            let event_id = chunk.first().map(|e| e.event_id).unwrap_or_default();
+            let event_id = info
+                .details()
+                .and_then(|d| chunk.iter().map(|e| e.event_id).find(|id| d.contains(&id.to_string())))
+                .or_else(|| repeated_id(chunk))
+                .unwrap_or_default();
             return Error::DuplicateEventId { event_id };
         }
         return Error::Conflict {
@@ -129,9 +138,48 @@ fn map_insert_error(err: DieselError, stream: &str, expected: ExpectedVersion, c
     Error::Database(err)
 }
 
+fn repeated_id(chunk: &[NewEvent]) -> Option<uuid::Uuid> {
+    let mut seen = std::collections::HashSet::new();
+    chunk.iter().map(|e| e.event_id).find(|id| !seen.insert(*id))
+}
+
+/// SQLite does not say which key was duplicated; its transaction is still
+/// usable after a failed statement, so ask.
+fn existing_id_sqlite(conn: &mut SqliteConnection, chunk: &[NewEvent]) -> QueryResult<Option<uuid::Uuid>> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Text)]
+        event_id: String,
+    }
+    for ev in chunk {
+        let found = diesel::sql_query("SELECT event_id FROM es_events WHERE event_id = ?")
+            .bind::<Text, _>(ev.event_id.hyphenated().to_string())
+            .get_results::<Found>(conn)?;
+        if let Some(f) = found.first() {
+            return Ok(uuid::Uuid::parse_str(&f.event_id).ok());
+        }
+    }
+    Ok(None)
+}
+
 fn sorted(mut rows: Vec<Appended>) -> Vec<Appended> {
     rows.sort_by_key(|r| r.stream_version);
     rows
+}
+
+/// Advisory-lock namespace of per-stream append locks ("ES" + 1).
+const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
+
+/// Appends with `ExpectedVersion::Any` read the stream's version and write
+/// the next one; serializing them per stream keeps them from colliding with
+/// each other (the lock must be held before the insert statement takes its
+/// snapshot, hence a statement of its own).
+fn lock_stream_pg(conn: &mut PgConnection, stream: &str) -> QueryResult<()> {
+    diesel::sql_query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) l")
+        .bind::<diesel::sql_types::Integer, _>(STREAM_LOCK_CLASS)
+        .bind::<Text, _>(stream)
+        .execute(conn)
+        .map(|_| ())
 }
 
 /// One statement: reads the stream's version, checks the expectation and
@@ -232,9 +280,15 @@ fn insert_sqlite(
             .bind::<Text, _>(metadata_json(&ev.metadata))
             .bind::<Timestamp, _>(now);
     }
-    q.load::<Appended>(conn)
-        .map(sorted)
-        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+    match q.load::<Appended>(conn) {
+        Ok(rows) => Ok(sorted(rows)),
+        Err(e) => match map_insert_error(e, stream, expected, chunk) {
+            Error::DuplicateEventId { event_id } if event_id.is_nil() => Err(Error::DuplicateEventId {
+                event_id: existing_id_sqlite(conn, chunk)?.unwrap_or_default(),
+            }),
+            other => Err(other),
+        },
+    }
 }
 
 fn metadata_json(m: &Metadata) -> String {

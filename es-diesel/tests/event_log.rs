@@ -1,0 +1,453 @@
+//! The event log through the public API, on every configured backend.
+
+use diesel::prelude::*;
+use es_diesel::testing::TestDatabase;
+use es_diesel::{Error, Event, EventStore, ExpectedVersion, Metadata, NewEvent, StreamWrite};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct BookRegistered {
+    book_id: i64,
+    title: String,
+    author: String,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct BookBorrowed {
+    book_id: i64,
+    user_id: i64,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "Counted", view = false)]
+struct Counted {
+    writer: u32,
+    n: u32,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum LibraryEvent {
+    BookRegistered(BookRegistered),
+    BookBorrowed(BookBorrowed),
+}
+
+fn registered(id: i64) -> BookRegistered {
+    BookRegistered {
+        book_id: id,
+        title: format!("Book {id}"),
+        author: format!("Author {}", id % 50),
+    }
+}
+
+#[test]
+fn every_envelope_field_round_trips() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let correlation = uuid::Uuid::new_v4();
+        let causation = uuid::Uuid::new_v4();
+        let metadata = Metadata::new()
+            .correlation_id(correlation)
+            .causation_id(causation)
+            .actor("librarian")
+            .with("ip", "10.0.0.7")
+            .with("attempt", 2);
+        let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+        let appended = store
+            .append_with("book-1", ExpectedVersion::NoStream, [registered(1), registered(1)], &metadata)
+            .unwrap();
+        let after = chrono::Utc::now() + chrono::Duration::seconds(5);
+        assert_eq!(appended.len(), 2);
+        assert_eq!(appended[0].event, registered(1));
+        assert_eq!((appended[0].stream_version, appended[1].stream_version), (1, 2));
+        assert!(appended[0].global_position < appended[1].global_position);
+
+        let read = store.read_stream("book-1", 1, 10).unwrap();
+        assert_eq!(read.len(), 2, "{}", db.backend());
+        for (r, a) in read.iter().zip(&appended) {
+            assert_eq!(r.global_position, a.global_position);
+            assert_eq!(r.event_id, a.event_id);
+            assert_eq!(r.stream_id, "book-1");
+            assert_eq!(r.stream_version, a.stream_version);
+            assert_eq!(r.event_type, "BookRegistered");
+            assert_eq!(r.event_version, 1);
+            assert_eq!(r.metadata, metadata);
+            assert_eq!(r.metadata.correlation_id, Some(correlation));
+            assert_eq!(r.metadata.fields["attempt"], 2);
+            // The store's clock may round differently than the append's reply.
+            assert!((r.created_at - a.created_at).num_milliseconds().abs() <= 1);
+            assert!(r.created_at > before && r.created_at < after);
+            assert_eq!(r.decode::<BookRegistered>().unwrap().event, registered(1));
+        }
+        assert_ne!(read[0].event_id, read[1].event_id);
+    }
+}
+
+#[test]
+fn expected_versions_are_enforced_and_conflicts_write_nothing() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store.append("s", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+        store.append("s", ExpectedVersion::Exact(1), [registered(2)]).unwrap();
+        store.append("s", ExpectedVersion::StreamExists, [registered(3)]).unwrap();
+        store.append("s", ExpectedVersion::Any, [registered(4)]).unwrap();
+        store.append("t", ExpectedVersion::Any, [registered(5)]).unwrap();
+        for bad in [ExpectedVersion::NoStream, ExpectedVersion::Exact(3), ExpectedVersion::Exact(9)] {
+            match store.append("s", bad, [registered(9), registered(10)]) {
+                Err(Error::Conflict { stream, expected, actual }) => {
+                    assert_eq!((stream.as_str(), expected, actual), ("s", bad, 4));
+                }
+                other => panic!("{}: expected a conflict for {bad}, got {other:?}", db.backend()),
+            }
+        }
+        let err = store.append("nope", ExpectedVersion::StreamExists, [registered(1)]).unwrap_err();
+        assert!(err.is_conflict());
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+        assert_eq!(store.stream_version("s").unwrap(), 4);
+        assert_eq!(store.stream_version("nope").unwrap(), 0);
+        assert_eq!(store.head().unwrap(), store.read_all(0, 100).unwrap().last().unwrap().global_position);
+        assert_eq!(store.read_all(0, 100).unwrap().len(), 5);
+    }
+}
+
+#[test]
+fn eight_threads_win_each_version_exactly_once() {
+    const VERSIONS: i64 = 40;
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8u32)
+            .map(|writer| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut wins = Vec::new();
+                    let mut conflicts = 0;
+                    for n in 0..VERSIONS as u32 {
+                        let expected = ExpectedVersion::Exact(n as i64);
+                        match store.append("contested", expected, [Counted { writer, n }]) {
+                            Ok(rec) => {
+                                assert_eq!(rec[0].stream_version, n as i64 + 1);
+                                wins.push(n as i64 + 1);
+                            }
+                            Err(Error::Conflict { actual, .. }) => {
+                                assert!(actual > n as i64, "a loser sees a newer version");
+                                conflicts += 1;
+                            }
+                            Err(other) => panic!("unexpected error: {other}"),
+                        }
+                    }
+                    (writer, wins, conflicts)
+                })
+            })
+            .collect();
+        let mut winners = BTreeMap::new();
+        let mut conflicts = 0;
+        for h in handles {
+            let (writer, wins, c) = h.join().unwrap();
+            conflicts += c;
+            for v in wins {
+                assert!(winners.insert(v, writer).is_none(), "version {v} won twice");
+            }
+        }
+        assert_eq!(winners.len() as i64, VERSIONS, "{}: every version won once", db.backend());
+        assert_eq!(conflicts, 8 * VERSIONS - VERSIONS);
+        let stream = store.load_stream::<Counted>("contested").unwrap();
+        let versions: Vec<i64> = stream.iter().map(|e| e.stream_version).collect();
+        assert_eq!(versions, (1..=VERSIONS).collect::<Vec<_>>(), "no gaps, no duplicates");
+        for e in &stream {
+            assert_eq!(winners[&e.stream_version], e.writer, "the stored event is the winner's");
+            assert_eq!(e.n as i64 + 1, e.stream_version);
+        }
+    }
+}
+
+#[test]
+fn concurrent_appends_with_any_all_succeed() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let handles: Vec<_> = (0..4u32)
+            .map(|writer| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..25 {
+                        store.append("busy", ExpectedVersion::Any, [Counted { writer, n }]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let versions: Vec<i64> = store.read_stream("busy", 1, 1000).unwrap().iter().map(|e| e.stream_version).collect();
+        assert_eq!(versions, (1..=100).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn multi_stream_appends_are_atomic() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store.append("b", ExpectedVersion::NoStream, [registered(2)]).unwrap();
+
+        let mut a = StreamWrite::new("a", ExpectedVersion::NoStream);
+        a.push(&registered(1)).unwrap().push(&registered(1)).unwrap();
+        let mut b = StreamWrite::new("b", ExpectedVersion::NoStream);
+        b.push(&registered(2)).unwrap();
+        let err = store.append_streams(&[a.clone(), b]).unwrap_err();
+        assert!(matches!(&err, Error::Conflict { stream, actual: 1, .. } if stream == "b"), "{err}");
+        assert_eq!(store.stream_version("a").unwrap(), 0, "{}: nothing of the batch", db.backend());
+        assert_eq!(store.read_all(0, 10).unwrap().len(), 1);
+
+        let mut b = StreamWrite::new("b", ExpectedVersion::Exact(1));
+        b.push_with(&BookBorrowed { book_id: 2, user_id: 7 }, Metadata::new().actor("u7")).unwrap();
+        let recorded = store.append_streams(&[a, b]).unwrap();
+        let streams: Vec<(&str, i64)> = recorded.iter().map(|r| (r.stream_id.as_str(), r.stream_version)).collect();
+        assert_eq!(streams, [("a", 1), ("a", 2), ("b", 2)]);
+        assert!(recorded.windows(2).all(|w| w[0].global_position < w[1].global_position));
+        assert_eq!(recorded[2].metadata.actor.as_deref(), Some("u7"));
+    }
+}
+
+#[test]
+fn paging_over_ten_thousand_events() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        for batch in 0..10 {
+            let mut writes = Vec::new();
+            for s in 0..10 {
+                let mut w = StreamWrite::new(format!("stream-{s}"), ExpectedVersion::Any);
+                for n in 0..100 {
+                    w.push(&Counted { writer: batch, n }).unwrap();
+                }
+                writes.push(w);
+            }
+            store.append_streams(&writes).unwrap();
+        }
+        let mut last = 0;
+        let mut count = 0;
+        for ev in store.iter_all(0, 333) {
+            let ev = ev.unwrap();
+            assert!(ev.global_position > last, "strictly increasing");
+            last = ev.global_position;
+            count += 1;
+        }
+        assert_eq!(count, 10_000, "{}", db.backend());
+        assert_eq!(store.head().unwrap(), last);
+
+        let page = store.read_all(0, 1000).unwrap();
+        assert_eq!(page.len(), 1000);
+        let next = store.read_all(page[999].global_position, 1000).unwrap();
+        assert_eq!(next[0].global_position, page[999].global_position + 1);
+
+        let stream = store.read_stream("stream-3", 950, 100).unwrap();
+        assert_eq!(stream.len(), 51);
+        assert_eq!(stream[0].stream_version, 950);
+        assert_eq!(store.load_stream::<Counted>("stream-3").unwrap().len(), 1000);
+        assert_eq!(store.iter_types(&["Counted"], 0, 999).count(), 10_000);
+        assert_eq!(store.iter_types(&["BookBorrowed"], 0, 999).count(), 0);
+    }
+}
+
+#[test]
+fn reads_by_type_and_event_enums() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store
+            .append(
+                "book-1",
+                ExpectedVersion::NoStream,
+                [LibraryEvent::from(registered(1)), LibraryEvent::from(BookBorrowed { book_id: 1, user_id: 3 })],
+            )
+            .unwrap();
+        store.append("c", ExpectedVersion::Any, [Counted { writer: 0, n: 0 }]).unwrap();
+        let borrowed = store.read_events::<BookBorrowed>(0, 10).unwrap();
+        assert_eq!(borrowed.len(), 1);
+        assert_eq!(borrowed[0].user_id, 3);
+        let all = store.read_events::<LibraryEvent>(0, 10).unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(matches!(all[0].event, LibraryEvent::BookRegistered(_)));
+        let stream = store.load_stream::<LibraryEvent>("book-1").unwrap();
+        assert_eq!(stream[1].event_type, "BookBorrowed");
+    }
+}
+
+#[test]
+fn unusual_stream_ids_are_stored_verbatim() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let long: String = (0..10_240).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+        let ids = [
+            "it's \"quoted\"; DROP TABLE es_events; --".to_owned(),
+            "книга-📚-書籍 \u{200d} ü".to_owned(),
+            format!("{long}-x"),
+            format!("{long}-y"),
+            " leading and trailing ".to_owned(),
+        ];
+        for id in &ids {
+            store.append(id, ExpectedVersion::NoStream, [registered(1)]).unwrap();
+            store.append(id, ExpectedVersion::Exact(1), [registered(2)]).unwrap();
+        }
+        for id in &ids {
+            let events = store.read_stream(id, 1, 10).unwrap();
+            assert_eq!(events.len(), 2, "{}: {:.40}", db.backend(), id);
+            assert!(events.iter().all(|e| &e.stream_id == id));
+            assert_eq!(store.stream_version(id).unwrap(), 2);
+        }
+        let all = store.read_all(0, 100).unwrap();
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[4].stream_id.len(), 10_242);
+    }
+}
+
+#[test]
+fn bad_stream_ids_are_refused_with_a_clear_error() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let err = store.append("", ExpectedVersion::Any, [registered(1)]).unwrap_err();
+        assert!(matches!(err, Error::InvalidStreamId { .. }), "{err:?}");
+        assert!(err.to_string().contains("stream id is empty"), "{err}");
+        let err = store.append("a\0b", ExpectedVersion::Any, [registered(1)]).unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+        let mut ok = StreamWrite::new("fine", ExpectedVersion::Any);
+        ok.push(&registered(1)).unwrap();
+        let mut bad = StreamWrite::new("", ExpectedVersion::Any);
+        bad.push(&registered(1)).unwrap();
+        assert!(store.append_streams(&[ok, bad]).is_err());
+        assert_eq!(store.head().unwrap(), 0, "nothing written");
+    }
+}
+
+mod reshaped {
+    use super::*;
+
+    /// `BookBorrowed` as a later, incompatible build of the code sees it.
+    #[derive(Event, Serialize, Deserialize, Debug)]
+    #[event(name = "BookBorrowed", view = false)]
+    pub struct BookBorrowed {
+        pub isbn: String,
+    }
+}
+
+#[test]
+fn a_payload_that_no_longer_decodes_is_an_error_with_its_position() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store.append("book-1", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+        let rec = store
+            .append("book-1", ExpectedVersion::Exact(1), [BookBorrowed { book_id: 1, user_id: 2 }])
+            .unwrap();
+        let position = rec[0].global_position;
+        match store.load_stream::<LibraryEvent>("book-1") {
+            Ok(events) => assert_eq!(events.len(), 2),
+            Err(e) => panic!("{e}"),
+        }
+        let err = store.read_events::<reshaped::BookBorrowed>(0, 10).unwrap_err();
+        match &err {
+            Error::Decode { position: p, event_type, stream, .. } => {
+                assert_eq!((*p, event_type.as_str(), stream.as_str()), (position, "BookBorrowed", "book-1"));
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains(&format!("global position {position}")) && text.contains("isbn"), "{text}");
+        // An event of a type the Rust type does not know.
+        let err = store.load_stream::<BookBorrowed>("book-1").unwrap_err();
+        assert!(err.to_string().contains("`BookRegistered` is not one of"), "{err}");
+    }
+}
+
+#[test]
+fn the_database_refuses_updates_and_deletes() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store.append("book-1", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+        let mut conn = store.connection().unwrap();
+        for sql in [
+            "UPDATE es_events SET stream_id = 'x'",
+            "DELETE FROM es_events",
+            "UPDATE es_events SET payload = '{}' WHERE global_position > 0",
+        ] {
+            let err = diesel::sql_query(sql).execute(&mut *conn).unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{}: {sql}: {err}", db.backend());
+        }
+        drop(conn);
+        let events = store.read_stream("book-1", 1, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].decode::<BookRegistered>().unwrap().event, registered(1));
+    }
+}
+
+#[test]
+fn duplicate_event_ids_are_refused_and_write_nothing() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let first = NewEvent::new(&registered(1)).unwrap();
+        let mut w = StreamWrite::new("a", ExpectedVersion::Any);
+        w.push_new(first.clone());
+        store.append_streams(&[w]).unwrap();
+        let mut w = StreamWrite::new("b", ExpectedVersion::Any);
+        w.push(&registered(2)).unwrap();
+        w.push_new(first.clone());
+        let err = store.append_streams(&[w]).unwrap_err();
+        assert!(matches!(err, Error::DuplicateEventId { event_id } if event_id == first.event_id), "{err:?}");
+        assert_eq!(store.head().unwrap(), store.read_all(0, 9).unwrap()[0].global_position);
+        assert_eq!(store.stream_version("b").unwrap(), 0);
+    }
+}
+
+#[test]
+fn typed_views_query_events_like_tables() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        for book in 1..=5 {
+            store.append(&format!("book-{book}"), ExpectedVersion::NoStream, [registered(book)]).unwrap();
+            let user = if book % 2 == 0 { 7 } else { 8 };
+            store
+                .append(&format!("book-{book}"), ExpectedVersion::Exact(1), [BookBorrowed { book_id: book, user_id: user }])
+                .unwrap();
+        }
+        let mut conn = store.connection().unwrap();
+        let by_seven: Vec<(i64, String, i64)> = book_borrowed::table
+            .filter(book_borrowed::user_id.eq(7))
+            .order(book_borrowed::global_position)
+            .select((book_borrowed::book_id, book_borrowed::stream_id, book_borrowed::stream_version))
+            .load(&mut *conn)
+            .unwrap();
+        assert_eq!(by_seven, [(2, "book-2".to_owned(), 2), (4, "book-4".to_owned(), 2)], "{}", db.backend());
+        let titles: Vec<String> = book_registered::table
+            .filter(book_registered::author.eq("Author 3"))
+            .select(book_registered::title)
+            .load(&mut *conn)
+            .unwrap();
+        assert_eq!(titles, ["Book 3"]);
+        let when: Vec<chrono::NaiveDateTime> =
+            book_borrowed::table.select(book_borrowed::created_at).load(&mut *conn).unwrap();
+        assert_eq!(when.len(), 5);
+        // migrate is idempotent and keeps the views.
+        drop(conn);
+        store.migrate().unwrap();
+        store.migrate().unwrap();
+        let n: i64 = book_borrowed::table.count().get_result(&mut *store.connection().unwrap()).unwrap();
+        assert_eq!(n, 5);
+    }
+}
+
+#[test]
+fn in_memory_sqlite_keeps_its_data_for_the_store_lifetime() {
+    let store = EventStore::open(":memory:").unwrap();
+    store.migrate().unwrap();
+    store.append("m", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+    let clone = store.clone();
+    assert_eq!(clone.load_stream::<BookRegistered>("m").unwrap().len(), 1);
+}
+
+#[test]
+fn opening_a_bad_url_says_what_to_write() {
+    let err = EventStore::open("mongodb://localhost/x").unwrap_err();
+    assert!(err.to_string().contains("postgres://"), "{err}");
+    let err = EventStore::open("postgres://nobody@127.0.0.1:1/nothing").unwrap_err();
+    assert!(matches!(err, Error::Connection(_)), "{err:?}");
+}
