@@ -451,3 +451,68 @@ fn opening_a_bad_url_says_what_to_write() {
     let err = EventStore::open("postgres://nobody@127.0.0.1:1/nothing").unwrap_err();
     assert!(matches!(err, Error::Connection(_)), "{err:?}");
 }
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct BookReviewed {
+    book_id: i64,
+    #[serde(rename = "stars")]
+    rating: f64,
+    recommended: bool,
+    reviewer: Option<String>,
+    #[event(json)]
+    tags: Vec<String>,
+    pages_read: Option<i32>,
+}
+
+#[test]
+fn typed_views_cover_every_column_kind() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let reviews = [
+            BookReviewed {
+                book_id: 1,
+                rating: 4.5,
+                recommended: true,
+                reviewer: Some("O'Brien".into()),
+                tags: vec!["sf".into(), "classic".into()],
+                pages_read: None,
+            },
+            BookReviewed {
+                book_id: 2,
+                rating: 2.0,
+                recommended: false,
+                reviewer: None,
+                tags: vec![],
+                pages_read: Some(120),
+            },
+        ];
+        store.append("reviews", ExpectedVersion::NoStream, reviews).unwrap();
+        let mut conn = store.connection().unwrap();
+        type Row = (i64, f64, bool, Option<String>, String, Option<i32>);
+        let rows: Vec<Row> = book_reviewed::table
+            .order(book_reviewed::global_position)
+            .select((
+                book_reviewed::book_id,
+                book_reviewed::rating,
+                book_reviewed::recommended,
+                book_reviewed::reviewer,
+                book_reviewed::tags,
+                book_reviewed::pages_read,
+            ))
+            .load(&mut *conn)
+            .unwrap();
+        assert_eq!(rows.len(), 2, "{}", db.backend());
+        assert_eq!((rows[0].0, rows[0].1, rows[0].2), (1, 4.5, true));
+        assert_eq!(rows[0].3.as_deref(), Some("O'Brien"));
+        let tags: Vec<String> = serde_json::from_str(&rows[0].4).unwrap();
+        assert_eq!(tags, ["sf", "classic"]);
+        assert_eq!(rows[0].5, None);
+        assert_eq!((rows[1].1, rows[1].2, rows[1].3.clone(), rows[1].5), (2.0, false, None, Some(120)));
+        let good: i64 = book_reviewed::table
+            .filter(book_reviewed::rating.gt(3.0))
+            .count()
+            .get_result(&mut *conn)
+            .unwrap();
+        assert_eq!(good, 1);
+    }
+}
