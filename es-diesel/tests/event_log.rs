@@ -55,12 +55,20 @@ fn every_envelope_field_round_trips() {
             .with("attempt", 2);
         let before = chrono::Utc::now() - chrono::Duration::seconds(5);
         let appended = store
-            .append_with("book-1", ExpectedVersion::NoStream, [registered(1), registered(1)], &metadata)
+            .append_with(
+                "book-1",
+                ExpectedVersion::NoStream,
+                [registered(1), registered(1)],
+                &metadata,
+            )
             .unwrap();
         let after = chrono::Utc::now() + chrono::Duration::seconds(5);
         assert_eq!(appended.len(), 2);
         assert_eq!(appended[0].event, registered(1));
-        assert_eq!((appended[0].stream_version, appended[1].stream_version), (1, 2));
+        assert_eq!(
+            (appended[0].stream_version, appended[1].stream_version),
+            (1, 2)
+        );
         assert!(appended[0].global_position < appended[1].global_position);
 
         let read = store.read_stream("book-1", 1, 10).unwrap();
@@ -88,25 +96,56 @@ fn every_envelope_field_round_trips() {
 fn expected_versions_are_enforced_and_conflicts_write_nothing() {
     for db in TestDatabase::all() {
         let store = db.store();
-        store.append("s", ExpectedVersion::NoStream, [registered(1)]).unwrap();
-        store.append("s", ExpectedVersion::Exact(1), [registered(2)]).unwrap();
-        store.append("s", ExpectedVersion::StreamExists, [registered(3)]).unwrap();
-        store.append("s", ExpectedVersion::Any, [registered(4)]).unwrap();
-        store.append("t", ExpectedVersion::Any, [registered(5)]).unwrap();
-        for bad in [ExpectedVersion::NoStream, ExpectedVersion::Exact(3), ExpectedVersion::Exact(9)] {
+        store
+            .append("s", ExpectedVersion::NoStream, [registered(1)])
+            .unwrap();
+        store
+            .append("s", ExpectedVersion::Exact(1), [registered(2)])
+            .unwrap();
+        store
+            .append("s", ExpectedVersion::StreamExists, [registered(3)])
+            .unwrap();
+        store
+            .append("s", ExpectedVersion::Any, [registered(4)])
+            .unwrap();
+        store
+            .append("t", ExpectedVersion::Any, [registered(5)])
+            .unwrap();
+        for bad in [
+            ExpectedVersion::NoStream,
+            ExpectedVersion::Exact(3),
+            ExpectedVersion::Exact(9),
+        ] {
             match store.append("s", bad, [registered(9), registered(10)]) {
-                Err(Error::Conflict { stream, expected, actual }) => {
+                Err(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                }) => {
                     assert_eq!((stream.as_str(), expected, actual), ("s", bad, 4));
                 }
-                other => panic!("{}: expected a conflict for {bad}, got {other:?}", db.backend()),
+                other => panic!(
+                    "{}: expected a conflict for {bad}, got {other:?}",
+                    db.backend()
+                ),
             }
         }
-        let err = store.append("nope", ExpectedVersion::StreamExists, [registered(1)]).unwrap_err();
+        let err = store
+            .append("nope", ExpectedVersion::StreamExists, [registered(1)])
+            .unwrap_err();
         assert!(err.is_conflict());
         assert!(err.to_string().contains("nothing was written"), "{err}");
         assert_eq!(store.stream_version("s").unwrap(), 4);
         assert_eq!(store.stream_version("nope").unwrap(), 0);
-        assert_eq!(store.head().unwrap(), store.read_all(0, 100).unwrap().last().unwrap().global_position);
+        assert_eq!(
+            store.head().unwrap(),
+            store
+                .read_all(0, 100)
+                .unwrap()
+                .last()
+                .unwrap()
+                .global_position
+        );
         assert_eq!(store.read_all(0, 100).unwrap().len(), 5);
     }
 }
@@ -152,13 +191,25 @@ fn eight_threads_win_each_version_exactly_once() {
                 assert!(winners.insert(v, writer).is_none(), "version {v} won twice");
             }
         }
-        assert_eq!(winners.len() as i64, VERSIONS, "{}: every version won once", db.backend());
+        assert_eq!(
+            winners.len() as i64,
+            VERSIONS,
+            "{}: every version won once",
+            db.backend()
+        );
         assert_eq!(conflicts, 8 * VERSIONS - VERSIONS);
         let stream = store.load_stream::<Counted>("contested").unwrap();
         let versions: Vec<i64> = stream.iter().map(|e| e.stream_version).collect();
-        assert_eq!(versions, (1..=VERSIONS).collect::<Vec<_>>(), "no gaps, no duplicates");
+        assert_eq!(
+            versions,
+            (1..=VERSIONS).collect::<Vec<_>>(),
+            "no gaps, no duplicates"
+        );
         for e in &stream {
-            assert_eq!(winners[&e.stream_version], e.writer, "the stored event is the winner's");
+            assert_eq!(
+                winners[&e.stream_version], e.writer,
+                "the stored event is the winner's"
+            );
             assert_eq!(e.n as i64 + 1, e.stream_version);
         }
     }
@@ -173,7 +224,9 @@ fn concurrent_appends_with_any_all_succeed() {
                 let store = store.clone();
                 std::thread::spawn(move || {
                     for n in 0..25 {
-                        store.append("busy", ExpectedVersion::Any, [Counted { writer, n }]).unwrap();
+                        store
+                            .append("busy", ExpectedVersion::Any, [Counted { writer, n }])
+                            .unwrap();
                     }
                 })
             })
@@ -181,7 +234,12 @@ fn concurrent_appends_with_any_all_succeed() {
         for h in handles {
             h.join().unwrap();
         }
-        let versions: Vec<i64> = store.read_stream("busy", 1, 1000).unwrap().iter().map(|e| e.stream_version).collect();
+        let versions: Vec<i64> = store
+            .read_stream("busy", 1, 1000)
+            .unwrap()
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
         assert_eq!(versions, (1..=100).collect::<Vec<_>>());
     }
 }
@@ -190,23 +248,48 @@ fn concurrent_appends_with_any_all_succeed() {
 fn multi_stream_appends_are_atomic() {
     for db in TestDatabase::all() {
         let store = db.store();
-        store.append("b", ExpectedVersion::NoStream, [registered(2)]).unwrap();
+        store
+            .append("b", ExpectedVersion::NoStream, [registered(2)])
+            .unwrap();
 
         let mut a = StreamWrite::new("a", ExpectedVersion::NoStream);
-        a.push(&registered(1)).unwrap().push(&registered(1)).unwrap();
+        a.push(&registered(1))
+            .unwrap()
+            .push(&registered(1))
+            .unwrap();
         let mut b = StreamWrite::new("b", ExpectedVersion::NoStream);
         b.push(&registered(2)).unwrap();
         let err = store.append_streams(&[a.clone(), b]).unwrap_err();
-        assert!(matches!(&err, Error::Conflict { stream, actual: 1, .. } if stream == "b"), "{err}");
-        assert_eq!(store.stream_version("a").unwrap(), 0, "{}: nothing of the batch", db.backend());
+        assert!(
+            matches!(&err, Error::Conflict { stream, actual: 1, .. } if stream == "b"),
+            "{err}"
+        );
+        assert_eq!(
+            store.stream_version("a").unwrap(),
+            0,
+            "{}: nothing of the batch",
+            db.backend()
+        );
         assert_eq!(store.read_all(0, 10).unwrap().len(), 1);
 
         let mut b = StreamWrite::new("b", ExpectedVersion::Exact(1));
-        b.push_with(&BookBorrowed { book_id: 2, user_id: 7 }, Metadata::new().actor("u7")).unwrap();
+        b.push_with(
+            &BookBorrowed {
+                book_id: 2,
+                user_id: 7,
+            },
+            Metadata::new().actor("u7"),
+        )
+        .unwrap();
         let recorded = store.append_streams(&[a, b]).unwrap();
-        let streams: Vec<(&str, i64)> = recorded.iter().map(|r| (r.stream_id.as_str(), r.stream_version)).collect();
+        let streams: Vec<(&str, i64)> = recorded
+            .iter()
+            .map(|r| (r.stream_id.as_str(), r.stream_version))
+            .collect();
         assert_eq!(streams, [("a", 1), ("a", 2), ("b", 2)]);
-        assert!(recorded.windows(2).all(|w| w[0].global_position < w[1].global_position));
+        assert!(recorded
+            .windows(2)
+            .all(|w| w[0].global_position < w[1].global_position));
         assert_eq!(recorded[2].metadata.actor.as_deref(), Some("u7"));
     }
 }
@@ -245,7 +328,10 @@ fn paging_over_ten_thousand_events() {
         let stream = store.read_stream("stream-3", 950, 100).unwrap();
         assert_eq!(stream.len(), 51);
         assert_eq!(stream[0].stream_version, 950);
-        assert_eq!(store.load_stream::<Counted>("stream-3").unwrap().len(), 1000);
+        assert_eq!(
+            store.load_stream::<Counted>("stream-3").unwrap().len(),
+            1000
+        );
         assert_eq!(store.iter_types(&["Counted"], 0, 999).count(), 10_000);
         assert_eq!(store.iter_types(&["BookBorrowed"], 0, 999).count(), 0);
     }
@@ -259,10 +345,18 @@ fn reads_by_type_and_event_enums() {
             .append(
                 "book-1",
                 ExpectedVersion::NoStream,
-                [LibraryEvent::from(registered(1)), LibraryEvent::from(BookBorrowed { book_id: 1, user_id: 3 })],
+                [
+                    LibraryEvent::from(registered(1)),
+                    LibraryEvent::from(BookBorrowed {
+                        book_id: 1,
+                        user_id: 3,
+                    }),
+                ],
             )
             .unwrap();
-        store.append("c", ExpectedVersion::Any, [Counted { writer: 0, n: 0 }]).unwrap();
+        store
+            .append("c", ExpectedVersion::Any, [Counted { writer: 0, n: 0 }])
+            .unwrap();
         let borrowed = store.read_events::<BookBorrowed>(0, 10).unwrap();
         assert_eq!(borrowed.len(), 1);
         assert_eq!(borrowed[0].user_id, 3);
@@ -278,7 +372,9 @@ fn reads_by_type_and_event_enums() {
 fn unusual_stream_ids_are_stored_verbatim() {
     for db in TestDatabase::all() {
         let store = db.store();
-        let long: String = (0..10_240).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+        let long: String = (0..10_240)
+            .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+            .collect();
         let ids = [
             "it's \"quoted\"; DROP TABLE es_events; --".to_owned(),
             "книга-📚-書籍 \u{200d} ü".to_owned(),
@@ -287,8 +383,12 @@ fn unusual_stream_ids_are_stored_verbatim() {
             " leading and trailing ".to_owned(),
         ];
         for id in &ids {
-            store.append(id, ExpectedVersion::NoStream, [registered(1)]).unwrap();
-            store.append(id, ExpectedVersion::Exact(1), [registered(2)]).unwrap();
+            store
+                .append(id, ExpectedVersion::NoStream, [registered(1)])
+                .unwrap();
+            store
+                .append(id, ExpectedVersion::Exact(1), [registered(2)])
+                .unwrap();
         }
         for id in &ids {
             let events = store.read_stream(id, 1, 10).unwrap();
@@ -306,10 +406,14 @@ fn unusual_stream_ids_are_stored_verbatim() {
 fn bad_stream_ids_are_refused_with_a_clear_error() {
     for db in TestDatabase::all() {
         let store = db.store();
-        let err = store.append("", ExpectedVersion::Any, [registered(1)]).unwrap_err();
+        let err = store
+            .append("", ExpectedVersion::Any, [registered(1)])
+            .unwrap_err();
         assert!(matches!(err, Error::InvalidStreamId { .. }), "{err:?}");
         assert!(err.to_string().contains("stream id is empty"), "{err}");
-        let err = store.append("a\0b", ExpectedVersion::Any, [registered(1)]).unwrap_err();
+        let err = store
+            .append("a\0b", ExpectedVersion::Any, [registered(1)])
+            .unwrap_err();
         assert!(err.to_string().contains("NUL"), "{err}");
         let mut ok = StreamWrite::new("fine", ExpectedVersion::Any);
         ok.push(&registered(1)).unwrap();
@@ -335,27 +439,52 @@ mod reshaped {
 fn a_payload_that_no_longer_decodes_is_an_error_with_its_position() {
     for db in TestDatabase::all() {
         let store = db.store();
-        store.append("book-1", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+        store
+            .append("book-1", ExpectedVersion::NoStream, [registered(1)])
+            .unwrap();
         let rec = store
-            .append("book-1", ExpectedVersion::Exact(1), [BookBorrowed { book_id: 1, user_id: 2 }])
+            .append(
+                "book-1",
+                ExpectedVersion::Exact(1),
+                [BookBorrowed {
+                    book_id: 1,
+                    user_id: 2,
+                }],
+            )
             .unwrap();
         let position = rec[0].global_position;
         match store.load_stream::<LibraryEvent>("book-1") {
             Ok(events) => assert_eq!(events.len(), 2),
             Err(e) => panic!("{e}"),
         }
-        let err = store.read_events::<reshaped::BookBorrowed>(0, 10).unwrap_err();
+        let err = store
+            .read_events::<reshaped::BookBorrowed>(0, 10)
+            .unwrap_err();
         match &err {
-            Error::Decode { position: p, event_type, stream, .. } => {
-                assert_eq!((*p, event_type.as_str(), stream.as_str()), (position, "BookBorrowed", "book-1"));
+            Error::Decode {
+                position: p,
+                event_type,
+                stream,
+                ..
+            } => {
+                assert_eq!(
+                    (*p, event_type.as_str(), stream.as_str()),
+                    (position, "BookBorrowed", "book-1")
+                );
             }
             other => panic!("expected a decode error, got {other:?}"),
         }
         let text = err.to_string();
-        assert!(text.contains(&format!("global position {position}")) && text.contains("isbn"), "{text}");
+        assert!(
+            text.contains(&format!("global position {position}")) && text.contains("isbn"),
+            "{text}"
+        );
         // An event of a type the Rust type does not know.
         let err = store.load_stream::<BookBorrowed>("book-1").unwrap_err();
-        assert!(err.to_string().contains("`BookRegistered` is not one of"), "{err}");
+        assert!(
+            err.to_string().contains("`BookRegistered` is not one of"),
+            "{err}"
+        );
     }
 }
 
@@ -363,7 +492,9 @@ fn a_payload_that_no_longer_decodes_is_an_error_with_its_position() {
 fn the_database_refuses_updates_and_deletes() {
     for db in TestDatabase::all() {
         let store = db.store();
-        store.append("book-1", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+        store
+            .append("book-1", ExpectedVersion::NoStream, [registered(1)])
+            .unwrap();
         let mut conn = store.connection().unwrap();
         for sql in [
             "UPDATE es_events SET stream_id = 'x'",
@@ -371,12 +502,19 @@ fn the_database_refuses_updates_and_deletes() {
             "UPDATE es_events SET payload = '{}' WHERE global_position > 0",
         ] {
             let err = diesel::sql_query(sql).execute(&mut *conn).unwrap_err();
-            assert!(err.to_string().contains("append-only"), "{}: {sql}: {err}", db.backend());
+            assert!(
+                err.to_string().contains("append-only"),
+                "{}: {sql}: {err}",
+                db.backend()
+            );
         }
         drop(conn);
         let events = store.read_stream("book-1", 1, 10).unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].decode::<BookRegistered>().unwrap().event, registered(1));
+        assert_eq!(
+            events[0].decode::<BookRegistered>().unwrap().event,
+            registered(1)
+        );
     }
 }
 
@@ -392,8 +530,14 @@ fn duplicate_event_ids_are_refused_and_write_nothing() {
         w.push(&registered(2)).unwrap();
         w.push_new(first.clone());
         let err = store.append_streams(&[w]).unwrap_err();
-        assert!(matches!(err, Error::DuplicateEventId { event_id } if event_id == first.event_id), "{err:?}");
-        assert_eq!(store.head().unwrap(), store.read_all(0, 9).unwrap()[0].global_position);
+        assert!(
+            matches!(err, Error::DuplicateEventId { event_id } if event_id == first.event_id),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.head().unwrap(),
+            store.read_all(0, 9).unwrap()[0].global_position
+        );
         assert_eq!(store.stream_version("b").unwrap(), 0);
     }
 }
@@ -403,34 +547,61 @@ fn typed_views_query_events_like_tables() {
     for db in TestDatabase::all() {
         let store = db.store();
         for book in 1..=5 {
-            store.append(&format!("book-{book}"), ExpectedVersion::NoStream, [registered(book)]).unwrap();
+            store
+                .append(
+                    &format!("book-{book}"),
+                    ExpectedVersion::NoStream,
+                    [registered(book)],
+                )
+                .unwrap();
             let user = if book % 2 == 0 { 7 } else { 8 };
             store
-                .append(&format!("book-{book}"), ExpectedVersion::Exact(1), [BookBorrowed { book_id: book, user_id: user }])
+                .append(
+                    &format!("book-{book}"),
+                    ExpectedVersion::Exact(1),
+                    [BookBorrowed {
+                        book_id: book,
+                        user_id: user,
+                    }],
+                )
                 .unwrap();
         }
         let mut conn = store.connection().unwrap();
         let by_seven: Vec<(i64, String, i64)> = book_borrowed::table
             .filter(book_borrowed::user_id.eq(7))
             .order(book_borrowed::global_position)
-            .select((book_borrowed::book_id, book_borrowed::stream_id, book_borrowed::stream_version))
+            .select((
+                book_borrowed::book_id,
+                book_borrowed::stream_id,
+                book_borrowed::stream_version,
+            ))
             .load(&mut *conn)
             .unwrap();
-        assert_eq!(by_seven, [(2, "book-2".to_owned(), 2), (4, "book-4".to_owned(), 2)], "{}", db.backend());
+        assert_eq!(
+            by_seven,
+            [(2, "book-2".to_owned(), 2), (4, "book-4".to_owned(), 2)],
+            "{}",
+            db.backend()
+        );
         let titles: Vec<String> = book_registered::table
             .filter(book_registered::author.eq("Author 3"))
             .select(book_registered::title)
             .load(&mut *conn)
             .unwrap();
         assert_eq!(titles, ["Book 3"]);
-        let when: Vec<chrono::NaiveDateTime> =
-            book_borrowed::table.select(book_borrowed::created_at).load(&mut *conn).unwrap();
+        let when: Vec<chrono::NaiveDateTime> = book_borrowed::table
+            .select(book_borrowed::created_at)
+            .load(&mut *conn)
+            .unwrap();
         assert_eq!(when.len(), 5);
         // migrate is idempotent and keeps the views.
         drop(conn);
         store.migrate().unwrap();
         store.migrate().unwrap();
-        let n: i64 = book_borrowed::table.count().get_result(&mut *store.connection().unwrap()).unwrap();
+        let n: i64 = book_borrowed::table
+            .count()
+            .get_result(&mut *store.connection().unwrap())
+            .unwrap();
         assert_eq!(n, 5);
     }
 }
@@ -439,7 +610,9 @@ fn typed_views_query_events_like_tables() {
 fn in_memory_sqlite_keeps_its_data_for_the_store_lifetime() {
     let store = EventStore::open(":memory:").unwrap();
     store.migrate().unwrap();
-    store.append("m", ExpectedVersion::NoStream, [registered(1)]).unwrap();
+    store
+        .append("m", ExpectedVersion::NoStream, [registered(1)])
+        .unwrap();
     let clone = store.clone();
     assert_eq!(clone.load_stream::<BookRegistered>("m").unwrap().len(), 1);
 }
@@ -486,7 +659,9 @@ fn typed_views_cover_every_column_kind() {
                 pages_read: Some(120),
             },
         ];
-        store.append("reviews", ExpectedVersion::NoStream, reviews).unwrap();
+        store
+            .append("reviews", ExpectedVersion::NoStream, reviews)
+            .unwrap();
         let mut conn = store.connection().unwrap();
         type Row = (i64, f64, bool, Option<String>, String, Option<i32>);
         let rows: Vec<Row> = book_reviewed::table
@@ -507,7 +682,10 @@ fn typed_views_cover_every_column_kind() {
         let tags: Vec<String> = serde_json::from_str(&rows[0].4).unwrap();
         assert_eq!(tags, ["sf", "classic"]);
         assert_eq!(rows[0].5, None);
-        assert_eq!((rows[1].1, rows[1].2, rows[1].3.clone(), rows[1].5), (2.0, false, None, Some(120)));
+        assert_eq!(
+            (rows[1].1, rows[1].2, rows[1].3.clone(), rows[1].5),
+            (2.0, false, None, Some(120))
+        );
         let good: i64 = book_reviewed::table
             .filter(book_reviewed::rating.gt(3.0))
             .count()
