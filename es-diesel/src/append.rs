@@ -71,12 +71,11 @@ pub(crate) struct Version {
     pub v: i64,
 }
 
-/// Appends `writes` on `conn`, which must be inside a write transaction.
-/// Returns the recorded events in append order.
-pub(crate) fn append_in(
-    conn: &mut DbConnection,
-    writes: &[StreamWrite],
-) -> Result<Vec<RecordedEvent>> {
+/// Appends `writes` inside the caller's transaction on `conn` (open it with
+/// [`write_transaction`](crate::write_transaction)), so that other writes can
+/// commit or roll back together with the events. Returns the recorded events
+/// in append order. After an error, roll the transaction back.
+pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
     }

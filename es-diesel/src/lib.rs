@@ -12,12 +12,13 @@
 mod append;
 mod connection;
 mod error;
+pub mod follow;
 mod migrations;
 mod read;
 mod store;
 pub mod testing;
 
-pub use append::StreamWrite;
+pub use append::{append_in, StreamWrite};
 pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use error::{Error, Result};
 pub use store::{EventStore, LogIter, PooledConnection};

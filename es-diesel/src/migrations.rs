@@ -16,10 +16,11 @@ pub(crate) struct Migration {
     pub postgres: &'static str,
 }
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event log",
-    sqlite: r#"
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event log",
+        sqlite: r#"
 CREATE TABLE es_events (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id        TEXT    NOT NULL UNIQUE,
@@ -38,7 +39,7 @@ BEGIN SELECT RAISE(ABORT, 'es_events is append-only: UPDATE is refused'); END;
 CREATE TRIGGER es_events_no_delete BEFORE DELETE ON es_events
 BEGIN SELECT RAISE(ABORT, 'es_events is append-only: DELETE is refused'); END;
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE es_events (
     global_position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id        UUID        NOT NULL UNIQUE,
@@ -65,7 +66,23 @@ CREATE TRIGGER es_events_append_only BEFORE UPDATE OR DELETE ON es_events
 CREATE TRIGGER es_events_no_truncate BEFORE TRUNCATE ON es_events
     FOR EACH STATEMENT EXECUTE FUNCTION es_events_refuse_change();
 "#,
-}];
+    },
+    Migration {
+        version: 4,
+        name: "gap-safe following",
+        sqlite: "",
+        postgres: r#"
+CREATE INDEX es_events_follow ON es_events (transaction_id, global_position);
+CREATE FUNCTION es_events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('es_events', current_schema());
+    RETURN NULL;
+END $$;
+CREATE TRIGGER es_events_notify AFTER INSERT ON es_events
+    FOR EACH STATEMENT EXECUTE FUNCTION es_events_notify();
+"#,
+    },
+];
 
 #[derive(QueryableByName)]
 struct Applied {

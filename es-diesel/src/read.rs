@@ -32,6 +32,10 @@ pub(crate) struct EventRow {
 }
 
 impl EventRow {
+    pub(crate) fn global_position(&self) -> i64 {
+        self.global_position
+    }
+
     pub(crate) fn into_recorded(self) -> Result<RecordedEvent> {
         let position = self.global_position;
         let malformed = |reason: String| Error::Malformed { position, reason };
@@ -62,11 +66,12 @@ impl EventRow {
     }
 }
 
-const PG_COLUMNS: &str =
+pub(crate) const PG_COLUMNS: &str =
     "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
      event_version, payload::text AS payload, metadata::text AS metadata, \
      (created_at AT TIME ZONE 'UTC') AS created_at";
-const SQLITE_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
+pub(crate) const SQLITE_COLUMNS: &str =
+    "global_position, event_id, stream_id, stream_version, event_type, \
      event_version, payload, metadata, created_at";
 
 fn rows_into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>> {
