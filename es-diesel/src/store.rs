@@ -40,6 +40,7 @@ const STREAM_PAGE: usize = 1_000;
 #[derive(Clone)]
 pub struct EventStore {
     pool: r2d2::Pool<Manager>,
+    manager: Manager,
     backend: Backend,
 }
 
@@ -89,12 +90,17 @@ impl EventStore {
             } else {
                 Some(std::time::Duration::from_secs(1800))
             })
-            .build(manager)?;
-        Ok(EventStore { pool, backend })
+            .build(manager.clone())?;
+        Ok(EventStore { pool, manager, backend })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Opens connections outside the pool (for long-lived listeners).
+    pub(crate) fn manager(&self) -> &Manager {
+        &self.manager
     }
 
     /// A connection from the pool, for Diesel queries on views and read models.
