@@ -15,6 +15,7 @@ mod error;
 pub mod follow;
 mod migrations;
 mod read;
+pub mod runner;
 mod store;
 pub mod testing;
 

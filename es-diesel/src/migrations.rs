@@ -68,6 +68,40 @@ CREATE TRIGGER es_events_no_truncate BEFORE TRUNCATE ON es_events
 "#,
     },
     Migration {
+        version: 2,
+        name: "read models and checkpoints",
+        sqlite: r#"
+CREATE TABLE es_read_models (
+    name        TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    ddl         TEXT NOT NULL,
+    created_at  TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    rebuilt_at  TEXT
+);
+CREATE TABLE es_checkpoints (
+    projection  TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL DEFAULT 0,
+    updated_at  TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    last_error  TEXT
+);
+"#,
+        postgres: r#"
+CREATE TABLE es_read_models (
+    name        TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    ddl         TEXT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    rebuilt_at  TIMESTAMPTZ
+);
+CREATE TABLE es_checkpoints (
+    projection  TEXT PRIMARY KEY,
+    position    BIGINT NOT NULL DEFAULT 0,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_error  TEXT
+);
+"#,
+    },
+    Migration {
         version: 4,
         name: "gap-safe following",
         sqlite: "",
@@ -80,6 +114,25 @@ BEGIN
 END $$;
 CREATE TRIGGER es_events_notify AFTER INSERT ON es_events
     FOR EACH STATEMENT EXECUTE FUNCTION es_events_notify();
+"#,
+    },
+    Migration {
+        version: 5,
+        name: "asynchronous projection runners",
+        sqlite: r#"
+ALTER TABLE es_checkpoints ADD COLUMN transaction_id INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE es_checkpoints ADD COLUMN state TEXT NOT NULL DEFAULT 'idle';
+ALTER TABLE es_checkpoints ADD COLUMN holder TEXT;
+ALTER TABLE es_checkpoints ADD COLUMN lease_expires_ms INTEGER;
+ALTER TABLE es_checkpoints ADD COLUMN failed_position INTEGER;
+"#,
+        postgres: r#"
+ALTER TABLE es_checkpoints
+    ADD COLUMN transaction_id BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN state TEXT NOT NULL DEFAULT 'idle',
+    ADD COLUMN holder TEXT,
+    ADD COLUMN lease_expires_ms BIGINT,
+    ADD COLUMN failed_position BIGINT;
 "#,
     },
 ];

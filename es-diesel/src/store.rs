@@ -91,7 +91,11 @@ impl EventStore {
                 Some(std::time::Duration::from_secs(1800))
             })
             .build(manager.clone())?;
-        Ok(EventStore { pool, manager, backend })
+        Ok(EventStore {
+            pool,
+            manager,
+            backend,
+        })
     }
 
     pub fn backend(&self) -> Backend {
