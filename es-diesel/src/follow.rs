@@ -12,7 +12,9 @@
 //! (`pg_snapshot_xmin(pg_current_snapshot())`). Such transactions are over:
 //! no event can appear behind the checkpoint any more, and a rolled-back
 //! transaction leaves no gap to wait for. The cost: one long-running writing
-//! transaction holds back every follower until it ends.
+//! transaction holds back every follower until it ends, and transaction ids
+//! are server-wide, so that includes writers in other databases of the same
+//! PostgreSQL server. Keep writing transactions short.
 
 use crate::connection::DbConnection;
 use crate::error::Result;
