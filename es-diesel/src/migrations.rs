@@ -5,7 +5,7 @@ use crate::connection::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer};
+use diesel::sql_types::{BigInt, Integer, Text};
 use es_core::view::{event_views, ColumnType, EventView};
 
 /// One step of the store's schema. Applied once, in order, in a transaction.
@@ -16,10 +16,11 @@ pub(crate) struct Migration {
     pub postgres: &'static str,
 }
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event log",
-    sqlite: r#"
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event log",
+        sqlite: r#"
 CREATE TABLE es_events (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id        TEXT    NOT NULL UNIQUE,
@@ -38,7 +39,7 @@ BEGIN SELECT RAISE(ABORT, 'es_events is append-only: UPDATE is refused'); END;
 CREATE TRIGGER es_events_no_delete BEFORE DELETE ON es_events
 BEGIN SELECT RAISE(ABORT, 'es_events is append-only: DELETE is refused'); END;
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE es_events (
     global_position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id        UUID        NOT NULL UNIQUE,
@@ -65,7 +66,42 @@ CREATE TRIGGER es_events_append_only BEFORE UPDATE OR DELETE ON es_events
 CREATE TRIGGER es_events_no_truncate BEFORE TRUNCATE ON es_events
     FOR EACH STATEMENT EXECUTE FUNCTION es_events_refuse_change();
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "read models and checkpoints",
+        sqlite: r#"
+CREATE TABLE es_read_models (
+    name        TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    ddl         TEXT NOT NULL,
+    created_at  TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    rebuilt_at  TEXT
+);
+CREATE TABLE es_checkpoints (
+    projection  TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL DEFAULT 0,
+    updated_at  TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    last_error  TEXT
+);
+"#,
+        postgres: r#"
+CREATE TABLE es_read_models (
+    name        TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    ddl         TEXT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    rebuilt_at  TIMESTAMPTZ
+);
+CREATE TABLE es_checkpoints (
+    projection  TEXT PRIMARY KEY,
+    position    BIGINT NOT NULL DEFAULT 0,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_error  TEXT
+);
+"#,
+    },
+];
 
 #[derive(QueryableByName)]
 struct Applied {
@@ -126,8 +162,81 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
         for view in event_views() {
             create_view(conn, view)?;
         }
-        Ok(())
+        sync_read_models(conn)
     })
+}
+
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = Text)]
+    fingerprint: String,
+}
+
+/// Creates each registered read model's table, and drops and rebuilds from
+/// the log every one whose fingerprint (its DDL) differs from the stored one.
+fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
+    let backend = conn.backend();
+    for entry in &crate::projection::registry()?.read_models {
+        let schema = entry.schema;
+        let fingerprint = schema.fingerprint(backend);
+        let stored = diesel::sql_query(format!(
+            "SELECT fingerprint FROM es_read_models WHERE name = {}",
+            quote_literal(schema.name)
+        ))
+        .get_result::<Stored>(conn)
+        .optional()?;
+        match &stored {
+            Some(s) if s.fingerprint == fingerprint => continue,
+            Some(s) => tracing::warn!(
+                read_model = schema.name,
+                old = %s.fingerprint,
+                new = %fingerprint,
+                "read model changed shape: dropping its table and rebuilding it from the log"
+            ),
+            None => tracing::info!(
+                read_model = schema.name,
+                "creating read model and building it from the log"
+            ),
+        }
+        let ddl = schema.ddl(backend);
+        conn.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {}",
+            quote_ident(schema.name)
+        ))?;
+        for stmt in ddl {
+            conn.batch_execute(stmt)?;
+        }
+        let ddl_text = ddl.join(";\n");
+        let record = if stored.is_some() {
+            format!(
+                "UPDATE es_read_models SET fingerprint = {}, ddl = {} WHERE name = {}",
+                quote_literal(&fingerprint),
+                quote_literal(&ddl_text),
+                quote_literal(schema.name)
+            )
+        } else {
+            format!(
+                "INSERT INTO es_read_models (name, fingerprint, ddl) VALUES ({}, {}, {})",
+                quote_literal(schema.name),
+                quote_literal(&fingerprint),
+                quote_literal(&ddl_text)
+            )
+        };
+        conn.batch_execute(&record)?;
+        let report = crate::rebuild::rebuild_in(
+            conn,
+            entry,
+            &crate::rebuild::RebuildOptions::default(),
+            &mut |_| {},
+        )?;
+        tracing::info!(
+            read_model = schema.name,
+            events = report.events,
+            rows = report.rows,
+            "rebuilt read model from the log"
+        );
+    }
+    Ok(())
 }
 
 /// The newest schema version this code knows, and the one the database has.
