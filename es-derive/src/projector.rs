@@ -327,13 +327,6 @@ impl<'a> Model<'a> {
             }
             None => TokenStream::new(),
         };
-        let model_span = model.span();
-        let model_is_read_model = quote_spanned! {model_span=>
-            const _: () = {
-                fn __assert_read_model<T: __es::ReadModel>() {}
-                let _ = __assert_read_model::<#model>;
-            };
-        };
         let mut impls = Vec::new();
         let mut handlers = Vec::new();
         for (i, event) in self.on.iter().enumerate() {
@@ -399,7 +392,6 @@ impl<'a> Model<'a> {
                 use ::es_diesel::__private as __es;
 
                 #model_check
-                #model_is_read_model
                 #(#impls)*
 
                 static __HANDLERS: [__es::Handler; #n] = [#(#handlers),*];

@@ -166,7 +166,7 @@ impl Field<'_> {
     }
 
     /// The field value of a column value, `?`-propagating conversion errors.
-    fn from_sql(&self, value: TokenStream) -> TokenStream {
+    fn field_value(&self, value: TokenStream) -> TokenStream {
         match self.kind.convert() {
             None => value,
             Some((_, from)) => {
@@ -307,7 +307,7 @@ impl<'a> Model<'a> {
             if f.attrs.iter().any(|a| a.path().is_ident("read_model")) {
                 errors.spanned(f, "read_model attributes go on the struct, not on fields");
             }
-            if name == table.to_string() {
+            if table == name {
                 errors.spanned(ident, format!("a column cannot have the name of its table `{name}` (Diesel's `table!` forbids it); rename the field or the table"));
                 continue;
             }
@@ -337,7 +337,7 @@ impl<'a> Model<'a> {
         let find = |errors: &mut Errors, ident: &syn::Ident, what: &str| -> Option<usize> {
             let pos = fields
                 .iter()
-                .position(|f| f.ident == ident || f.name == ident.to_string());
+                .position(|f| f.ident == ident || *ident == f.name);
             if pos.is_none() && named.is_some() {
                 errors.spanned(
                     ident,
@@ -457,7 +457,7 @@ impl<'a> Model<'a> {
         let build = self.fields.iter().enumerate().map(|(i, f)| {
             let ident = f.ident;
             let index = syn::Index::from(i);
-            let value = f.from_sql(quote!(row.#index));
+            let value = f.field_value(quote!(row.#index));
             quote!(#ident: #value)
         });
         let insert_values: Vec<_> = self

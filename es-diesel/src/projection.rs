@@ -442,7 +442,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
 /// A row-level projector's code for one event type `E` (implemented by
 /// `#[projector(.., key = ..)]`).
 #[doc(hidden)]
-pub trait RowProjection<E: EventType> {
+pub trait RowProjection<E> {
     type Model: ReadModel;
     fn key(event: &Recorded<E>) -> <Self::Model as ReadModel>::Key;
     fn apply(event: Recorded<E>, row: &mut Option<Self::Model>) -> Result<(), BoxError>;
@@ -450,7 +450,7 @@ pub trait RowProjection<E: EventType> {
 
 /// A SQL-level projector's code for one event type `E`.
 #[doc(hidden)]
-pub trait SqlProjection<E: EventType> {
+pub trait SqlProjection<E> {
     fn apply(event: Recorded<E>, conn: &mut DbConnection) -> Result<(), BoxError>;
 }
 
