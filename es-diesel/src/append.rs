@@ -81,6 +81,8 @@ pub(crate) fn append_in(
     for w in writes {
         check_stream_id(&w.stream_id)?;
     }
+    // An ambiguous registry refuses before anything is inserted.
+    crate::projection::registry()?;
     let total = writes.iter().map(|w| w.events.len()).sum();
     let mut out = Vec::with_capacity(total);
     for w in writes {
