@@ -6,6 +6,7 @@
 use crate::connection::DbConnection;
 use crate::error::{Error, Result};
 use crate::read_model::{ReadModel, ReadModelEntry, ReadModelSchema};
+use diesel::Connection;
 use es_core::{BoxError, DecodeError, EventType, Recorded, RecordedEvent};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -478,24 +479,44 @@ fn row_inline<P: RowProjection<E>, E: EventType>(
     ev: &RecordedEvent,
     conn: &mut DbConnection,
 ) -> Result<(), Failure> {
-    let event = ev.decode::<E>()?;
-    let key = P::key(&event);
-    let mut row = P::Model::find(conn, &key)?;
-    let existed = row.is_some();
-    checked_apply::<P, E>(event, &key, &mut row)?;
-    match (existed, row) {
-        (false, None) => {}
-        (false, Some(r)) => {
-            P::Model::insert_many(conn, std::slice::from_ref(&r))?;
+    let mut raced = false;
+    loop {
+        let event = ev.decode::<E>()?;
+        let key = P::key(&event);
+        let mut row = P::Model::find(conn, &key)?;
+        let existed = row.is_some();
+        checked_apply::<P, E>(event, &key, &mut row)?;
+        match (existed, row) {
+            (false, None) => {}
+            (false, Some(r)) if conn.backend() == crate::Backend::Postgres && !raced => {
+                // Nothing to lock when the row does not exist yet: a concurrent
+                // append may insert it first. Then start over on its row.
+                let inserted =
+                    conn.transaction(|c| P::Model::insert_many(c, std::slice::from_ref(&r)));
+                match inserted {
+                    Ok(_) => {}
+                    Err(diesel::result::Error::DatabaseError(
+                        diesel::result::DatabaseErrorKind::UniqueViolation,
+                        _,
+                    )) => {
+                        raced = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (false, Some(r)) => {
+                P::Model::insert_many(conn, std::slice::from_ref(&r))?;
+            }
+            (true, Some(r)) => {
+                P::Model::update(conn, &r)?;
+            }
+            (true, None) => {
+                P::Model::delete_many(conn, std::slice::from_ref(&key))?;
+            }
         }
-        (true, Some(r)) => {
-            P::Model::update(conn, &r)?;
-        }
-        (true, None) => {
-            P::Model::delete_many(conn, std::slice::from_ref(&key))?;
-        }
+        return Ok(());
     }
-    Ok(())
 }
 
 fn rows_of<M: ReadModel>(batch: &mut dyn RowBatch) -> &mut Rows<M> {
