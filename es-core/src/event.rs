@@ -30,6 +30,11 @@ pub trait Event: Sized + Send + Sync + 'static {
 }
 
 /// An event struct: exactly one stored type name and one current version.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an event type",
+    label = "not an event: a projector listens to event structs",
+    note = "add #[derive(Event)] to `{Self}`, or list event structs in `on = [..]`"
+)]
 pub trait EventType: Event {
     /// The stored type name (default: the struct's name).
     const NAME: &'static str;

@@ -3,6 +3,8 @@
 
 mod attr;
 mod event;
+mod projector;
+mod read_model;
 
 use proc_macro::TokenStream;
 
@@ -17,4 +19,42 @@ use proc_macro::TokenStream;
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
     event::derive(input).into()
+}
+
+/// Makes a struct a read model: a table kept up to date by projectors.
+///
+/// `#[read_model(table = "book_list", primary_key = book_id)]` (or
+/// `primary_key(library_id, book_id)`), plus optional `index(field, ..)`,
+/// `unique_index(field, ..)` and `version = N` (bump it to force a rebuild).
+/// Generates the Diesel `table!` module named after the table, the
+/// `Queryable`, `Selectable`, `Insertable` and `AsChangeset` impls, the
+/// CREATE TABLE of each backend, and the `ReadModel` impl.
+///
+/// Field types: i16, i32, i64, f32, f64, bool, String, `Vec<u8>`,
+/// `NaiveDateTime`, `NaiveDate`, `NaiveTime`, `DateTime<Utc>` (a UTC
+/// timestamp), `Uuid` and `serde_json::Value` (both stored as text), and an
+/// `Option` of any of them for a NULL-able column.
+#[proc_macro_derive(ReadModel, attributes(read_model))]
+pub fn derive_read_model(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as syn::DeriveInput);
+    read_model::derive(input).into()
+}
+
+/// Registers a function as a projector of a read model.
+///
+/// Row-level: `#[projector(on = BookBorrowed, key = book_id)] fn f(e:
+/// &Recorded<BookBorrowed>, row: &mut Option<BookList>)`; the store loads
+/// the row whose key is the event's `book_id`, the function sets it (`Some`
+/// inserts or updates, `None` deletes) and the store saves it.
+///
+/// SQL-level: `#[projector(on = [BookRegistered, BookReturned], read_model =
+/// BookList)] fn f(e: &Recorded<LibraryEvent>, conn: &mut DbConnection) ->
+/// QueryResult<()>`; with several event types the parameter is an event enum
+/// wrapping each of them (or one event type, when `on` lists only it).
+///
+/// Either may return `()` or `Result<(), E>` with `E` convertible into a
+/// boxed error. `name = ".."` replaces the default name, the function's path.
+#[proc_macro_attribute]
+pub fn projector(args: TokenStream, item: TokenStream) -> TokenStream {
+    projector::expand(args.into(), item.into()).into()
 }

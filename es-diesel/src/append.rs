@@ -72,12 +72,19 @@ pub(crate) struct Version {
 }
 
 /// Appends `writes` inside the caller's transaction on `conn` (open it with
-/// [`write_transaction`](crate::write_transaction)), so that other writes can
-/// commit or roll back together with the events. Returns the recorded events
-/// in append order. After an error, roll the transaction back.
+/// [`write_transaction`](crate::write_transaction)), then runs the inline
+/// projectors on the recorded events in append order, so that the events,
+/// the read models and any other writes of the caller commit or roll back
+/// together. Returns the recorded events in append order. After an error,
+/// roll the transaction back.
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
+    }
+    // An ambiguous registry refuses before anything is inserted.
+    crate::projection::registry()?;
+    if let DbConnection::Postgres(c) = conn {
+        lock_any_streams_pg(c, writes)?;
     }
     let total = writes.iter().map(|w| w.events.len()).sum();
     let mut out = Vec::with_capacity(total);
@@ -85,12 +92,7 @@ pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<
         let mut expected = w.expected;
         for chunk in w.events.chunks(CHUNK) {
             let rows = match conn {
-                DbConnection::Postgres(c) => {
-                    if expected == ExpectedVersion::Any {
-                        lock_stream_pg(c, &w.stream_id)?;
-                    }
-                    insert_pg(c, &w.stream_id, expected, chunk)?
-                }
+                DbConnection::Postgres(c) => insert_pg(c, &w.stream_id, expected, chunk)?,
                 DbConnection::Sqlite(c) => insert_sqlite(c, &w.stream_id, expected, chunk)?,
             };
             if rows.len() != chunk.len() {
@@ -116,6 +118,7 @@ pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<
             }));
         }
     }
+    crate::projection::apply_inline(conn, &out)?;
     Ok(out)
 }
 
@@ -192,14 +195,27 @@ const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
 
 /// Appends with `ExpectedVersion::Any` read the stream's version and write
 /// the next one; serializing them per stream keeps them from colliding with
-/// each other (the lock must be held before the insert statement takes its
-/// snapshot, hence a statement of its own).
-fn lock_stream_pg(conn: &mut PgConnection, stream: &str) -> QueryResult<()> {
-    diesel::sql_query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) l")
-        .bind::<diesel::sql_types::Integer, _>(STREAM_LOCK_CLASS)
-        .bind::<Text, _>(stream)
-        .execute(conn)
-        .map(|_| ())
+/// each other. The locks must be held before the insert statement takes its
+/// snapshot, hence a statement of their own; they are keyed by schema and
+/// stream and taken in key order, so two batches never wait for each other
+/// in a cycle.
+fn lock_any_streams_pg(conn: &mut PgConnection, writes: &[StreamWrite]) -> QueryResult<()> {
+    let streams: Vec<&str> = writes
+        .iter()
+        .filter(|w| w.expected == ExpectedVersion::Any && !w.events.is_empty())
+        .map(|w| w.stream_id.as_str())
+        .collect();
+    if streams.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "SELECT COUNT(pg_advisory_xact_lock($1, k)) FROM \
+         (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest($2::text[]) AS s ORDER BY k) AS keys",
+    )
+    .bind::<diesel::sql_types::Integer, _>(STREAM_LOCK_CLASS)
+    .bind::<diesel::sql_types::Array<Text>, _>(&streams)
+    .execute(conn)
+    .map(|_| ())
 }
 
 /// One statement: reads the stream's version, checks the expectation and

@@ -44,6 +44,38 @@ pub enum Error {
     #[error("malformed stored event at global position {position}: {reason}")]
     Malformed { position: i64, reason: String },
 
+    /// A projector failed on an event. Inline, the whole append was rolled
+    /// back and nothing was written; in a rebuild, the rebuild was.
+    #[error("projector `{projector}` failed on the event at global position {position} (`{event_type}` in stream `{stream}`): {source}")]
+    Projector {
+        projector: String,
+        position: i64,
+        stream: String,
+        event_type: String,
+        #[source]
+        source: es_core::BoxError,
+    },
+
+    /// Projectors or read models are registered twice (or feed no table).
+    #[error("invalid registry of projectors: {0}")]
+    Registry(#[from] crate::projection::RegistryError),
+
+    /// [`check_projectors`](crate::check_projectors) found event types no
+    /// registered projector handles, typically because a crate holding
+    /// projectors is not linked: refer to it from the application, e.g.
+    /// `use my_projectors as _;`.
+    #[error("missing projectors: {}; registered: [{}]. A crate that only registers projectors must be referenced by the program (`use that_crate as _;`) or the linker drops it", describe_missing(.missing), .registered.join("; "))]
+    MissingProjectors {
+        /// (read model, event type) pairs nothing handles.
+        missing: Vec<(String, String)>,
+        /// Every registered projector, as `name -> read_model on [types]`.
+        registered: Vec<String>,
+    },
+
+    /// No read model with this table name is registered.
+    #[error("no read model named `{name}` is registered; registered: [{}]", .known.join(", "))]
+    UnknownReadModel { name: String, known: Vec<String> },
+
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
 
@@ -60,6 +92,14 @@ pub enum Error {
         #[source]
         source: diesel::result::Error,
     },
+}
+
+fn describe_missing(missing: &[(String, String)]) -> String {
+    missing
+        .iter()
+        .map(|(m, t)| format!("nothing handles `{t}` for read model `{m}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

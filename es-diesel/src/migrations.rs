@@ -5,7 +5,7 @@ use crate::connection::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer};
+use diesel::sql_types::{BigInt, Integer, Text};
 use es_core::view::{event_views, ColumnType, EventView};
 
 /// One step of the store's schema. Applied once, in order, in a transaction.
@@ -196,8 +196,81 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
         for view in event_views() {
             create_view(conn, view)?;
         }
-        Ok(())
+        sync_read_models(conn)
     })
+}
+
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = Text)]
+    fingerprint: String,
+}
+
+/// Creates each registered read model's table, and drops and rebuilds from
+/// the log every one whose fingerprint (its DDL) differs from the stored one.
+fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
+    let backend = conn.backend();
+    for entry in &crate::projection::registry()?.read_models {
+        let schema = entry.schema;
+        let fingerprint = schema.fingerprint(backend);
+        let stored = diesel::sql_query(format!(
+            "SELECT fingerprint FROM es_read_models WHERE name = {}",
+            quote_literal(schema.name)
+        ))
+        .get_result::<Stored>(conn)
+        .optional()?;
+        match &stored {
+            Some(s) if s.fingerprint == fingerprint => continue,
+            Some(s) => tracing::warn!(
+                read_model = schema.name,
+                old = %s.fingerprint,
+                new = %fingerprint,
+                "read model changed shape: dropping its table and rebuilding it from the log"
+            ),
+            None => tracing::info!(
+                read_model = schema.name,
+                "creating read model and building it from the log"
+            ),
+        }
+        let ddl = schema.ddl(backend);
+        conn.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {}",
+            quote_ident(schema.name)
+        ))?;
+        for stmt in ddl {
+            conn.batch_execute(stmt)?;
+        }
+        let ddl_text = ddl.join(";\n");
+        let record = if stored.is_some() {
+            format!(
+                "UPDATE es_read_models SET fingerprint = {}, ddl = {} WHERE name = {}",
+                quote_literal(&fingerprint),
+                quote_literal(&ddl_text),
+                quote_literal(schema.name)
+            )
+        } else {
+            format!(
+                "INSERT INTO es_read_models (name, fingerprint, ddl) VALUES ({}, {}, {})",
+                quote_literal(schema.name),
+                quote_literal(&fingerprint),
+                quote_literal(&ddl_text)
+            )
+        };
+        conn.batch_execute(&record)?;
+        let report = crate::rebuild::rebuild_in(
+            conn,
+            entry,
+            &crate::rebuild::RebuildOptions::default(),
+            &mut |_| {},
+        )?;
+        tracing::info!(
+            read_model = schema.name,
+            events = report.events,
+            rows = report.rows,
+            "rebuilt read model from the log"
+        );
+    }
+    Ok(())
 }
 
 /// The newest schema version this code knows, and the one the database has.

@@ -694,3 +694,38 @@ fn typed_views_cover_every_column_kind() {
         assert_eq!(good, 1);
     }
 }
+
+#[test]
+fn multi_stream_any_appends_in_opposite_orders_do_not_deadlock() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let handles: Vec<_> = (0..4u32)
+            .map(|writer| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..30 {
+                        let mut names = vec!["x", "y", "z"];
+                        if writer % 2 == 1 {
+                            names.reverse();
+                        }
+                        let writes: Vec<StreamWrite> = names
+                            .iter()
+                            .map(|s| {
+                                let mut w = StreamWrite::new(*s, ExpectedVersion::Any);
+                                w.push(&Counted { writer, n }).unwrap();
+                                w
+                            })
+                            .collect();
+                        store.append_streams(&writes).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for s in ["x", "y", "z"] {
+            assert_eq!(store.stream_version(s).unwrap(), 120, "{}", db.backend());
+        }
+    }
+}

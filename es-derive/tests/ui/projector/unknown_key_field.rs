@@ -1,0 +1,29 @@
+#[allow(unused_imports)]
+use es_diesel::{projector, DbConnection, Event, ReadModel, Recorded};
+use serde::{Deserialize, Serialize};
+
+#[derive(Event, Serialize, Deserialize)]
+#[event(view = false)]
+struct BookBorrowed {
+    book_id: i64,
+}
+
+#[derive(Event, Serialize, Deserialize)]
+#[event(view = false)]
+struct BookReturned {
+    book_id: i64,
+}
+
+#[derive(ReadModel)]
+#[read_model(table = "book_list", primary_key = book_id)]
+struct BookList {
+    book_id: i64,
+    borrowed: bool,
+}
+
+#[projector(on = BookBorrowed, key = book)]
+fn borrowed(_e: &Recorded<BookBorrowed>, row: &mut Option<BookList>) {
+    *row = None;
+}
+
+fn main() {}

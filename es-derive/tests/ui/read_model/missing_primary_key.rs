@@ -1,0 +1,10 @@
+use es_diesel::ReadModel;
+
+#[derive(ReadModel)]
+#[read_model(table = "book_list")]
+struct BookList {
+    book_id: i64,
+    title: String,
+}
+
+fn main() {}

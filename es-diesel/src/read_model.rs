@@ -1,0 +1,165 @@
+//! Read models: ordinary tables kept up to date by projectors, described by
+//! `#[derive(ReadModel)]`, created by `migrate` and rebuilt from the log when
+//! their shape changes.
+
+use crate::connection::{Backend, DbConnection};
+use diesel::QueryResult;
+use std::fmt::Debug;
+use std::hash::Hash;
+
+/// A table fed by projectors. Implemented by `#[derive(ReadModel)]`, which
+/// also generates the Diesel `table!`, `Queryable`, `Selectable`,
+/// `Insertable` and `AsChangeset` for the struct.
+///
+/// ```
+/// use es_diesel::ReadModel;
+///
+/// #[derive(ReadModel, Debug, Clone, PartialEq)]
+/// #[read_model(table = "shelf", primary_key = shelf_id, index(room))]
+/// struct Shelf {
+///     shelf_id: i64,
+///     room: String,
+///     books: i32,
+///     note: Option<String>,
+/// }
+///
+/// assert_eq!(<Shelf as ReadModel>::SCHEMA.name, "shelf");
+/// assert!(<Shelf as ReadModel>::SCHEMA.postgres[0].starts_with("CREATE TABLE \"shelf\""));
+/// ```
+///
+/// The methods are what projectors and rebuilds need; applications query
+/// the table with Diesel's DSL through the generated `table!` module.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a read model",
+    label = "not a read model",
+    note = "add #[derive(ReadModel)] and #[read_model(table = \"..\", primary_key = ..)] to `{Self}`"
+)]
+pub trait ReadModel: Sized + Send + 'static {
+    /// The table and its DDL.
+    const SCHEMA: ReadModelSchema;
+
+    /// The primary key: the key field's type, or a tuple for a composite key.
+    type Key: Clone + Eq + Hash + Debug + Send + Sync + 'static;
+
+    /// This row's primary key.
+    fn key(&self) -> Self::Key;
+
+    /// The row with `key`, locked for the rest of the transaction on
+    /// PostgreSQL (`FOR UPDATE`), so concurrent projectors cannot lose updates.
+    fn find(conn: &mut DbConnection, key: &Self::Key) -> QueryResult<Option<Self>>;
+
+    /// The rows with any of `keys`, in no particular order.
+    fn find_many(conn: &mut DbConnection, keys: &[Self::Key]) -> QueryResult<Vec<Self>>;
+
+    /// Inserts `rows` with multi-row INSERT statements.
+    fn insert_many(conn: &mut DbConnection, rows: &[Self]) -> QueryResult<usize>;
+
+    /// Writes every non-key column of `row` to the row with the same key.
+    fn update(conn: &mut DbConnection, row: &Self) -> QueryResult<usize>;
+
+    /// Deletes the rows with any of `keys`.
+    fn delete_many(conn: &mut DbConnection, keys: &[Self::Key]) -> QueryResult<usize>;
+}
+
+/// What the store needs to know about a read model's table.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadModelSchema {
+    /// The table name; also the read model's name in `rebuild(name)`.
+    pub name: &'static str,
+    /// The Rust type, for messages.
+    pub rust_type: &'static str,
+    /// `#[read_model(version = N)]`: bump it to force a rebuild when the
+    /// projectors change but the table does not.
+    pub version: u32,
+    /// Number of columns.
+    pub columns: usize,
+    /// CREATE TABLE then CREATE INDEX statements for SQLite.
+    pub sqlite: &'static [&'static str],
+    /// The same for PostgreSQL.
+    pub postgres: &'static [&'static str],
+}
+
+impl ReadModelSchema {
+    /// The statements that create the table on `backend`.
+    pub fn ddl(&self, backend: Backend) -> &'static [&'static str] {
+        match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        }
+    }
+
+    /// A stable digest of the DDL and version: when it changes, `migrate`
+    /// drops the table and rebuilds it from the log.
+    pub fn fingerprint(&self, backend: Backend) -> String {
+        // FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        eat(&self.version.to_le_bytes());
+        for stmt in self.ddl(backend) {
+            eat(stmt.as_bytes());
+            eat(b";\n");
+        }
+        format!("v{}-{h:016x}", self.version)
+    }
+}
+
+/// A registered read model (submitted by `#[derive(ReadModel)]`).
+#[doc(hidden)]
+pub struct ReadModelEntry {
+    pub schema: &'static ReadModelSchema,
+    /// A fresh in-memory batch of rows for rebuilds.
+    pub new_rows: fn() -> Box<dyn crate::projection::RowBatch>,
+    pub file: &'static str,
+    pub line: u32,
+}
+
+inventory::collect!(ReadModelEntry);
+
+/// Conversions between field types and the column types every backend of
+/// [`DbConnection`] supports. Used by generated code.
+#[doc(hidden)]
+pub mod convert {
+    use chrono::{DateTime, NaiveDateTime, Utc};
+    use diesel::deserialize;
+
+    pub fn uuid_to_sql(u: &uuid::Uuid) -> String {
+        u.hyphenated().to_string()
+    }
+
+    pub fn uuid_from_sql(s: String) -> deserialize::Result<uuid::Uuid> {
+        uuid::Uuid::parse_str(&s).map_err(|e| format!("column holds {s:?}, not a UUID: {e}").into())
+    }
+
+    pub fn json_to_sql(v: &serde_json::Value) -> String {
+        v.to_string()
+    }
+
+    pub fn json_from_sql(s: String) -> deserialize::Result<serde_json::Value> {
+        serde_json::from_str(&s).map_err(|e| format!("column does not hold JSON: {e}").into())
+    }
+
+    pub fn utc_to_sql(t: &DateTime<Utc>) -> NaiveDateTime {
+        t.naive_utc()
+    }
+
+    pub fn utc_from_sql(t: NaiveDateTime) -> deserialize::Result<DateTime<Utc>> {
+        Ok(t.and_utc())
+    }
+}
+
+/// Rows per statement in bulk writes: far below every backend's limit on
+/// bind parameters (SQLite 32766, PostgreSQL 65535).
+#[doc(hidden)]
+pub const fn rows_per_statement(columns: usize) -> usize {
+    let n = 20_000 / if columns == 0 { 1 } else { columns };
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}

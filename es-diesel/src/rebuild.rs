@@ -1,0 +1,201 @@
+//! Rebuilding a read model ("performing a full scan"): empty its table and
+//! replay, in global order, the event types its projectors handle.
+
+use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::error::{Error, Result};
+use crate::migrations::{quote_ident, quote_literal};
+use crate::projection::{registry, Handler, HandlerKind, Projector, RowBatch};
+use crate::read_model::ReadModelEntry;
+use crate::{read, EventStore};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use es_core::RecordedEvent;
+use std::time::{Duration, Instant};
+
+/// Settings of [`EventStore::rebuild_with`].
+#[derive(Clone, Debug)]
+pub struct RebuildOptions {
+    /// Events read, folded and written per step; memory use is bounded by it.
+    pub batch_size: usize,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        RebuildOptions { batch_size: 2_000 }
+    }
+}
+
+/// Where a rebuild is, reported after every batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub read_model: &'static str,
+    /// Events replayed so far.
+    pub events: u64,
+    /// Global position of the last replayed event.
+    pub position: i64,
+    /// The log's last position when the rebuild began (for a progress bar:
+    /// `position / head`).
+    pub head: i64,
+}
+
+/// What a finished rebuild did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub read_model: &'static str,
+    /// Events replayed.
+    pub events: u64,
+    /// Rows in the table afterwards.
+    pub rows: i64,
+    pub elapsed: Duration,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+impl EventStore {
+    /// Empties the read model's table and replays every event its
+    /// projectors handle, in one transaction: readers see the old rows until
+    /// it commits, and appends that feed this read model wait for it.
+    ///
+    /// `name` is the table name given in `#[read_model(table = "..")]`.
+    pub fn rebuild(&self, name: &str) -> Result<RebuildReport> {
+        self.rebuild_with(name, &RebuildOptions::default(), |_| {})
+    }
+
+    /// [`rebuild`](Self::rebuild), calling `progress` after every batch.
+    pub fn rebuild_with(
+        &self,
+        name: &str,
+        options: &RebuildOptions,
+        mut progress: impl FnMut(&RebuildProgress),
+    ) -> Result<RebuildReport> {
+        let reg = registry()?;
+        let entry = reg
+            .read_model(name)
+            .ok_or_else(|| Error::UnknownReadModel {
+                name: name.to_owned(),
+                known: reg
+                    .read_models
+                    .iter()
+                    .map(|m| m.schema.name.to_owned())
+                    .collect(),
+            })?;
+        let mut conn = self.connection()?;
+        write_transaction(&mut conn, |c| rebuild_in(c, entry, options, &mut progress))
+    }
+}
+
+/// Rebuilds `entry` on `conn`, which must be inside a write transaction.
+pub(crate) fn rebuild_in(
+    conn: &mut DbConnection,
+    entry: &'static ReadModelEntry,
+    options: &RebuildOptions,
+    progress: &mut dyn FnMut(&RebuildProgress),
+) -> Result<RebuildReport> {
+    let started = Instant::now();
+    let reg = registry()?;
+    let name = entry.schema.name;
+    let table = quote_ident(name);
+    if conn.backend() == Backend::Postgres {
+        // Blocks inline projectors of this table (their writes and their
+        // SELECT .. FOR UPDATE) until the rebuild commits; readers go on.
+        conn.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))?;
+    }
+    conn.batch_execute(&format!("DELETE FROM {table}"))?;
+
+    let mut types: Vec<&'static str> = reg
+        .projectors_of(name)
+        .flat_map(|p| p.handlers.iter().map(|h| h.event_type))
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    let head = read::head(conn)?;
+    let batch_size = options.batch_size.max(1);
+    let mut rows = (entry.new_rows)();
+    let mut state = Progress {
+        events: 0,
+        position: 0,
+    };
+    loop {
+        let batch = read::read_types(conn, &types, state.position, batch_size)?;
+        let Some(last) = batch.last() else { break };
+        let last_position = last.global_position;
+        let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
+        for ev in &batch {
+            for (p, h) in reg.handlers(&ev.event_type) {
+                if p.read_model != name {
+                    continue;
+                }
+                match &h.kind {
+                    HandlerKind::Row { .. } => segment.push((ev, p, h)),
+                    HandlerKind::Sql { apply } => {
+                        // A SQL projector may read rows the batch still holds in memory.
+                        fold_segment(conn, rows.as_mut(), &mut segment)?;
+                        apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+                    }
+                }
+            }
+        }
+        fold_segment(conn, rows.as_mut(), &mut segment)?;
+        state.events += batch.len() as u64;
+        state.position = last_position;
+        progress(&RebuildProgress {
+            read_model: name,
+            events: state.events,
+            position: state.position,
+            head,
+        });
+        if batch.len() < batch_size {
+            break;
+        }
+    }
+    conn.batch_execute(&format!(
+        "UPDATE es_read_models SET rebuilt_at = CURRENT_TIMESTAMP WHERE name = {}",
+        quote_literal(name)
+    ))?;
+    let count = diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table}"))
+        .get_result::<Count>(conn)?;
+    let report = RebuildReport {
+        read_model: name,
+        events: state.events,
+        rows: count.n,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(read_model = name, events = report.events, rows = report.rows, elapsed = ?report.elapsed, "rebuilt read model");
+    Ok(report)
+}
+
+struct Progress {
+    events: u64,
+    position: i64,
+}
+
+/// Folds the row-level events of `segment` into rows loaded in one query,
+/// then writes them back with bulk statements.
+fn fold_segment(
+    conn: &mut DbConnection,
+    rows: &mut dyn RowBatch,
+    segment: &mut Vec<(&RecordedEvent, &'static Projector, &'static Handler)>,
+) -> Result<()> {
+    if segment.is_empty() {
+        return Ok(());
+    }
+    for (ev, p, h) in segment.iter() {
+        if let HandlerKind::Row { want, .. } = &h.kind {
+            want(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
+        }
+    }
+    rows.load(conn)?;
+    for (ev, p, h) in segment.iter() {
+        if let HandlerKind::Row { fold, .. } = &h.kind {
+            fold(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
+        }
+    }
+    rows.flush(conn)?;
+    segment.clear();
+    Ok(())
+}
