@@ -704,7 +704,7 @@ fn multi_stream_any_appends_in_opposite_orders_do_not_deadlock() {
                 let store = store.clone();
                 std::thread::spawn(move || {
                     for n in 0..30 {
-                        let mut names = vec!["x", "y", "z"];
+                        let mut names = ["x", "y", "z"];
                         if writer % 2 == 1 {
                             names.reverse();
                         }
