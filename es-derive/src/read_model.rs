@@ -32,7 +32,7 @@ fn fallback(input: &DeriveInput) -> TokenStream {
             #[automatically_derived]
             impl __es::ReadModel for #ident {
                 const SCHEMA: __es::ReadModelSchema = __es::ReadModelSchema {
-                    name: #name, rust_type: #name, version: 0, columns: 0, sqlite: &[], postgres: &[],
+                    name: #name, rust_type: #name, version: 0, asynchronous: false, columns: 0, sqlite: &[], postgres: &[],
                 };
                 type Key = ();
                 fn key(&self) {}
@@ -185,6 +185,7 @@ struct Model<'a> {
     ident: &'a syn::Ident,
     table: syn::Ident,
     version: u32,
+    asynchronous: bool,
     fields: Vec<Field<'a>>,
     /// Indexes into `fields`.
     key: Vec<usize>,
@@ -215,6 +216,7 @@ impl<'a> Model<'a> {
         let mut table = Once::new("table");
         let mut key = Once::new("primary_key");
         let mut version = Once::new("version");
+        let mut mode = Once::new("mode");
         let mut indexes: Vec<(bool, Vec<syn::Ident>)> = Vec::new();
         for attr in input
             .attrs
@@ -256,6 +258,24 @@ impl<'a> Model<'a> {
                     }
                     indexes.push((unique, cols));
                     Ok(())
+                } else if meta.path.is_ident("mode") {
+                    let value = meta.value()?;
+                    // `async` is a keyword: accept it as a token, and strings too.
+                    let word = if value.peek(syn::Token![async]) {
+                        value.parse::<syn::Token![async]>()?;
+                        "async".to_owned()
+                    } else if value.peek(LitStr) {
+                        value.parse::<LitStr>()?.value()
+                    } else {
+                        value.parse::<syn::Ident>()?.to_string()
+                    };
+                    match word.as_str() {
+                        "inline" => mode.set(&meta, false),
+                        "async" => mode.set(&meta, true),
+                        other => Err(meta.error(format!(
+                            "unknown mode `{other}`; write #[read_model(mode = inline)] (the default: updated in the append transaction) or #[read_model(mode = async)] (updated by a runner after commit)"
+                        ))),
+                    }
                 } else if meta.path.is_ident("version") {
                     let lit: syn::LitInt = meta.value()?.parse()?;
                     let v = lit.base10_parse::<u32>().map_err(|_| {
@@ -265,7 +285,7 @@ impl<'a> Model<'a> {
                 } else {
                     let path = &meta.path;
                     Err(meta.error(format!(
-                        "unknown read_model attribute `{}`; expected one of: table = \"..\", primary_key = field, primary_key(a, b), index(a, ..), unique_index(a, ..), version = N",
+                        "unknown read_model attribute `{}`; expected one of: table = \"..\", primary_key = field, primary_key(a, b), index(a, ..), unique_index(a, ..), version = N, mode = inline | async",
                         quote!(#path).to_string().replace(' ', "")
                     )))
                 }
@@ -382,6 +402,7 @@ impl<'a> Model<'a> {
             ident: &input.ident,
             table,
             version: version.get().unwrap_or(1),
+            asynchronous: mode.get().unwrap_or(false),
             fields,
             key,
             indexes: index_cols,
@@ -427,6 +448,7 @@ impl<'a> Model<'a> {
         let table_name = table.to_string();
         let rust_type = ident.to_string();
         let version = self.version;
+        let asynchronous = self.asynchronous;
         let n_columns = self.fields.len();
         let sqlite = self.ddl(false);
         let postgres = self.ddl(true);
@@ -663,6 +685,7 @@ impl<'a> Model<'a> {
                         name: #table_name,
                         rust_type: #rust_type,
                         version: #version,
+                        asynchronous: #asynchronous,
                         columns: #n_columns,
                         sqlite: &[#(#sqlite),*],
                         postgres: &[#(#postgres),*],

@@ -12,7 +12,7 @@ use diesel::sqlite::{Sqlite, SqliteConnection};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
 
 /// Rows per INSERT statement: far below every backend's bind-parameter limit.
-const CHUNK: usize = 500;
+pub(crate) const CHUNK: usize = 500;
 
 /// Events to append to one stream, with what the writer expects of it.
 #[derive(Clone, Debug)]

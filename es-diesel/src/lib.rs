@@ -88,6 +88,7 @@ mod read;
 pub mod read_model;
 mod rebuild;
 pub mod runner;
+mod shadow;
 mod store;
 pub mod testing;
 

@@ -257,6 +257,18 @@ fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
             )
         };
         conn.batch_execute(&record)?;
+        if schema.asynchronous {
+            // Its runner builds it from the start of the log.
+            crate::runner::ensure_checkpoint_row(conn, schema.name)?;
+            diesel::sql_query(crate::runner::sql(
+                backend,
+                "UPDATE es_checkpoints SET position = 0, transaction_id = 0, last_error = NULL, \
+                 failed_position = NULL WHERE projection = ?",
+            ))
+            .bind::<Text, _>(schema.name)
+            .execute(conn)?;
+            continue;
+        }
         let report = crate::rebuild::rebuild_in(
             conn,
             entry,

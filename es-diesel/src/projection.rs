@@ -155,8 +155,11 @@ fn describe_registry(duplicates: &[Duplicate], orphans: &[(String, String)]) -> 
 pub(crate) struct Registry {
     pub projectors: Vec<&'static Projector>,
     pub read_models: Vec<&'static ReadModelEntry>,
-    /// For each event type: (projector, its handler) in projector-name order.
+    /// For each event type: (projector, its handler) in projector-name order,
+    /// for every read model.
     by_event: HashMap<&'static str, Vec<(&'static Projector, &'static Handler)>>,
+    /// The same, for the inline read models only.
+    inline_by_event: HashMap<&'static str, Vec<(&'static Projector, &'static Handler)>>,
 }
 
 impl Registry {
@@ -211,17 +214,30 @@ impl Registry {
             });
         }
 
+        let asynchronous: HashSet<&str> = read_models
+            .iter()
+            .filter(|m| m.schema.asynchronous)
+            .map(|m| m.schema.name)
+            .collect();
         let mut by_event: HashMap<&'static str, Vec<(&'static Projector, &'static Handler)>> =
             HashMap::new();
+        let mut inline_by_event = HashMap::new();
         for p in &projectors {
             for h in p.handlers {
                 by_event.entry(h.event_type).or_default().push((p, h));
+                if !asynchronous.contains(p.read_model) {
+                    inline_by_event
+                        .entry(h.event_type)
+                        .or_insert_with(Vec::new)
+                        .push((*p, h));
+                }
             }
         }
         Ok(Registry {
             projectors,
             read_models,
             by_event,
+            inline_by_event,
         })
     }
 
@@ -230,6 +246,25 @@ impl Registry {
             .get(event_type)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// The handlers of inline read models for `event_type`.
+    pub(crate) fn inline_handlers(
+        &self,
+        event_type: &str,
+    ) -> &[(&'static Projector, &'static Handler)] {
+        self.inline_by_event
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether appending events of these types runs no projector.
+    pub(crate) fn no_inline_projector_for(&self, writes: &[crate::StreamWrite]) -> bool {
+        writes
+            .iter()
+            .flat_map(|w| &w.events)
+            .all(|e| !self.inline_by_event.contains_key(e.event_type))
     }
 
     pub(crate) fn read_model(&self, name: &str) -> Option<&'static ReadModelEntry> {
@@ -328,11 +363,11 @@ pub fn check_projectors(expected: &[(&str, &[&str])]) -> Result<()> {
 /// `conn` (inside the append transaction).
 pub(crate) fn apply_inline(conn: &mut DbConnection, events: &[RecordedEvent]) -> Result<()> {
     let reg = registry()?;
-    if reg.projectors.is_empty() {
+    if reg.inline_by_event.is_empty() {
         return Ok(());
     }
     for ev in events {
-        for (p, h) in reg.handlers(&ev.event_type) {
+        for (p, h) in reg.inline_handlers(&ev.event_type) {
             let run = match &h.kind {
                 HandlerKind::Sql { apply } => apply,
                 HandlerKind::Row { inline, .. } => inline,
@@ -341,6 +376,37 @@ pub(crate) fn apply_inline(conn: &mut DbConnection, events: &[RecordedEvent]) ->
         }
     }
     Ok(())
+}
+
+/// Runs the projectors of `read_model` on one event, as an inline append
+/// would (used by asynchronous runners).
+pub(crate) fn apply_read_model(
+    conn: &mut DbConnection,
+    read_model: &str,
+    ev: &RecordedEvent,
+) -> Result<()> {
+    for (p, h) in registry()?.handlers(&ev.event_type) {
+        if p.read_model != read_model {
+            continue;
+        }
+        let run = match &h.kind {
+            HandlerKind::Sql { apply } => apply,
+            HandlerKind::Row { inline, .. } => inline,
+        };
+        run(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+    }
+    Ok(())
+}
+
+/// The event types the projectors of `read_model` handle, sorted.
+pub(crate) fn handled_types(reg: &Registry, read_model: &str) -> Vec<&'static str> {
+    let mut types: Vec<&'static str> = reg
+        .projectors_of(read_model)
+        .flat_map(|p| p.handlers.iter().map(|h| h.event_type))
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    types
 }
 
 /// A batch of read-model rows held in memory during a rebuild. Object-safe

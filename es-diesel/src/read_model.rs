@@ -71,6 +71,9 @@ pub struct ReadModelSchema {
     /// `#[read_model(version = N)]`: bump it to force a rebuild when the
     /// projectors change but the table does not.
     pub version: u32,
+    /// `#[read_model(mode = async)]`: kept current by a runner after commit
+    /// instead of inside the append transaction.
+    pub asynchronous: bool,
     /// Number of columns.
     pub columns: usize,
     /// CREATE TABLE then CREATE INDEX statements for SQLite.

@@ -4,7 +4,7 @@
 use crate::connection::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use crate::migrations::{quote_ident, quote_literal};
-use crate::projection::{registry, Handler, HandlerKind, Projector, RowBatch};
+use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
 use crate::{read, EventStore};
 use diesel::connection::SimpleConnection;
@@ -61,6 +61,11 @@ impl EventStore {
     /// projectors handle, in one transaction: readers see the old rows until
     /// it commits, and appends that feed this read model wait for it.
     ///
+    /// An asynchronous read model (`mode = async`) is rebuilt blue/green
+    /// instead: into a shadow table, batch by batch, while the live table
+    /// keeps serving and appends go on; then the shadow replaces it in one
+    /// transaction and its runner continues from the shadow's checkpoint.
+    ///
     /// `name` is the table name given in `#[read_model(table = "..")]`.
     pub fn rebuild(&self, name: &str) -> Result<RebuildReport> {
         self.rebuild_with(name, &RebuildOptions::default(), |_| {})
@@ -85,6 +90,9 @@ impl EventStore {
                     .collect(),
             })?;
         let mut conn = self.connection()?;
+        if entry.schema.asynchronous {
+            return crate::shadow::rebuild_blue_green(&mut conn, entry, options, &mut progress);
+        }
         write_transaction(&mut conn, |c| rebuild_in(c, entry, options, &mut progress))
     }
 }
@@ -107,12 +115,7 @@ pub(crate) fn rebuild_in(
     }
     conn.batch_execute(&format!("DELETE FROM {table}"))?;
 
-    let mut types: Vec<&'static str> = reg
-        .projectors_of(name)
-        .flat_map(|p| p.handlers.iter().map(|h| h.event_type))
-        .collect();
-    types.sort_unstable();
-    types.dedup();
+    let types = handled_types(reg, name);
     let head = read::head(conn)?;
     let batch_size = options.batch_size.max(1);
     let mut rows = (entry.new_rows)();
@@ -124,23 +127,7 @@ pub(crate) fn rebuild_in(
         let batch = read::read_types(conn, &types, state.position, batch_size)?;
         let Some(last) = batch.last() else { break };
         let last_position = last.global_position;
-        let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
-        for ev in &batch {
-            for (p, h) in reg.handlers(&ev.event_type) {
-                if p.read_model != name {
-                    continue;
-                }
-                match &h.kind {
-                    HandlerKind::Row { .. } => segment.push((ev, p, h)),
-                    HandlerKind::Sql { apply } => {
-                        // A SQL projector may read rows the batch still holds in memory.
-                        fold_segment(conn, rows.as_mut(), &mut segment)?;
-                        apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
-                    }
-                }
-            }
-        }
-        fold_segment(conn, rows.as_mut(), &mut segment)?;
+        project_batch(conn, name, rows.as_mut(), &batch)?;
         state.events += batch.len() as u64;
         state.position = last_position;
         progress(&RebuildProgress {
@@ -167,6 +154,34 @@ pub(crate) fn rebuild_in(
     };
     tracing::info!(read_model = name, events = report.events, rows = report.rows, elapsed = ?report.elapsed, "rebuilt read model");
     Ok(report)
+}
+
+/// Applies the projectors of read model `name` to `batch`: row-level ones
+/// folded in memory and written in bulk, SQL-level ones in order between.
+pub(crate) fn project_batch(
+    conn: &mut DbConnection,
+    name: &str,
+    rows: &mut dyn RowBatch,
+    batch: &[RecordedEvent],
+) -> Result<()> {
+    let reg = registry()?;
+    let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
+    for ev in batch {
+        for (p, h) in reg.handlers(&ev.event_type) {
+            if p.read_model != name {
+                continue;
+            }
+            match &h.kind {
+                HandlerKind::Row { .. } => segment.push((ev, p, h)),
+                HandlerKind::Sql { apply } => {
+                    // A SQL projector may read rows the batch still holds in memory.
+                    fold_segment(conn, rows, &mut segment)?;
+                    apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+                }
+            }
+        }
+    }
+    fold_segment(conn, rows, &mut segment)
 }
 
 struct Progress {

@@ -133,7 +133,7 @@ impl From<Error> for Abort {
 }
 
 /// The database clock in milliseconds since the epoch.
-fn now_ms_sql(backend: Backend) -> &'static str {
+pub(crate) fn now_ms_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
         Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
@@ -141,7 +141,7 @@ fn now_ms_sql(backend: Backend) -> &'static str {
 }
 
 /// `$n` placeholders on PostgreSQL, `?` on SQLite.
-fn sql(backend: Backend, text: &str) -> String {
+pub(crate) fn sql(backend: Backend, text: &str) -> String {
     match backend {
         Backend::Postgres => {
             let mut out = String::with_capacity(text.len() + 8);
@@ -526,7 +526,65 @@ struct StatusRow {
     lag: i64,
 }
 
+/// An asynchronous read model (`#[read_model(mode = async)]`) as a runner
+/// sees it: its registered projectors, applied after commit.
+struct ReadModelProjection {
+    name: &'static str,
+    types: Vec<&'static str>,
+}
+
+impl AsyncProjection for ReadModelProjection {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn event_types(&self) -> Option<Vec<&'static str>> {
+        Some(self.types.clone())
+    }
+
+    fn apply(&self, conn: &mut DbConnection, event: &RecordedEvent) -> Result<()> {
+        crate::projection::apply_read_model(conn, self.name, event)
+    }
+}
+
+/// Every registered read model with `mode = async`, as runner projections.
+pub fn async_read_models() -> Result<Vec<Arc<dyn AsyncProjection>>> {
+    let reg = crate::projection::registry()?;
+    Ok(reg
+        .read_models
+        .iter()
+        .filter(|m| m.schema.asynchronous)
+        .map(|m| {
+            Arc::new(ReadModelProjection {
+                name: m.schema.name,
+                types: crate::projection::handled_types(reg, m.schema.name),
+            }) as Arc<dyn AsyncProjection>
+        })
+        .collect())
+}
+
 impl EventStore {
+    /// Starts a background runner for every read model with `mode = async`.
+    /// Runners stop when the handles are dropped or stopped. Any number of
+    /// processes may do this against one database: one runner per read
+    /// model is active at a time.
+    pub fn start_async_read_models(&self, options: RunnerOptions) -> Result<Vec<RunnerHandle>> {
+        Ok(self.start_runners(async_read_models()?, options))
+    }
+
+    /// Runs every `mode = async` read model until `stop` is set: the main
+    /// loop of a dedicated projection worker process.
+    pub fn run_async_read_models(&self, options: RunnerOptions, stop: &AtomicBool) -> Result<()> {
+        let handles = self.start_async_read_models(options)?;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for h in handles {
+            h.stop();
+        }
+        Ok(())
+    }
+
     /// A runner for `projection` with default options.
     pub fn runner(&self, projection: Arc<dyn AsyncProjection>) -> Runner {
         Runner::new(self.clone(), projection, RunnerOptions::default())

@@ -166,9 +166,20 @@ impl EventStore {
         }
         let mut conn = self.connection()?;
         let retry = writes.iter().all(|w| w.expected == ExpectedVersion::Any);
+        // One statement that writes only events is atomic by itself: no
+        // BEGIN and COMMIT round trips around it.
+        let single_statement = self.backend == Backend::Postgres
+            && writes.len() == 1
+            && writes[0].expected != ExpectedVersion::Any
+            && writes[0].events.len() <= crate::append::CHUNK
+            && crate::projection::registry()?.no_inline_projector_for(writes);
         let mut attempt = 0;
         loop {
-            let result = write_transaction(&mut conn, |c| append_in(c, writes));
+            let result = if single_statement {
+                append_in(&mut conn, writes)
+            } else {
+                write_transaction(&mut conn, |c| append_in(c, writes))
+            };
             match result {
                 Err(Error::Conflict {
                     stream,

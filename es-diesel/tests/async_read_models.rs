@@ -1,0 +1,339 @@
+//! Read models with `mode = async`: the same projector code as inline,
+//! applied by runners after commit, and rebuilt blue/green.
+
+use diesel::prelude::*;
+use es_diesel::runner::RunnerOptions;
+use es_diesel::testing::TestDatabase;
+use es_diesel::{projector, Event, EventStore, ExpectedVersion, ReadModel, Recorded, StreamWrite};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct BookRegistered {
+    book_id: i64,
+    title: String,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct BookBorrowed {
+    book_id: i64,
+    user_id: i64,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct BookReturned {
+    book_id: i64,
+    user_id: i64,
+}
+
+#[derive(Event, Debug, Clone, PartialEq)]
+#[allow(clippy::enum_variant_names)]
+enum BookEvent {
+    BookRegistered(BookRegistered),
+    BookBorrowed(BookBorrowed),
+    BookReturned(BookReturned),
+}
+
+/// Kept inline: the reference.
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "shelf_inline", primary_key = book_id)]
+struct ShelfInline {
+    book_id: i64,
+    title: String,
+    borrowed_by: Option<i64>,
+    times_borrowed: i32,
+}
+
+/// The same, kept by a runner.
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "shelf_async", primary_key = book_id, index(borrowed_by), mode = async)]
+struct ShelfAsync {
+    book_id: i64,
+    title: String,
+    borrowed_by: Option<i64>,
+    times_borrowed: i32,
+}
+
+/// One row per borrowing, SQL-level, also async.
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "loans_async", primary_key = position, mode = async)]
+struct LoanAsync {
+    position: i64,
+    book_id: i64,
+    user_id: i64,
+}
+
+fn fold(row: &mut Option<(String, Option<i64>, i32)>, e: &BookEvent) {
+    match e {
+        BookEvent::BookRegistered(r) => *row = Some((r.title.clone(), None, 0)),
+        BookEvent::BookBorrowed(b) => {
+            if let Some(r) = row {
+                r.1 = Some(b.user_id);
+                r.2 += 1;
+            }
+        }
+        BookEvent::BookReturned(_) => {
+            if let Some(r) = row {
+                r.1 = None;
+            }
+        }
+    }
+}
+
+#[projector(on = [BookRegistered, BookBorrowed, BookReturned], key = book_id)]
+fn shelf_inline(e: &Recorded<BookEvent>, row: &mut Option<ShelfInline>) {
+    let mut t = row
+        .take()
+        .map(|r| (r.title, r.borrowed_by, r.times_borrowed));
+    fold(&mut t, &e.event);
+    let book_id = match &e.event {
+        BookEvent::BookRegistered(x) => x.book_id,
+        BookEvent::BookBorrowed(x) => x.book_id,
+        BookEvent::BookReturned(x) => x.book_id,
+    };
+    *row = t.map(|(title, borrowed_by, times_borrowed)| ShelfInline {
+        book_id,
+        title,
+        borrowed_by,
+        times_borrowed,
+    });
+}
+
+#[projector(on = [BookRegistered, BookBorrowed, BookReturned], key = book_id)]
+fn shelf_async(e: &Recorded<BookEvent>, row: &mut Option<ShelfAsync>) {
+    let mut t = row
+        .take()
+        .map(|r| (r.title, r.borrowed_by, r.times_borrowed));
+    fold(&mut t, &e.event);
+    let book_id = match &e.event {
+        BookEvent::BookRegistered(x) => x.book_id,
+        BookEvent::BookBorrowed(x) => x.book_id,
+        BookEvent::BookReturned(x) => x.book_id,
+    };
+    *row = t.map(|(title, borrowed_by, times_borrowed)| ShelfAsync {
+        book_id,
+        title,
+        borrowed_by,
+        times_borrowed,
+    });
+}
+
+#[projector(on = BookBorrowed, read_model = LoanAsync)]
+fn loan_async(e: &Recorded<BookBorrowed>, conn: &mut es_diesel::DbConnection) -> QueryResult<()> {
+    diesel::insert_into(loans_async::table)
+        .values(LoanAsync {
+            position: e.global_position,
+            book_id: e.book_id,
+            user_id: e.user_id,
+        })
+        .execute(conn)?;
+    Ok(())
+}
+
+fn options() -> RunnerOptions {
+    RunnerOptions {
+        batch_size: 250,
+        idle_poll: Duration::from_millis(20),
+        lease: Duration::from_secs(2),
+        max_backoff: Duration::from_millis(200),
+        node: "test".into(),
+    }
+}
+
+/// Registers `books` books, then borrows or returns `n` times.
+fn history(store: &EventStore, books: i64, n: u64, seed: u64) {
+    let mut s = seed;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    for book_id in 1..=books {
+        let stream = format!("book-{book_id}");
+        if store.stream_version(&stream).unwrap() == 0 {
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::NoStream,
+                    [BookRegistered {
+                        book_id,
+                        title: format!("Book {book_id}"),
+                    }],
+                )
+                .unwrap();
+        }
+    }
+    for _ in 0..n {
+        let book_id = 1 + (next() % books as u64) as i64;
+        let user_id = 1 + (next() % 20) as i64;
+        let stream = format!("book-{book_id}");
+        let events = store.load_stream::<BookEvent>(&stream).unwrap();
+        let version = events.last().unwrap().stream_version;
+        let borrowed = events.iter().fold(None, |b, e| match &e.event {
+            BookEvent::BookBorrowed(x) => Some(x.user_id),
+            BookEvent::BookReturned(_) => None,
+            BookEvent::BookRegistered(_) => b,
+        });
+        let mut w = StreamWrite::new(stream, ExpectedVersion::Exact(version));
+        match borrowed {
+            None => w.push(&BookBorrowed { book_id, user_id }).unwrap(),
+            Some(holder) => w
+                .push(&BookReturned {
+                    book_id,
+                    user_id: holder,
+                })
+                .unwrap(),
+        };
+        store.append_streams(&[w]).unwrap();
+    }
+}
+
+fn shelves(store: &EventStore) -> (Vec<ShelfInline>, Vec<ShelfInline>) {
+    let mut conn = store.connection().unwrap();
+    let inline: Vec<ShelfInline> = shelf_inline::table
+        .order(shelf_inline::book_id)
+        .load(&mut *conn)
+        .unwrap();
+    let asynchronous: Vec<ShelfInline> = shelf_async::table
+        .order(shelf_async::book_id)
+        .load::<ShelfAsync>(&mut *conn)
+        .unwrap()
+        .into_iter()
+        .map(|r| ShelfInline {
+            book_id: r.book_id,
+            title: r.title,
+            borrowed_by: r.borrowed_by,
+            times_borrowed: r.times_borrowed,
+        })
+        .collect();
+    (inline, asynchronous)
+}
+
+fn loans(store: &EventStore) -> i64 {
+    loans_async::table
+        .count()
+        .get_result(&mut *store.connection().unwrap())
+        .unwrap()
+}
+
+fn borrowed_events(store: &EventStore) -> i64 {
+    store.iter_types(&["BookBorrowed"], 0, 1000).count() as i64
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn async_read_models_are_not_touched_inline_and_catch_up_through_runners() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        history(&store, 30, 300, 7);
+        let (inline, asynchronous) = shelves(&store);
+        assert_eq!(inline.len(), 30);
+        assert!(
+            asynchronous.is_empty(),
+            "{}: nothing inline for async read models",
+            db.backend()
+        );
+        assert_eq!(loans(&store), 0);
+
+        let runners = store.start_async_read_models(options()).unwrap();
+        assert_eq!(runners.len(), 2);
+        wait_until("catch-up", || {
+            shelves(&store).1.len() == 30 && loans(&store) == borrowed_events(&store)
+        });
+        history(&store, 30, 200, 11);
+        wait_until("new events", || {
+            let (i, a) = shelves(&store);
+            i == a && loans(&store) == borrowed_events(&store)
+        });
+        let status = store.projection_status().unwrap();
+        let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["loans_async", "shelf_async"]);
+        assert!(status
+            .iter()
+            .all(|s| s.state == "running" && s.holder.as_deref() == Some("test")));
+        for r in runners {
+            r.stop();
+        }
+    }
+}
+
+/// Readers never see a half-built model: the shadow is swapped in whole,
+/// while appends and the runner go on.
+#[test]
+fn blue_green_rebuild_keeps_serving_the_old_table_until_the_swap() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        history(&store, 40, 400, 3);
+        let runners = store.start_async_read_models(options()).unwrap();
+        wait_until("catch-up", || {
+            let (i, a) = shelves(&store);
+            i == a
+        });
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let min_seen = Arc::new(AtomicI64::new(i64::MAX));
+        let reader = {
+            let (store, stop, min_seen) = (store.clone(), stop.clone(), min_seen.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let n: i64 = shelf_async::table
+                        .count()
+                        .get_result(&mut *store.connection().unwrap())
+                        .unwrap();
+                    min_seen.fetch_min(n, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || history(&store, 40, 150, 99))
+        };
+        let mut steps = 0;
+        let report = store
+            .rebuild_with(
+                "shelf_async",
+                &es_diesel::RebuildOptions { batch_size: 50 },
+                |_| steps += 1,
+            )
+            .unwrap();
+        writer.join().unwrap();
+        assert!(steps > 3, "built in several batches");
+        assert!(report.events > 0);
+        wait_until("the runner after the swap", || {
+            let (i, a) = shelves(&store);
+            i == a
+        });
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        assert_eq!(
+            min_seen.load(Ordering::Relaxed),
+            40,
+            "{}: readers always saw every book",
+            db.backend()
+        );
+        let status = store.projection_status().unwrap();
+        let s = status.iter().find(|s| s.name == "shelf_async").unwrap();
+        assert_ne!(s.state, "rebuilding");
+        for r in runners {
+            r.stop();
+        }
+        // A rebuild with no runner running gives the same table.
+        store.rebuild("shelf_async").unwrap();
+        let (i, a) = shelves(&store);
+        assert_eq!(i, a);
+    }
+}
