@@ -82,6 +82,7 @@ mod append;
 mod connection;
 mod error;
 pub mod follow;
+mod import;
 mod migrations;
 pub mod projection;
 mod read;
@@ -95,6 +96,7 @@ pub mod testing;
 pub use append::{append_in, StreamWrite};
 pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use error::{Error, Result};
+pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
 pub use projection::{
     check_projectors, registered_projectors, registered_read_models, Duplicate, ProjectorInfo,
     ProjectorStyle, RegistryError,
