@@ -79,6 +79,7 @@
 //! registered; [`registered_projectors`] lists them all.
 
 mod append;
+pub mod cli;
 mod connection;
 mod error;
 pub mod follow;
