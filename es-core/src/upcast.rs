@@ -4,6 +4,8 @@
 use crate::{BoxError, DecodeError};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 /// One step of an event's schema history: version `from` to `from + 1`.
 ///
@@ -12,14 +14,85 @@ pub struct Upcaster {
     pub event_type: &'static str,
     pub from_version: u16,
     pub upcast: fn(Value) -> Result<Value, BoxError>,
+    /// The function's path, to name it when two upcasters claim the same step.
+    pub name: &'static str,
+}
+
+impl std::fmt::Debug for Upcaster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upcaster")
+            .field("event_type", &self.event_type)
+            .field("from_version", &self.from_version)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 inventory::collect!(Upcaster);
 
-fn find(event_type: &str, from: u16) -> Option<&'static Upcaster> {
-    inventory::iter::<Upcaster>
-        .into_iter()
-        .find(|u| u.event_type == event_type && u.from_version == from)
+/// Event type -> from version -> upcasters (more than one is an error).
+type Steps = HashMap<&'static str, HashMap<u16, Vec<&'static Upcaster>>>;
+
+/// Built once: inventory iteration is unordered and walks a linked list.
+fn registry() -> &'static Steps {
+    static REGISTRY: OnceLock<Steps> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut steps = Steps::new();
+        for u in inventory::iter::<Upcaster> {
+            steps
+                .entry(u.event_type)
+                .or_default()
+                .entry(u.from_version)
+                .or_default()
+                .push(u);
+        }
+        for list in steps.values_mut().flat_map(HashMap::values_mut) {
+            list.sort_by_key(|u| u.name);
+        }
+        steps
+    })
+}
+
+/// Every registered upcaster, sorted by event type and version.
+pub fn upcasters() -> Vec<&'static Upcaster> {
+    let mut all: Vec<_> = registry()
+        .values()
+        .flat_map(HashMap::values)
+        .flatten()
+        .copied()
+        .collect();
+    all.sort_by_key(|u| (u.event_type, u.from_version, u.name));
+    all
+}
+
+/// Fails when two upcasters convert the same event type from the same
+/// version (reading such an event fails too); call it at start-up to find
+/// out before the first read.
+pub fn check_upcasters() -> Result<(), DecodeError> {
+    let first = upcasters()
+        .windows(2)
+        .find(|w| (w[0].event_type, w[0].from_version) == (w[1].event_type, w[1].from_version))
+        .map(|w| w[0]);
+    match first {
+        None => Ok(()),
+        Some(u) => Err(duplicate(u.event_type, u.from_version, &registry()[u.event_type][&u.from_version])),
+    }
+}
+
+fn duplicate(event_type: &str, from: u16, list: &[&'static Upcaster]) -> DecodeError {
+    DecodeError::DuplicateUpcaster {
+        event_type: event_type.to_owned(),
+        from,
+        names: list.iter().map(|u| u.name).collect(),
+    }
+}
+
+fn find(event_type: &str, from: u16) -> Result<Option<&'static Upcaster>, DecodeError> {
+    match registry().get(event_type).and_then(|steps| steps.get(&from)).map(Vec::as_slice) {
+        None | Some([]) => Ok(None),
+        Some([one]) => Ok(Some(one)),
+        Some(list) => Err(duplicate(event_type, from, list)),
+    }
 }
 
 /// Decodes a stored payload of `event_type` at `stored` version into the
@@ -42,7 +115,7 @@ pub fn decode_payload<T: DeserializeOwned>(
     }
     let mut value: Value = serde_json::from_str(payload).map_err(DecodeError::Payload)?;
     for from in stored..current {
-        let step = find(event_type, from).ok_or_else(|| DecodeError::NoUpcaster {
+        let step = find(event_type, from)?.ok_or_else(|| DecodeError::NoUpcaster {
             event_type: event_type.to_owned(),
             stored,
             current,

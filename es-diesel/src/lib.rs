@@ -9,26 +9,34 @@
 //! own queries and types): it re-exports the backend-free model of
 //! `es-core` and the derive macros of `es-derive`.
 
+mod aggregate;
 mod append;
 mod connection;
 mod error;
 mod migrations;
 mod read;
+mod snapshot;
 mod store;
 pub mod testing;
 
+pub use aggregate::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use append::StreamWrite;
 pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use error::{Error, Result};
 pub use store::{EventStore, LogIter, PooledConnection};
 
 pub use es_core::{
-    upcast, validate_stream_id, view, BoxError, DecodeError, EncodeError, EventType, ExpectedVersion, Metadata,
+    fold, harness, upcast, validate_stream_id, Aggregate, Snapshots, view, BoxError, DecodeError, EncodeError, EventType, ExpectedVersion, Metadata,
     NewEvent, Payload, Recorded, RecordedEvent, StreamIdError,
 };
 /// The `Event` trait and its derive.
 pub use es_core::Event;
 pub use es_derive::Event;
+/// The `#[upcaster(Event, from = N)]` attribute; see [`upcast`].
+pub use es_derive::upcaster;
+
+/// The JSON library of payloads, for upcasters (`serde_json::Value`).
+pub use serde_json;
 
 /// The Diesel this crate is built on.
 pub use diesel;
