@@ -129,3 +129,82 @@ pub fn decode_payload<T: DeserializeOwned>(
     }
     serde_json::from_value(value).map_err(DecodeError::Payload)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    fn add_field(mut v: Value) -> Result<Value, BoxError> {
+        v["added"] = Value::from(true);
+        Ok(v)
+    }
+
+    fn double(mut v: Value) -> Result<Value, BoxError> {
+        let n = v["n"].as_i64().ok_or("`n` is not a number")?;
+        v["n"] = Value::from(n * 2);
+        Ok(v)
+    }
+
+    inventory::submit! { Upcaster { event_type: "Chained", from_version: 1, upcast: double, name: "tests::double" } }
+    inventory::submit! { Upcaster { event_type: "Chained", from_version: 2, upcast: add_field, name: "tests::add_field" } }
+    inventory::submit! { Upcaster { event_type: "Twice", from_version: 1, upcast: add_field, name: "tests::b" } }
+    inventory::submit! { Upcaster { event_type: "Twice", from_version: 1, upcast: double, name: "tests::a" } }
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    struct Chained {
+        n: i64,
+        added: bool,
+    }
+
+    #[test]
+    fn steps_apply_in_order_from_the_stored_version() {
+        let v1 = decode_payload::<Chained>("Chained", 3, 1, r#"{"n":21}"#).unwrap();
+        assert_eq!(v1, Chained { n: 42, added: true });
+        let v2 = decode_payload::<Chained>("Chained", 3, 2, r#"{"n":21}"#).unwrap();
+        assert_eq!(v2, Chained { n: 21, added: true });
+        let v3 = decode_payload::<Chained>("Chained", 3, 3, r#"{"n":5,"added":false}"#).unwrap();
+        assert_eq!(v3, Chained { n: 5, added: false });
+    }
+
+    #[test]
+    fn a_missing_step_is_named() {
+        let err = decode_payload::<Chained>("Chained", 4, 1, r#"{"n":1}"#).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::NoUpcaster { stored: 1, current: 4, missing: 3, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("#[upcaster(Chained, from = 3)]"), "{err}");
+    }
+
+    #[test]
+    fn a_future_version_is_refused() {
+        let err = decode_payload::<Chained>("Chained", 2, 3, "{}").unwrap_err();
+        assert!(matches!(err, DecodeError::FutureVersion { stored: 3, current: 2, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_upcaster_error_names_its_step() {
+        let err = decode_payload::<Chained>("Chained", 3, 1, r#"{"n":"x"}"#).unwrap_err();
+        match err {
+            DecodeError::Upcaster { event_type, from, source } => {
+                assert_eq!((event_type.as_str(), from), ("Chained", 1));
+                assert_eq!(source.to_string(), "`n` is not a number");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_upcasters_for_one_step_are_reported_by_name() {
+        let err = decode_payload::<Chained>("Twice", 2, 1, r#"{"n":1}"#).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::DuplicateUpcaster { from: 1, names, .. } if names == &["tests::a", "tests::b"]),
+            "{err:?}"
+        );
+        let checked = check_upcasters().unwrap_err();
+        assert_eq!(checked.to_string(), err.to_string());
+        assert!(err.to_string().contains("keep exactly one"), "{err}");
+        assert_eq!(upcasters().len(), 4);
+    }
+}

@@ -5,6 +5,7 @@ use proc_macro2::{Span, TokenStream};
 use quote::{quote, ToTokens};
 use syn::parse::Parser;
 use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, Meta, ReturnType, Token};
 
 const USAGE: &str = "#[upcaster(BookBorrowed, from = 1)]";
@@ -162,6 +163,13 @@ impl Model {
     fn expand(&self) -> TokenStream {
         let Model { func, event, from, krate } = self;
         let ident = &func.sig.ident;
+        // Spanned on the user's signature, so a wrong argument or return type
+        // is reported there as a mismatch with the expected fn type.
+        let typed = quote::quote_spanned! {func.sig.span()=>
+            let upcaster: fn(
+                #krate::__private::serde_json::Value,
+            ) -> ::core::result::Result<#krate::__private::serde_json::Value, _> = #ident;
+        };
         let name = ident.to_string();
         let event_text = event.to_token_stream().to_string().replace(' ', "");
         let too_new = format!(
@@ -182,7 +190,8 @@ impl Model {
                         fn upcast(
                             payload: #krate::__private::serde_json::Value,
                         ) -> ::core::result::Result<#krate::__private::serde_json::Value, #krate::BoxError> {
-                            #ident(payload).map_err(::core::convert::Into::into)
+                            #typed
+                            upcaster(payload).map_err(::core::convert::Into::into)
                         }
                         upcast
                     },
