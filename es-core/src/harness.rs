@@ -1,10 +1,12 @@
 //! Given/when/then tests of an aggregate's decisions, without a database.
 //!
-//! ```ignore
+//! ```text
 //! given::<Book>([BookRegistered { book_id: 1, title: "Dune".into() }.into()])
 //!     .when(BookCommand::Borrow { user_id: 7, user_registered: true })
 //!     .then([BookBorrowed { book_id: 1, user_id: 7 }.into()]);
 //! ```
+//!
+//! A runnable example is on `es_diesel::EventStore::execute`.
 //!
 //! The assertions panic with the history, the command and both sides of the
 //! comparison, so a failing test says what was decided.

@@ -75,7 +75,11 @@ pub fn check_upcasters() -> Result<(), DecodeError> {
         .map(|w| w[0]);
     match first {
         None => Ok(()),
-        Some(u) => Err(duplicate(u.event_type, u.from_version, &registry()[u.event_type][&u.from_version])),
+        Some(u) => Err(duplicate(
+            u.event_type,
+            u.from_version,
+            &registry()[u.event_type][&u.from_version],
+        )),
     }
 }
 
@@ -88,7 +92,11 @@ fn duplicate(event_type: &str, from: u16, list: &[&'static Upcaster]) -> DecodeE
 }
 
 fn find(event_type: &str, from: u16) -> Result<Option<&'static Upcaster>, DecodeError> {
-    match registry().get(event_type).and_then(|steps| steps.get(&from)).map(Vec::as_slice) {
+    match registry()
+        .get(event_type)
+        .and_then(|steps| steps.get(&from))
+        .map(Vec::as_slice)
+    {
         None | Some([]) => Ok(None),
         Some([one]) => Ok(Some(one)),
         Some(list) => Err(duplicate(event_type, from, list)),
@@ -171,23 +179,48 @@ mod tests {
     fn a_missing_step_is_named() {
         let err = decode_payload::<Chained>("Chained", 4, 1, r#"{"n":1}"#).unwrap_err();
         assert!(
-            matches!(err, DecodeError::NoUpcaster { stored: 1, current: 4, missing: 3, .. }),
+            matches!(
+                err,
+                DecodeError::NoUpcaster {
+                    stored: 1,
+                    current: 4,
+                    missing: 3,
+                    ..
+                }
+            ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("#[upcaster(Chained, from = 3)]"), "{err}");
+        assert!(
+            err.to_string().contains("#[upcaster(Chained, from = 3)]"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_future_version_is_refused() {
         let err = decode_payload::<Chained>("Chained", 2, 3, "{}").unwrap_err();
-        assert!(matches!(err, DecodeError::FutureVersion { stored: 3, current: 2, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                DecodeError::FutureVersion {
+                    stored: 3,
+                    current: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn an_upcaster_error_names_its_step() {
         let err = decode_payload::<Chained>("Chained", 3, 1, r#"{"n":"x"}"#).unwrap_err();
         match err {
-            DecodeError::Upcaster { event_type, from, source } => {
+            DecodeError::Upcaster {
+                event_type,
+                from,
+                source,
+            } => {
                 assert_eq!((event_type.as_str(), from), ("Chained", 1));
                 assert_eq!(source.to_string(), "`n` is not a number");
             }

@@ -44,7 +44,13 @@ pub fn expand_inner(args: TokenStream, item: TokenStream) -> syn::Result<TokenSt
     let krate = attrs
         .krate
         .unwrap_or_else(|| syn::parse_quote!(::es_diesel::__private::es_core));
-    Ok(Model { func, event, from, krate }.expand())
+    Ok(Model {
+        func,
+        event,
+        from,
+        krate,
+    }
+    .expand())
 }
 
 struct Args {
@@ -54,13 +60,19 @@ struct Args {
 }
 
 fn parse_args(args: TokenStream, errors: &mut Errors) -> Args {
-    let mut out = Args { event: None, from: None, krate: None };
+    let mut out = Args {
+        event: None,
+        from: None,
+        krate: None,
+    };
     let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args) {
         Ok(metas) => metas,
         Err(err) => {
             errors.push(syn::Error::new(
                 err.span(),
-                format!("{err}; write the event type and the version it converts from, e.g. {USAGE}"),
+                format!(
+                    "{err}; write the event type and the version it converts from, e.g. {USAGE}"
+                ),
             ));
             return out;
         }
@@ -105,7 +117,9 @@ fn parse_args(args: TokenStream, errors: &mut Errors) -> Args {
     if out.from.is_none() && !errors_has_from(&metas) {
         errors.push(syn::Error::new(
             Span::call_site(),
-            format!("say which stored version this upcaster converts (to that version + 1): {USAGE}"),
+            format!(
+                "say which stored version this upcaster converts (to that version + 1): {USAGE}"
+            ),
         ));
     }
     out
@@ -121,27 +135,43 @@ fn errors_has_from(metas: &Punctuated<Meta, Token![,]>) -> bool {
 fn check_signature(func: &ItemFn, errors: &mut Errors) {
     let sig = &func.sig;
     if let Some(asyncness) = &sig.asyncness {
-        errors.spanned(asyncness, format!("an upcaster runs inside every read and cannot be async; write `{SIGNATURE}`"));
+        errors.spanned(
+            asyncness,
+            format!("an upcaster runs inside every read and cannot be async; write `{SIGNATURE}`"),
+        );
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        errors.spanned(&sig.generics, format!("an upcaster cannot be generic; write `{SIGNATURE}`"));
+        errors.spanned(
+            &sig.generics,
+            format!("an upcaster cannot be generic; write `{SIGNATURE}`"),
+        );
     }
     if let Some(variadic) = &sig.variadic {
-        errors.spanned(variadic, format!("an upcaster takes one argument; write `{SIGNATURE}`"));
+        errors.spanned(
+            variadic,
+            format!("an upcaster takes one argument; write `{SIGNATURE}`"),
+        );
     }
     match sig.inputs.len() {
         1 => {
             if let Some(FnArg::Receiver(receiver)) = sig.inputs.first() {
-                errors.spanned(receiver, format!("an upcaster is a free function, not a method; write `{SIGNATURE}`"));
+                errors.spanned(
+                    receiver,
+                    format!("an upcaster is a free function, not a method; write `{SIGNATURE}`"),
+                );
             }
         }
         0 => errors.spanned(
             &sig.ident,
-            format!("an upcaster takes the stored payload as its one argument; write `{SIGNATURE}`"),
+            format!(
+                "an upcaster takes the stored payload as its one argument; write `{SIGNATURE}`"
+            ),
         ),
         _ => errors.spanned(
             &sig.inputs,
-            format!("an upcaster takes exactly one argument, the stored payload; write `{SIGNATURE}`"),
+            format!(
+                "an upcaster takes exactly one argument, the stored payload; write `{SIGNATURE}`"
+            ),
         ),
     }
     if let ReturnType::Default = sig.output {
@@ -161,7 +191,12 @@ struct Model {
 
 impl Model {
     fn expand(&self) -> TokenStream {
-        let Model { func, event, from, krate } = self;
+        let Model {
+            func,
+            event,
+            from,
+            krate,
+        } = self;
         let ident = &func.sig.ident;
         // Spanned on the user's signature, so a wrong argument or return type
         // is reported there as a mismatch with the expected fn type.

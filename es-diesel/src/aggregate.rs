@@ -152,7 +152,9 @@ fn save_snapshot_in<A: Aggregate>(conn: &mut DbConnection, stream: &str, state: 
             return;
         }
     };
-    let saved = write_transaction(conn, |c| snapshot::save(c, A::TYPE, stream, policy.shape, version, &json));
+    let saved = write_transaction(conn, |c| {
+        snapshot::save(c, A::TYPE, stream, policy.shape, version, &json)
+    });
     if let Err(err) = saved {
         tracing::warn!(aggregate = A::TYPE, stream, version, error = %err, "cannot save snapshot");
     }
@@ -184,7 +186,85 @@ impl EventStore {
     ///
     /// A refused command returns [`ExecuteError::Domain`] with the
     /// aggregate's own error, and writes nothing.
-    pub fn execute<A: Aggregate>(&self, id: &str, command: A::Command) -> Result<Executed<A>, ExecuteError<A::Error>>
+    ///
+    /// ```
+    /// use es_diesel::harness::given;
+    /// use es_diesel::{Aggregate, Event, EventStore, ExecuteError};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
+    /// #[event(view = false)]
+    /// struct BookBorrowed { user_id: String }
+    ///
+    /// #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
+    /// #[event(view = false)]
+    /// struct BookReturned { user_id: String }
+    ///
+    /// #[derive(Event, Debug, PartialEq)]
+    /// enum BookEvent { Borrowed(BookBorrowed), Returned(BookReturned) }
+    ///
+    /// #[derive(Debug, Clone)]
+    /// enum Command { Borrow(String), Return(String) }
+    ///
+    /// #[derive(Debug, PartialEq, thiserror::Error)]
+    /// enum Refused {
+    ///     #[error("the book is held by {0}")]
+    ///     Taken(String),
+    ///     #[error("{0} does not hold the book")]
+    ///     NotHolder(String),
+    /// }
+    ///
+    /// #[derive(Default, Debug)]
+    /// struct Book { holder: Option<String> }
+    ///
+    /// impl Aggregate for Book {
+    ///     const TYPE: &'static str = "book";
+    ///     type Event = BookEvent;
+    ///     type Command = Command;
+    ///     type Error = Refused;
+    ///
+    ///     fn apply(&mut self, event: &BookEvent) {
+    ///         self.holder = match event {
+    ///             BookEvent::Borrowed(e) => Some(e.user_id.clone()),
+    ///             BookEvent::Returned(_) => None,
+    ///         };
+    ///     }
+    ///
+    ///     fn handle(&self, command: Command) -> Result<Vec<BookEvent>, Refused> {
+    ///         match (command, &self.holder) {
+    ///             (Command::Borrow(_), Some(holder)) => Err(Refused::Taken(holder.clone())),
+    ///             (Command::Borrow(user_id), None) => Ok(vec![BookBorrowed { user_id }.into()]),
+    ///             (Command::Return(user_id), Some(holder)) if *holder == user_id => {
+    ///                 Ok(vec![BookReturned { user_id }.into()])
+    ///             }
+    ///             (Command::Return(user_id), _) => Err(Refused::NotHolder(user_id)),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// // The rules, without a database.
+    /// given::<Book>([BookBorrowed { user_id: "ann".into() }.into()])
+    ///     .when(Command::Borrow("bob".into()))
+    ///     .then_error(Refused::Taken("ann".into()));
+    ///
+    /// // The same rules in front of the store.
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = EventStore::open(":memory:")?;
+    /// store.migrate()?;
+    /// let done = store.execute::<Book>("42", Command::Borrow("ann".into()))?;
+    /// assert_eq!((done.stream_id.as_str(), done.version), ("book-42", 1));
+    /// match store.execute::<Book>("42", Command::Borrow("bob".into())) {
+    ///     Err(ExecuteError::Domain(Refused::Taken(holder))) => assert_eq!(holder, "ann"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// assert_eq!(store.stream_version("book-42")?, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn execute<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
     where
         A::Command: Clone,
     {
@@ -212,7 +292,9 @@ impl EventStore {
             });
             match result {
                 Ok(executed) => return Ok(executed),
-                Err(ExecuteError::Store(Error::Conflict { .. })) if attempts <= options.max_retries => {
+                Err(ExecuteError::Store(Error::Conflict { .. }))
+                    if attempts <= options.max_retries =>
+                {
                     tracing::debug!(aggregate = A::TYPE, %stream, attempts, "lost a race for the stream; reloading");
                 }
                 Err(ExecuteError::Store(Error::Conflict {
@@ -250,11 +332,13 @@ impl EventStore {
         if loaded.version == 0 {
             return Ok(None);
         }
-        let json = policy.encode(&loaded.state).map_err(|source| Error::Snapshot {
-            aggregate: A::TYPE,
-            stream: stream.clone(),
-            source,
-        })?;
+        let json = policy
+            .encode(&loaded.state)
+            .map_err(|source| Error::Snapshot {
+                aggregate: A::TYPE,
+                stream: stream.clone(),
+                source,
+            })?;
         write_transaction(&mut conn, |c| {
             snapshot::save(c, A::TYPE, &stream, policy.shape, loaded.version, &json)
         })?;
@@ -289,7 +373,11 @@ fn decide_and_append<A: Aggregate>(
     }
     let mut write = StreamWrite::new(stream, ExpectedVersion::Exact(loaded.version));
     for event in &events {
-        write.push_new(NewEvent::new(event).map_err(Error::from)?.with_metadata(options.metadata.clone()));
+        write.push_new(
+            NewEvent::new(event)
+                .map_err(Error::from)?
+                .with_metadata(options.metadata.clone()),
+        );
     }
     let recorded = append_in(conn, std::slice::from_ref(&write))?;
     let mut version = loaded.version;
@@ -300,7 +388,9 @@ fn decide_and_append<A: Aggregate>(
         out.push(rec.map(|_| event));
     }
     if let Some(policy) = A::SNAPSHOTS {
-        if version - loaded.snapshot_version.unwrap_or(0) >= i64::try_from(policy.every).unwrap_or(i64::MAX) {
+        if version - loaded.snapshot_version.unwrap_or(0)
+            >= i64::try_from(policy.every).unwrap_or(i64::MAX)
+        {
             save_snapshot_in(conn, stream, &state, version);
         }
     }

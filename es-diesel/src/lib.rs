@@ -25,15 +25,16 @@ pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSy
 pub use error::{Error, Result};
 pub use store::{EventStore, LogIter, PooledConnection};
 
-pub use es_core::{
-    fold, harness, upcast, validate_stream_id, Aggregate, Snapshots, view, BoxError, DecodeError, EncodeError, EventType, ExpectedVersion, Metadata,
-    NewEvent, Payload, Recorded, RecordedEvent, StreamIdError,
-};
 /// The `Event` trait and its derive.
 pub use es_core::Event;
-pub use es_derive::Event;
+pub use es_core::{
+    fold, harness, upcast, validate_stream_id, view, Aggregate, BoxError, DecodeError, EncodeError,
+    EventType, ExpectedVersion, Metadata, NewEvent, Payload, Recorded, RecordedEvent, Snapshots,
+    StreamIdError,
+};
 /// The `#[upcaster(Event, from = N)]` attribute; see [`upcast`].
 pub use es_derive::upcaster;
+pub use es_derive::Event;
 
 /// The JSON library of payloads, for upcasters (`serde_json::Value`).
 pub use serde_json;

@@ -16,10 +16,11 @@ pub(crate) struct Migration {
     pub postgres: &'static str,
 }
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event log",
-    sqlite: r#"
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "event log",
+        sqlite: r#"
 CREATE TABLE es_events (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id        TEXT    NOT NULL UNIQUE,
@@ -38,7 +39,7 @@ BEGIN SELECT RAISE(ABORT, 'es_events is append-only: UPDATE is refused'); END;
 CREATE TRIGGER es_events_no_delete BEFORE DELETE ON es_events
 BEGIN SELECT RAISE(ABORT, 'es_events is append-only: DELETE is refused'); END;
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE es_events (
     global_position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id        UUID        NOT NULL UNIQUE,
@@ -65,10 +66,11 @@ CREATE TRIGGER es_events_append_only BEFORE UPDATE OR DELETE ON es_events
 CREATE TRIGGER es_events_no_truncate BEFORE TRUNCATE ON es_events
     FOR EACH STATEMENT EXECUTE FUNCTION es_events_refuse_change();
 "#,
-}, Migration {
-    version: 3,
-    name: "aggregate snapshots",
-    sqlite: r#"
+    },
+    Migration {
+        version: 3,
+        name: "aggregate snapshots",
+        sqlite: r#"
 CREATE TABLE es_snapshots (
     aggregate_type TEXT    NOT NULL,
     stream_id      TEXT    NOT NULL,
@@ -79,7 +81,7 @@ CREATE TABLE es_snapshots (
     PRIMARY KEY (aggregate_type, stream_id)
 );
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE es_snapshots (
     aggregate_type TEXT        NOT NULL,
     stream_id      TEXT        NOT NULL,
@@ -91,7 +93,8 @@ CREATE TABLE es_snapshots (
 -- As for es_events: stream ids may exceed what a btree entry holds.
 CREATE UNIQUE INDEX es_snapshots_stream ON es_snapshots (aggregate_type, md5(stream_id));
 "#,
-}];
+    },
+];
 
 #[derive(QueryableByName)]
 struct Applied {

@@ -97,12 +97,16 @@ pub(crate) fn save(
 /// Deletes every snapshot of `aggregate_type`; returns how many there were.
 pub(crate) fn delete_all(conn: &mut DbConnection, aggregate_type: &str) -> Result<usize> {
     let n = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query("DELETE FROM es_snapshots WHERE aggregate_type = $1")
-            .bind::<Text, _>(aggregate_type)
-            .execute(c)?,
-        DbConnection::Sqlite(c) => diesel::sql_query("DELETE FROM es_snapshots WHERE aggregate_type = ?")
-            .bind::<Text, _>(aggregate_type)
-            .execute(c)?,
+        DbConnection::Postgres(c) => {
+            diesel::sql_query("DELETE FROM es_snapshots WHERE aggregate_type = $1")
+                .bind::<Text, _>(aggregate_type)
+                .execute(c)?
+        }
+        DbConnection::Sqlite(c) => {
+            diesel::sql_query("DELETE FROM es_snapshots WHERE aggregate_type = ?")
+                .bind::<Text, _>(aggregate_type)
+                .execute(c)?
+        }
     };
     Ok(n)
 }

@@ -9,30 +9,49 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use es_diesel::harness::given;
 use es_diesel::testing::TestDatabase;
-use es_diesel::{Aggregate, Backend, Error, EventStore, ExecuteError, ExecuteOptions, ExpectedVersion, Metadata};
+use es_diesel::{
+    Aggregate, Backend, Error, EventStore, ExecuteError, ExecuteOptions, ExpectedVersion, Metadata,
+};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 fn registered(book: &str) -> BookEvent {
-    BookRegistered { book_id: book.into(), title: "Dune".into() }.into()
+    BookRegistered {
+        book_id: book.into(),
+        title: "Dune".into(),
+    }
+    .into()
 }
 
 fn borrowed(book: &str, user: &str) -> BookEvent {
-    BookBorrowed { book_id: book.into(), user_id: user.into() }.into()
+    BookBorrowed {
+        book_id: book.into(),
+        user_id: user.into(),
+    }
+    .into()
 }
 
 fn returned(book: &str, user: &str) -> BookEvent {
-    BookReturned { book_id: book.into(), user_id: user.into() }.into()
+    BookReturned {
+        book_id: book.into(),
+        user_id: user.into(),
+    }
+    .into()
 }
 
 fn borrow_cmd(user: &str, registered: bool) -> BookCommand {
-    BookCommand::Borrow { user_id: user.into(), user_registered: registered }
+    BookCommand::Borrow {
+        user_id: user.into(),
+        user_registered: registered,
+    }
 }
 
 #[test]
 fn decides_a_borrow_of_a_free_book() {
-    let state = given::<Book>([registered("b1")]).when(borrow_cmd("ann", true)).then([borrowed("b1", "ann")]);
+    let state = given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", true))
+        .then([borrowed("b1", "ann")]);
     assert_eq!(state.holder.as_deref(), Some("ann"));
     assert_eq!(state.times_borrowed, 1);
 }
@@ -41,22 +60,37 @@ fn decides_a_borrow_of_a_free_book() {
 fn a_book_cannot_be_borrowed_twice() {
     given::<Book>([registered("b1"), borrowed("b1", "ann")])
         .when(borrow_cmd("bob", true))
-        .then_error(LibraryError::AlreadyBorrowed { book_id: "b1".into(), holder: "ann".into() });
+        .then_error(LibraryError::AlreadyBorrowed {
+            book_id: "b1".into(),
+            holder: "ann".into(),
+        });
     given::<Book>([registered("b1"), borrowed("b1", "ann")])
         .when(borrow_cmd("ann", true))
-        .then_error(LibraryError::AlreadyBorrowed { book_id: "b1".into(), holder: "ann".into() });
+        .then_error(LibraryError::AlreadyBorrowed {
+            book_id: "b1".into(),
+            holder: "ann".into(),
+        });
 }
 
 #[test]
 fn only_the_holder_returns_a_book() {
     given::<Book>([registered("b1"), borrowed("b1", "ann")])
-        .when(BookCommand::Return { user_id: "bob".into() })
-        .then_error(LibraryError::NotHolder { book_id: "b1".into(), user_id: "bob".into() });
+        .when(BookCommand::Return {
+            user_id: "bob".into(),
+        })
+        .then_error(LibraryError::NotHolder {
+            book_id: "b1".into(),
+            user_id: "bob".into(),
+        });
     given::<Book>([registered("b1")])
-        .when(BookCommand::Return { user_id: "ann".into() })
+        .when(BookCommand::Return {
+            user_id: "ann".into(),
+        })
         .then_error_matches(|e| matches!(e, LibraryError::NotHolder { .. }));
     given::<Book>([registered("b1"), borrowed("b1", "ann")])
-        .when(BookCommand::Return { user_id: "ann".into() })
+        .when(BookCommand::Return {
+            user_id: "ann".into(),
+        })
         .then([returned("b1", "ann")]);
 }
 
@@ -69,19 +103,32 @@ fn an_unregistered_user_cannot_borrow() {
 
 #[test]
 fn an_unregistered_book_cannot_be_borrowed_and_a_book_is_registered_once() {
-    given::<Book>([]).when(borrow_cmd("ann", true)).then_error(LibraryError::UnknownBook);
+    given::<Book>([])
+        .when(borrow_cmd("ann", true))
+        .then_error(LibraryError::UnknownBook);
     given::<Book>([registered("b1")])
-        .when(BookCommand::Register { book_id: "b1".into(), title: "Dune".into() })
+        .when(BookCommand::Register {
+            book_id: "b1".into(),
+            title: "Dune".into(),
+        })
         .then_error(LibraryError::BookExists("b1".into()));
-    let after_return = given::<Book>([registered("b1"), borrowed("b1", "ann"), returned("b1", "ann")]);
+    let after_return = given::<Book>([
+        registered("b1"),
+        borrowed("b1", "ann"),
+        returned("b1", "ann"),
+    ]);
     assert_eq!(after_return.state().holder, None);
-    after_return.when(borrow_cmd("bob", true)).then([borrowed("b1", "bob")]);
+    after_return
+        .when(borrow_cmd("bob", true))
+        .then([borrowed("b1", "bob")]);
 }
 
 #[test]
 #[should_panic(expected = "expected events")]
 fn the_harness_reports_other_events() {
-    given::<Book>([registered("b1")]).when(borrow_cmd("ann", true)).then([borrowed("b1", "bob")]);
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", true))
+        .then([borrowed("b1", "bob")]);
 }
 
 #[test]
@@ -95,7 +142,9 @@ fn the_harness_reports_a_decision_that_should_have_been_refused() {
 #[test]
 #[should_panic(expected = "but the command was refused")]
 fn the_harness_reports_a_refusal() {
-    given::<Book>([registered("b1")]).when(borrow_cmd("ann", false)).then([borrowed("b1", "ann")]);
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", false))
+        .then([borrowed("b1", "ann")]);
 }
 
 fn book_events(store: &EventStore, book: &str) -> Vec<BookEvent> {
@@ -123,7 +172,13 @@ fn library_rules_hold_in_the_store() {
         register_user(&store, "ann");
         register_user(&store, "bob");
         assert!(matches!(
-            store.execute::<User>("ann", RegisterUser { user_id: "ann".into(), name: "Ann".into() }),
+            store.execute::<User>(
+                "ann",
+                RegisterUser {
+                    user_id: "ann".into(),
+                    name: "Ann".into()
+                }
+            ),
             Err(ExecuteError::Domain(LibraryError::UserExists(_)))
         ));
 
@@ -139,15 +194,32 @@ fn library_rules_hold_in_the_store() {
         let head = store.head().unwrap();
         assert_eq!(
             domain(borrow(&store, "b1", "bob", &fast)),
-            LibraryError::AlreadyBorrowed { book_id: "b1".into(), holder: "ann".into() }
+            LibraryError::AlreadyBorrowed {
+                book_id: "b1".into(),
+                holder: "ann".into()
+            }
         );
         assert_eq!(
             domain(give_back(&store, "b1", "bob")),
-            LibraryError::NotHolder { book_id: "b1".into(), user_id: "bob".into() }
+            LibraryError::NotHolder {
+                book_id: "b1".into(),
+                user_id: "bob".into()
+            }
         );
-        assert_eq!(domain(borrow(&store, "b1", "eve", &fast)), LibraryError::UnknownUser("eve".into()));
-        assert_eq!(domain(borrow(&store, "nope", "ann", &fast)), LibraryError::UnknownBook);
-        assert_eq!(store.head().unwrap(), head, "{}: a refused command wrote events", db.backend());
+        assert_eq!(
+            domain(borrow(&store, "b1", "eve", &fast)),
+            LibraryError::UnknownUser("eve".into())
+        );
+        assert_eq!(
+            domain(borrow(&store, "nope", "ann", &fast)),
+            LibraryError::UnknownBook
+        );
+        assert_eq!(
+            store.head().unwrap(),
+            head,
+            "{}: a refused command wrote events",
+            db.backend()
+        );
         assert_eq!(store.stream_version("book-nope").unwrap(), 0);
 
         give_back(&store, "b1", "ann").unwrap();
@@ -155,7 +227,12 @@ fn library_rules_hold_in_the_store() {
         assert_eq!(done.version, 4);
         assert_eq!(
             book_events(&store, "b1"),
-            vec![registered("b1"), borrowed("b1", "ann"), returned("b1", "ann"), borrowed("b1", "bob")]
+            vec![
+                registered("b1"),
+                borrowed("b1", "ann"),
+                returned("b1", "ann"),
+                borrowed("b1", "bob")
+            ]
         );
         let loaded = store.load_aggregate::<Book>("b1").unwrap();
         assert_eq!(loaded.state.holder.as_deref(), Some("bob"));
@@ -170,18 +247,36 @@ fn an_event_the_aggregate_does_not_know_is_an_error_naming_its_position() {
         let store = db.store();
         register_book(&store, "b1", "Dune");
         let stray = store
-            .append("book-b1", ExpectedVersion::Any, [UserRegistered { user_id: "x".into(), name: "X".into() }])
+            .append(
+                "book-b1",
+                ExpectedVersion::Any,
+                [UserRegistered {
+                    user_id: "x".into(),
+                    name: "X".into(),
+                }],
+            )
             .unwrap();
-        let err = store.execute::<Book>("b1", borrow_cmd("ann", true)).unwrap_err();
+        let err = store
+            .execute::<Book>("b1", borrow_cmd("ann", true))
+            .unwrap_err();
         match &err {
-            ExecuteError::Store(Error::Decode { position, event_type, stream, .. }) => {
+            ExecuteError::Store(Error::Decode {
+                position,
+                event_type,
+                stream,
+                ..
+            }) => {
                 assert_eq!(*position, stray[0].global_position);
                 assert_eq!(event_type, "UserRegistered");
                 assert_eq!(stream, "book-b1");
             }
             other => panic!("{}: expected a decode error, got {other:?}", db.backend()),
         }
-        assert!(err.to_string().contains(&format!("global position {}", stray[0].global_position)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("global position {}", stray[0].global_position)),
+            "{err}"
+        );
     }
 }
 
@@ -195,12 +290,20 @@ fn assert_invariant(events: &[BookEvent]) -> usize {
         match e {
             BookEvent::BookRegistered(_) => assert_eq!(i, 0),
             BookEvent::BookBorrowed(b) => {
-                assert_eq!(holder, None, "event {i}: {} borrowed a book held by {holder:?}", b.user_id);
+                assert_eq!(
+                    holder, None,
+                    "event {i}: {} borrowed a book held by {holder:?}",
+                    b.user_id
+                );
                 holder = Some(&b.user_id);
                 borrows += 1;
             }
             BookEvent::BookReturned(r) => {
-                assert_eq!(holder, Some(r.user_id.as_str()), "event {i}: returned by a non-holder");
+                assert_eq!(
+                    holder,
+                    Some(r.user_id.as_str()),
+                    "event {i}: returned by a non-holder"
+                );
                 holder = None;
             }
         }
@@ -223,8 +326,12 @@ fn eight_threads_borrowing_one_book_keep_the_invariant() {
         let refused = Arc::new(AtomicU32::new(0));
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (store, barrier, retries, refused) =
-                    (store.clone(), barrier.clone(), retries.clone(), refused.clone());
+                let (store, barrier, retries, refused) = (
+                    store.clone(),
+                    barrier.clone(),
+                    retries.clone(),
+                    refused.clone(),
+                );
                 std::thread::spawn(move || {
                     let user = format!("u{t}");
                     // Far above what 8 writers need, so that a test run cannot
@@ -236,8 +343,9 @@ fn eight_threads_borrowing_one_book_keep_the_invariant() {
                         match borrow(&store, "b1", &user, &options) {
                             Ok(executed) => {
                                 retries.fetch_add(executed.attempts - 1, Ordering::Relaxed);
-                                let back = give_back(&store, "b1", &user)
-                                    .unwrap_or_else(|e| panic!("{user} cannot return the book it holds: {e}"));
+                                let back = give_back(&store, "b1", &user).unwrap_or_else(|e| {
+                                    panic!("{user} cannot return the book it holds: {e}")
+                                });
                                 retries.fetch_add(back.attempts - 1, Ordering::Relaxed);
                                 done += 1;
                             }
@@ -341,14 +449,24 @@ impl OpenWriter {
 /// since the book is now taken); without retries it fails with a conflict.
 /// SQLite takes the write lock before loading, so the command waits for the
 /// other writer and decides on the new state at once.
-fn race(db: &TestDatabase, max_retries: u32) -> Result<es_diesel::Executed<Book>, ExecuteError<LibraryError>> {
+fn race(
+    db: &TestDatabase,
+    max_retries: u32,
+) -> Result<es_diesel::Executed<Book>, ExecuteError<LibraryError>> {
     let store = db.store();
     register_book(&store, "b1", "Dune");
     register_user(&store, "bob");
     let mut writer = OpenWriter::begin(&store, "ann");
     let command = {
         let store = store.clone();
-        std::thread::spawn(move || borrow(&store, "b1", "bob", &ExecuteOptions::default().max_retries(max_retries)))
+        std::thread::spawn(move || {
+            borrow(
+                &store,
+                "b1",
+                "bob",
+                &ExecuteOptions::default().max_retries(max_retries),
+            )
+        })
     };
     match db.backend() {
         Backend::Postgres => writer.wait_until_blocking(&store),
@@ -356,7 +474,10 @@ fn race(db: &TestDatabase, max_retries: u32) -> Result<es_diesel::Executed<Book>
     }
     writer.commit();
     let result = command.join().unwrap();
-    assert_eq!(book_events(&store, "b1"), vec![registered("b1"), borrowed("b1", "ann")]);
+    assert_eq!(
+        book_events(&store, "b1"),
+        vec![registered("b1"), borrowed("b1", "ann")]
+    );
     result
 }
 
@@ -364,7 +485,13 @@ fn race(db: &TestDatabase, max_retries: u32) -> Result<es_diesel::Executed<Book>
 fn a_lost_race_is_decided_again_on_the_new_state() {
     for db in TestDatabase::all() {
         let err = domain(race(&db, 3));
-        assert_eq!(err, LibraryError::AlreadyBorrowed { book_id: "b1".into(), holder: "ann".into() });
+        assert_eq!(
+            err,
+            LibraryError::AlreadyBorrowed {
+                book_id: "b1".into(),
+                holder: "ann".into()
+            }
+        );
     }
 }
 
@@ -372,7 +499,14 @@ fn a_lost_race_is_decided_again_on_the_new_state() {
 fn retries_are_bounded() {
     for db in TestDatabase::all() {
         match (db.backend(), race(&db, 0)) {
-            (Backend::Postgres, Err(ExecuteError::Store(Error::Conflict { stream, expected, actual }))) => {
+            (
+                Backend::Postgres,
+                Err(ExecuteError::Store(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                })),
+            ) => {
                 assert_eq!(stream, "book-b1");
                 assert_eq!(expected, ExpectedVersion::Exact(1));
                 assert_eq!(actual, 2);

@@ -29,8 +29,16 @@ fn cycle(store: &EventStore, book: &str, events: i64) {
         let loaded = store.load_aggregate::<Book>(book).unwrap();
         assert_eq!(loaded.version, v);
         // Book saves a snapshot every 3 events.
-        assert_eq!(loaded.snapshot_version, (v >= 3).then_some(v - v % 3), "at version {v}");
-        assert_eq!(loaded.state, full_fold::<Book>(store, book), "at version {v}");
+        assert_eq!(
+            loaded.snapshot_version,
+            (v >= 3).then_some(v - v % 3),
+            "at version {v}"
+        );
+        assert_eq!(
+            loaded.state,
+            full_fold::<Book>(store, book),
+            "at version {v}"
+        );
         assert_eq!(loaded.state, done.state);
     }
 }
@@ -86,11 +94,20 @@ fn a_snapshot_of_another_shape_is_ignored_and_replaced() {
         cycle(&store, "b1", 7);
         let loaded = store.load_aggregate::<BookShape2>("b1").unwrap();
         assert_eq!((loaded.version, loaded.snapshot_version), (7, None));
-        assert_eq!(loaded.state.0, store.load_aggregate::<Book>("b1").unwrap().state);
+        assert_eq!(
+            loaded.state.0,
+            store.load_aggregate::<Book>("b1").unwrap().state
+        );
 
         // Nothing of shape 2 yet, so the next command saves one.
         let done = store
-            .execute::<BookShape2>("b1", BookCommand::Borrow { user_id: "ann".into(), user_registered: true })
+            .execute::<BookShape2>(
+                "b1",
+                BookCommand::Borrow {
+                    user_id: "ann".into(),
+                    user_registered: true,
+                },
+            )
             .unwrap();
         assert_eq!(done.version, 8);
         let loaded = store.load_aggregate::<BookShape2>("b1").unwrap();
@@ -150,7 +167,10 @@ fn snapshots_can_be_saved_now_and_deleted() {
     for db in TestDatabase::all() {
         let store = db.store();
         cycle(&store, "b1", 2);
-        assert_eq!(store.load_aggregate::<Book>("b1").unwrap().snapshot_version, None);
+        assert_eq!(
+            store.load_aggregate::<Book>("b1").unwrap().snapshot_version,
+            None
+        );
         assert_eq!(store.save_snapshot::<Book>("b1").unwrap(), Some(2));
         let loaded = store.load_aggregate::<Book>("b1").unwrap();
         assert_eq!((loaded.version, loaded.snapshot_version), (2, Some(2)));
@@ -159,7 +179,13 @@ fn snapshots_can_be_saved_now_and_deleted() {
         assert_eq!(store.save_snapshot::<Book>("missing").unwrap(), None);
         // User has no snapshot policy.
         assert_eq!(store.save_snapshot::<User>("ann").unwrap(), None);
-        assert_eq!(store.load_aggregate::<User>("ann").unwrap().snapshot_version, None);
+        assert_eq!(
+            store
+                .load_aggregate::<User>("ann")
+                .unwrap()
+                .snapshot_version,
+            None
+        );
 
         assert_eq!(store.delete_snapshots::<Book>().unwrap(), 1);
         let loaded = store.load_aggregate::<Book>("b1").unwrap();

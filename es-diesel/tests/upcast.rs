@@ -5,7 +5,8 @@
 use es_diesel::serde_json::{json, Value};
 use es_diesel::testing::TestDatabase;
 use es_diesel::{
-    upcaster, Aggregate, DecodeError, Error, Event, EventStore, ExpectedVersion, NewEvent, Snapshots, StreamWrite,
+    upcaster, Aggregate, DecodeError, Error, Event, EventStore, ExpectedVersion, NewEvent,
+    Snapshots, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
 
@@ -75,15 +76,21 @@ mod current {
 
 #[upcaster(current::BookBorrowed, from = 1)]
 fn borrowed_v1_to_v2(mut payload: Value) -> Result<Value, String> {
-    let object = payload.as_object_mut().ok_or("BookBorrowed v1 is a JSON object")?;
+    let object = payload
+        .as_object_mut()
+        .ok_or("BookBorrowed v1 is a JSON object")?;
     object.insert("due_days".into(), json!(14));
     Ok(payload)
 }
 
 #[upcaster(current::BookRegistered, from = 1)]
 fn registered_v1_to_v2(mut payload: Value) -> Result<Value, String> {
-    let object = payload.as_object_mut().ok_or("BookRegistered v1 is a JSON object")?;
-    let title = object.remove("title").ok_or("BookRegistered v1 has no `title`")?;
+    let object = payload
+        .as_object_mut()
+        .ok_or("BookRegistered v1 is a JSON object")?;
+    let title = object
+        .remove("title")
+        .ok_or("BookRegistered v1 has no `title`")?;
     object.insert("name".into(), title);
     Ok(payload)
 }
@@ -116,7 +123,12 @@ impl Aggregate for Shelf {
     }
 
     fn handle(&self, user_id: String) -> Result<Vec<current::BookEvent>, Self::Error> {
-        Ok(vec![current::BookBorrowed { book_id: "b1".into(), user_id, due_days: 7 }.into()])
+        Ok(vec![current::BookBorrowed {
+            book_id: "b1".into(),
+            user_id,
+            due_days: 7,
+        }
+        .into()])
     }
 }
 
@@ -126,7 +138,10 @@ fn write_v1_log(store: &EventStore) {
         .append(
             "book-b1",
             ExpectedVersion::NoStream,
-            [v1::BookRegistered { book_id: "b1".into(), title: "Dune".into() }],
+            [v1::BookRegistered {
+                book_id: "b1".into(),
+                title: "Dune".into(),
+            }],
         )
         .unwrap();
     store
@@ -134,8 +149,14 @@ fn write_v1_log(store: &EventStore) {
             "book-b1",
             ExpectedVersion::Exact(1),
             [
-                v1::BookBorrowed { book_id: "b1".into(), user_id: "ann".into() },
-                v1::BookBorrowed { book_id: "b1".into(), user_id: "bob".into() },
+                v1::BookBorrowed {
+                    book_id: "b1".into(),
+                    user_id: "ann".into(),
+                },
+                v1::BookBorrowed {
+                    book_id: "b1".into(),
+                    user_id: "bob".into(),
+                },
             ],
         )
         .unwrap();
@@ -143,9 +164,24 @@ fn write_v1_log(store: &EventStore) {
 
 fn expected_current() -> Vec<current::BookEvent> {
     vec![
-        current::BookRegistered { book_id: "b1".into(), name: "Dune".into(), isbn: None }.into(),
-        current::BookBorrowed { book_id: "b1".into(), user_id: "ann".into(), due_days: 14 }.into(),
-        current::BookBorrowed { book_id: "b1".into(), user_id: "bob".into(), due_days: 14 }.into(),
+        current::BookRegistered {
+            book_id: "b1".into(),
+            name: "Dune".into(),
+            isbn: None,
+        }
+        .into(),
+        current::BookBorrowed {
+            book_id: "b1".into(),
+            user_id: "ann".into(),
+            due_days: 14,
+        }
+        .into(),
+        current::BookBorrowed {
+            book_id: "b1".into(),
+            user_id: "bob".into(),
+            due_days: 14,
+        }
+        .into(),
     ]
 }
 
@@ -157,12 +193,18 @@ fn a_v1_log_is_read_as_the_current_structs_on_every_read_path() {
         let expected = expected_current();
 
         let stream: Vec<_> = store.load_stream::<current::BookEvent>("book-b1").unwrap();
-        assert_eq!(stream.iter().map(|r| r.event.clone()).collect::<Vec<_>>(), expected);
+        assert_eq!(
+            stream.iter().map(|r| r.event.clone()).collect::<Vec<_>>(),
+            expected
+        );
         // The envelope keeps the stored version.
         assert_eq!(stream[1].event_version, 1);
 
         let by_type = store.read_events::<current::BookBorrowed>(0, 100).unwrap();
-        assert_eq!(by_type.iter().map(|r| r.due_days).collect::<Vec<_>>(), vec![14, 14]);
+        assert_eq!(
+            by_type.iter().map(|r| r.due_days).collect::<Vec<_>>(),
+            vec![14, 14]
+        );
 
         let from_log: Vec<current::BookEvent> = store
             .iter_all(0, 2)
@@ -173,7 +215,13 @@ fn a_v1_log_is_read_as_the_current_structs_on_every_read_path() {
         // The new code appends version 2 next to the upcast version 1 events.
         let done = store.execute::<Shelf>("b1", "cat".into()).unwrap();
         assert_eq!(done.version, 4);
-        assert_eq!(done.state, Shelf { name: "Dune".into(), loan_days: 14 + 14 + 7 });
+        assert_eq!(
+            done.state,
+            Shelf {
+                name: "Dune".into(),
+                loan_days: 14 + 14 + 7
+            }
+        );
         let stored = store.read_stream("book-b1", 4, 1).unwrap();
         assert_eq!(stored[0].event_version, 2);
         assert_eq!(
@@ -187,7 +235,10 @@ fn a_v1_log_is_read_as_the_current_structs_on_every_read_path() {
         assert_eq!((loaded.version, loaded.snapshot_version), (5, Some(4)));
         assert_eq!(loaded.state.loan_days, 14 + 14 + 7 + 7);
         let events = store.load_stream::<current::BookEvent>("book-b1").unwrap();
-        assert_eq!(es_diesel::fold::<Shelf>(events.iter().map(|r| &r.event)), loaded.state);
+        assert_eq!(
+            es_diesel::fold::<Shelf>(events.iter().map(|r| &r.event)),
+            loaded.state
+        );
     }
 }
 
@@ -200,23 +251,40 @@ fn a_stored_version_without_upcaster_names_type_version_and_position() {
             .append(
                 "book-b1",
                 ExpectedVersion::Exact(3),
-                [v1::BookReturned { book_id: "b1".into(), user_id: "bob".into() }],
+                [v1::BookReturned {
+                    book_id: "b1".into(),
+                    user_id: "bob".into(),
+                }],
             )
             .unwrap();
         let position = returned[0].global_position;
-        let err = store.read_events::<current::BookReturned>(0, 10).unwrap_err();
+        let err = store
+            .read_events::<current::BookReturned>(0, 10)
+            .unwrap_err();
         match &err {
             Error::Decode {
                 position: at,
                 event_type,
                 event_version,
-                source: DecodeError::NoUpcaster { stored, current, missing, .. },
+                source:
+                    DecodeError::NoUpcaster {
+                        stored,
+                        current,
+                        missing,
+                        ..
+                    },
                 ..
             } => {
-                assert_eq!((*at, event_type.as_str(), *event_version), (position, "BookReturned", 1));
+                assert_eq!(
+                    (*at, event_type.as_str(), *event_version),
+                    (position, "BookReturned", 1)
+                );
                 assert_eq!((*stored, *current, *missing), (1, 2, 1));
             }
-            other => panic!("{}: expected a missing upcaster, got {other:?}", db.backend()),
+            other => panic!(
+                "{}: expected a missing upcaster, got {other:?}",
+                db.backend()
+            ),
         }
         let text = err.to_string();
         for part in [
@@ -238,17 +306,35 @@ fn a_failing_upcaster_names_the_event_and_its_position() {
             event_type: "BookRegistered",
             event_version: 1,
             payload: r#"{"book_id":"b2"}"#.into(),
-            ..NewEvent::new(&v1::BookRegistered { book_id: "b2".into(), title: String::new() }).unwrap()
+            ..NewEvent::new(&v1::BookRegistered {
+                book_id: "b2".into(),
+                title: String::new(),
+            })
+            .unwrap()
         });
         let recorded = store.append_streams(&[write]).unwrap();
-        let err = store.load_stream::<current::BookEvent>("book-b2").unwrap_err();
+        let err = store
+            .load_stream::<current::BookEvent>("book-b2")
+            .unwrap_err();
         match &err {
-            Error::Decode { position, source: DecodeError::Upcaster { event_type, from, source }, .. } => {
+            Error::Decode {
+                position,
+                source:
+                    DecodeError::Upcaster {
+                        event_type,
+                        from,
+                        source,
+                    },
+                ..
+            } => {
                 assert_eq!(*position, recorded[0].global_position);
                 assert_eq!((event_type.as_str(), *from), ("BookRegistered", 1));
                 assert_eq!(source.to_string(), "BookRegistered v1 has no `title`");
             }
-            other => panic!("{}: expected an upcaster error, got {other:?}", db.backend()),
+            other => panic!(
+                "{}: expected an upcaster error, got {other:?}",
+                db.backend()
+            ),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct BookReturned {
     pub user_id: String,
 }
 
+// Variants are named after the event structs they wrap.
+#[allow(clippy::enum_variant_names)]
 #[derive(Event, Debug, Clone, PartialEq)]
 pub enum BookEvent {
     BookRegistered(BookRegistered),
@@ -70,11 +72,19 @@ pub struct Book {
 
 #[derive(Debug, Clone)]
 pub enum BookCommand {
-    Register { book_id: String, title: String },
+    Register {
+        book_id: String,
+        title: String,
+    },
     /// `user_registered` is a fact of the user aggregate, looked up by the
     /// caller (see [`borrow`]).
-    Borrow { user_id: String, user_registered: bool },
-    Return { user_id: String },
+    Borrow {
+        user_id: String,
+        user_registered: bool,
+    },
+    Return {
+        user_id: String,
+    },
 }
 
 impl Aggregate for Book {
@@ -104,13 +114,19 @@ impl Aggregate for Book {
                 Some(id) => Err(LibraryError::BookExists(id.clone())),
                 None => Ok(vec![BookRegistered { book_id, title }.into()]),
             },
-            BookCommand::Borrow { user_id, user_registered } => {
+            BookCommand::Borrow {
+                user_id,
+                user_registered,
+            } => {
                 let book_id = self.registered_id()?;
                 if !user_registered {
                     return Err(LibraryError::UnknownUser(user_id));
                 }
                 match &self.holder {
-                    Some(holder) => Err(LibraryError::AlreadyBorrowed { book_id, holder: holder.clone() }),
+                    Some(holder) => Err(LibraryError::AlreadyBorrowed {
+                        book_id,
+                        holder: holder.clone(),
+                    }),
                     None => Ok(vec![BookBorrowed { book_id, user_id }.into()]),
                 }
             }
@@ -158,7 +174,11 @@ impl Aggregate for User {
         if self.registered {
             return Err(LibraryError::UserExists(cmd.user_id));
         }
-        Ok(vec![UserRegistered { user_id: cmd.user_id, name: cmd.name }.into()])
+        Ok(vec![UserRegistered {
+            user_id: cmd.user_id,
+            name: cmd.name,
+        }
+        .into()])
     }
 }
 
@@ -173,23 +193,47 @@ pub fn borrow(
     let user = store.load_aggregate::<User>(user_id)?;
     store.execute_with::<Book>(
         book_id,
-        BookCommand::Borrow { user_id: user_id.into(), user_registered: user.state.registered },
+        BookCommand::Borrow {
+            user_id: user_id.into(),
+            user_registered: user.state.registered,
+        },
         options,
     )
 }
 
-pub fn give_back(store: &EventStore, book_id: &str, user_id: &str) -> Result<Executed<Book>, ExecuteError<LibraryError>> {
-    store.execute::<Book>(book_id, BookCommand::Return { user_id: user_id.into() })
+pub fn give_back(
+    store: &EventStore,
+    book_id: &str,
+    user_id: &str,
+) -> Result<Executed<Book>, ExecuteError<LibraryError>> {
+    store.execute::<Book>(
+        book_id,
+        BookCommand::Return {
+            user_id: user_id.into(),
+        },
+    )
 }
 
 pub fn register_book(store: &EventStore, book_id: &str, title: &str) {
     store
-        .execute::<Book>(book_id, BookCommand::Register { book_id: book_id.into(), title: title.into() })
+        .execute::<Book>(
+            book_id,
+            BookCommand::Register {
+                book_id: book_id.into(),
+                title: title.into(),
+            },
+        )
         .expect("register book");
 }
 
 pub fn register_user(store: &EventStore, user_id: &str) {
     store
-        .execute::<User>(user_id, RegisterUser { user_id: user_id.into(), name: format!("User {user_id}") })
+        .execute::<User>(
+            user_id,
+            RegisterUser {
+                user_id: user_id.into(),
+                name: format!("User {user_id}"),
+            },
+        )
         .expect("register user");
 }
