@@ -56,7 +56,8 @@ use std::fmt;
 /// ```
 pub trait Aggregate: Default + Send + 'static {
     /// The aggregate's name: the prefix of its stream ids and the key of its
-    /// snapshots. Keep it stable once events are stored.
+    /// snapshots. Keep it stable once events are stored, and unique: two
+    /// aggregate types with one name would read each other's snapshots.
     const TYPE: &'static str;
 
     /// The events of the stream, usually an enum of event structs with
