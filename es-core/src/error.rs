@@ -34,6 +34,13 @@ pub enum DecodeError {
         current: u16,
         missing: u16,
     },
+    /// Two upcasters claim the same step; remove all but one.
+    #[error("`{event_type}` has {} upcasters from version {from}: {names:?}; keep exactly one", names.len())]
+    DuplicateUpcaster {
+        event_type: String,
+        from: u16,
+        names: Vec<&'static str>,
+    },
     /// An upcaster returned an error.
     #[error("upcaster of `{event_type}` from version {from} failed: {source}")]
     Upcaster {

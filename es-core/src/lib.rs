@@ -4,15 +4,18 @@
 //! Applications normally depend on `es-diesel`, which re-exports everything
 //! here together with the derive macros.
 
+pub mod aggregate;
 mod envelope;
 mod error;
 mod event;
+pub mod harness;
 mod metadata;
 mod stream;
 pub mod upcast;
 mod version;
 pub mod view;
 
+pub use aggregate::{fold, Aggregate, Snapshots};
 pub use envelope::{Payload, Recorded, RecordedEvent};
 pub use error::{BoxError, DecodeError, EncodeError};
 pub use event::{Event, EventType, NewEvent};

@@ -5,6 +5,7 @@ mod attr;
 mod event;
 mod projector;
 mod read_model;
+mod upcaster;
 
 use proc_macro::TokenStream;
 
@@ -57,4 +58,27 @@ pub fn derive_read_model(input: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn projector(args: TokenStream, item: TokenStream) -> TokenStream {
     projector::expand(args.into(), item.into()).into()
+}
+
+/// Registers a function converting a stored event payload from version
+/// `from` to version `from + 1`. Every read path (stream loads, log reads,
+/// projections, rebuilds) applies the chain of upcasters from the stored
+/// version up to the event's current `#[event(version = N)]`.
+///
+/// ```ignore
+/// #[upcaster(BookBorrowed, from = 1)]
+/// fn borrowed_v1_to_v2(mut payload: serde_json::Value) -> Result<serde_json::Value, String> {
+///     payload["due_days"] = 14.into();
+///     Ok(payload)
+/// }
+/// ```
+///
+/// The function takes the payload as `serde_json::Value` and returns
+/// `Result<serde_json::Value, E>` where `E` converts into a boxed error.
+/// `from` must be below the event's current version (checked at compile
+/// time). Options: `crate = path` names the `es_core` crate when
+/// `es_diesel` is not a dependency.
+#[proc_macro_attribute]
+pub fn upcaster(args: TokenStream, item: TokenStream) -> TokenStream {
+    upcaster::expand(args.into(), item.into()).into()
 }

@@ -85,6 +85,15 @@ pub enum Error {
     #[error("no database connection available: {0}")]
     Pool(#[from] r2d2::Error),
 
+    /// An aggregate's state cannot be serialized for a snapshot.
+    #[error("cannot serialize the state of aggregate `{aggregate}` (stream `{stream}`) for a snapshot: {source}")]
+    Snapshot {
+        aggregate: &'static str,
+        stream: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {
         version: i32,

@@ -78,6 +78,7 @@
 //! [`check_projectors`] fails with the list of what is missing and of what is
 //! registered; [`registered_projectors`] lists them all.
 
+mod aggregate;
 mod append;
 pub mod cli;
 mod connection;
@@ -91,9 +92,11 @@ pub mod read_model;
 mod rebuild;
 pub mod runner;
 mod shadow;
+mod snapshot;
 mod store;
 pub mod testing;
 
+pub use aggregate::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use append::{append_in, StreamWrite};
 pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use error::{Error, Result};
@@ -109,14 +112,20 @@ pub use store::{EventStore, LogIter, PooledConnection};
 /// The `Event` trait and its derive.
 pub use es_core::Event;
 pub use es_core::{
-    upcast, validate_stream_id, view, BoxError, DecodeError, EncodeError, EventType,
-    ExpectedVersion, Metadata, NewEvent, Payload, Recorded, RecordedEvent, StreamIdError,
+    fold, harness, upcast, validate_stream_id, view, Aggregate, BoxError, DecodeError, EncodeError,
+    EventType, ExpectedVersion, Metadata, NewEvent, Payload, Recorded, RecordedEvent, Snapshots,
+    StreamIdError,
 };
 /// `#[projector(on = .., ..)]`: see the crate documentation.
 pub use es_derive::projector;
+/// The `#[upcaster(Event, from = N)]` attribute; see [`upcast`].
+pub use es_derive::upcaster;
 pub use es_derive::Event;
 /// `#[derive(ReadModel)]`: see the [`ReadModel`] trait.
 pub use es_derive::ReadModel;
+
+/// The JSON library of payloads, for upcasters (`serde_json::Value`).
+pub use serde_json;
 
 /// The Diesel this crate is built on.
 pub use diesel;

@@ -102,6 +102,33 @@ CREATE TABLE es_checkpoints (
 "#,
     },
     Migration {
+        version: 3,
+        name: "aggregate snapshots",
+        sqlite: r#"
+CREATE TABLE es_snapshots (
+    aggregate_type TEXT    NOT NULL,
+    stream_id      TEXT    NOT NULL,
+    shape          INTEGER NOT NULL,
+    stream_version INTEGER NOT NULL CHECK (stream_version > 0),
+    state          TEXT    NOT NULL CHECK (json_valid(state)),
+    created_at     TEXT    NOT NULL,
+    PRIMARY KEY (aggregate_type, stream_id)
+);
+"#,
+        postgres: r#"
+CREATE TABLE es_snapshots (
+    aggregate_type TEXT        NOT NULL,
+    stream_id      TEXT        NOT NULL,
+    shape          BIGINT      NOT NULL,
+    stream_version BIGINT      NOT NULL CHECK (stream_version > 0),
+    state          JSONB       NOT NULL,
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- As for es_events: stream ids may exceed what a btree entry holds.
+CREATE UNIQUE INDEX es_snapshots_stream ON es_snapshots (aggregate_type, md5(stream_id));
+"#,
+    },
+    Migration {
         version: 4,
         name: "gap-safe following",
         sqlite: "",

@@ -221,7 +221,10 @@ fn a_runner_follows_the_log_from_its_checkpoint() {
             .append("s-0", ExpectedVersion::Any, [Tick { n: 999 }])
             .unwrap();
         let mut again = Runner::new(store.clone(), counter.clone(), options("two"));
-        assert_eq!(again.step().unwrap(), Step::Applied(1));
+        wait_until("the new event", Duration::from_secs(30), || {
+            again.step().unwrap();
+            applied(&store, "follow") == 151
+        });
         assert_equals_fold(&store, "follow");
     }
 }
@@ -359,7 +362,12 @@ fn only_one_runner_is_active_and_another_takes_over_when_it_dies() {
         }
         let mut first = Runner::new(store.clone(), counter.clone(), options("first"));
         let mut second = Runner::new(other_node.clone(), counter.clone(), options("second"));
-        assert_eq!(first.step().unwrap(), Step::Applied(50));
+        // On PostgreSQL, transactions of other tests may hold the horizon back
+        // for a moment, so a step may see part of the log only.
+        wait_until("the first runner", Duration::from_secs(30), || {
+            assert_ne!(first.step().unwrap(), Step::Standby);
+            applied(&store, "single") == 50
+        });
         assert_eq!(
             second.step().unwrap(),
             Step::Standby,
@@ -376,7 +384,8 @@ fn only_one_runner_is_active_and_another_takes_over_when_it_dies() {
         drop(first);
         let started = Instant::now();
         wait_until("takeover", Duration::from_secs(10), || {
-            second.step().unwrap() == Step::Applied(30)
+            second.step().unwrap();
+            applied(&store, "single") == 80
         });
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -423,16 +432,21 @@ fn a_poison_event_stops_its_projection_at_its_position_until_fixed() {
         }
         let mut sick = Runner::new(store.clone(), poisoned.clone(), options("sick"));
         let mut well = Runner::new(store.clone(), healthy.clone(), options("well"));
-        assert_eq!(
-            sick.step().unwrap(),
-            Step::Failed {
-                position: poison_position
+        let mut stopped_at = None;
+        wait_until("the poison", Duration::from_secs(30), || {
+            if let Step::Failed { position } = sick.step().unwrap() {
+                stopped_at = Some(position);
             }
-        );
-        assert_eq!(
-            well.step().unwrap(),
-            Step::Applied(20),
-            "other projections continue"
+            stopped_at.is_some()
+        });
+        assert_eq!(stopped_at, Some(poison_position));
+        wait_until(
+            "other projections continue",
+            Duration::from_secs(30),
+            || {
+                well.step().unwrap();
+                applied(&store, "healthy") == 20
+            },
         );
         assert_eq!(
             applied(&store, "poisoned"),
@@ -462,7 +476,10 @@ fn a_poison_event_stops_its_projection_at_its_position_until_fixed() {
         );
 
         poisoned.fixed.store(true, Ordering::SeqCst);
-        assert_eq!(sick.step().unwrap(), Step::Applied(13));
+        wait_until("recovery", Duration::from_secs(30), || {
+            assert!(matches!(sick.step().unwrap(), Step::Applied(_)));
+            applied(&store, "poisoned") == 20
+        });
         let status = store.projection_status().unwrap();
         let s = status.iter().find(|s| s.name == "poisoned").unwrap();
         assert_eq!(

@@ -1,0 +1,404 @@
+//! Commands against aggregates: load the stream (from a snapshot when there
+//! is one), decide, append with the expected version, retry on conflict.
+
+use crate::append::{append_in, StreamWrite, ACTUAL_UNKNOWN};
+use crate::connection::{write_transaction, DbConnection};
+use crate::error::{check_stream_id, Error, Result};
+use crate::store::EventStore;
+use crate::{read, snapshot};
+use es_core::{Aggregate, ExpectedVersion, Metadata, NewEvent, Recorded};
+
+/// Events read per query while folding a stream.
+const PAGE: usize = 1_000;
+
+/// An aggregate's state as loaded from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    pub stream_id: String,
+    pub state: A,
+    /// The version of the stream's last event folded into `state` (0 for a
+    /// stream without events).
+    pub version: i64,
+    /// The version of the snapshot the load started from, if it used one.
+    pub snapshot_version: Option<i64>,
+}
+
+/// What [`EventStore::execute`] did.
+#[derive(Debug, Clone)]
+pub struct Executed<A: Aggregate> {
+    pub stream_id: String,
+    /// The state after the new events.
+    pub state: A,
+    /// The stream's version after the append (unchanged when the command
+    /// decided no events).
+    pub version: i64,
+    /// The appended events; empty when the command decided none, in which
+    /// case nothing was written.
+    pub events: Vec<Recorded<A::Event>>,
+    /// Load-and-decide rounds: 1, plus one per lost concurrency race.
+    pub attempts: u32,
+}
+
+/// Why [`EventStore::execute`] wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E> {
+    /// The aggregate refused the command.
+    #[error(transparent)]
+    Domain(E),
+    /// The store failed; a [`Error::Conflict`] here means every attempt
+    /// lost a race with another writer of the stream.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl<E> ExecuteError<E> {
+    /// The domain error, if the aggregate refused the command.
+    pub fn domain(self) -> Option<E> {
+        match self {
+            ExecuteError::Domain(e) => Some(e),
+            ExecuteError::Store(_) => None,
+        }
+    }
+}
+
+impl<E> From<diesel::result::Error> for ExecuteError<E> {
+    fn from(err: diesel::result::Error) -> Self {
+        ExecuteError::Store(Error::Database(err))
+    }
+}
+
+/// Settings of [`EventStore::execute_with`].
+#[derive(Debug, Clone)]
+pub struct ExecuteOptions {
+    /// How many times a command is loaded and decided again after losing a
+    /// race for the stream's next version (default 16).
+    pub max_retries: u32,
+    /// Metadata written with every event the command produces.
+    pub metadata: Metadata,
+}
+
+impl Default for ExecuteOptions {
+    fn default() -> Self {
+        ExecuteOptions {
+            max_retries: 16,
+            metadata: Metadata::default(),
+        }
+    }
+}
+
+impl ExecuteOptions {
+    pub fn max_retries(mut self, max_retries: u32) -> Self {
+        self.max_retries = max_retries;
+        self
+    }
+
+    pub fn metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// Folds `stream` on `conn`: from the aggregate's snapshot when it has a
+/// usable one, then every later event.
+pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Result<Loaded<A>> {
+    let mut state = A::default();
+    let mut version = 0;
+    let mut snapshot_version = None;
+    if let Some(policy) = A::SNAPSHOTS {
+        if let Some(stored) = snapshot::load(conn, A::TYPE, stream, policy.shape)? {
+            match policy.decode(&stored.state) {
+                Ok(s) => {
+                    state = s;
+                    version = stored.stream_version;
+                    snapshot_version = Some(stored.stream_version);
+                }
+                Err(err) => tracing::warn!(
+                    aggregate = A::TYPE,
+                    stream,
+                    shape = policy.shape,
+                    error = %err,
+                    "snapshot no longer deserializes; folding the stream from the start (raise the snapshot shape when the state changes)"
+                ),
+            }
+        }
+    }
+    loop {
+        let page = read::read_stream(conn, stream, version + 1, PAGE)?;
+        let full = page.len() == PAGE;
+        for ev in page {
+            let decoded = ev.decode::<A::Event>().map_err(|e| Error::decode(&ev, e))?;
+            state.apply(&decoded.event);
+            version = ev.stream_version;
+        }
+        if !full {
+            return Ok(Loaded {
+                stream_id: stream.to_owned(),
+                state,
+                version,
+                snapshot_version,
+            });
+        }
+    }
+}
+
+/// Saves a snapshot in a savepoint: it is a cache, so failing to write it
+/// must not undo the command.
+fn save_snapshot_in<A: Aggregate>(conn: &mut DbConnection, stream: &str, state: &A, version: i64) {
+    let Some(policy) = A::SNAPSHOTS else { return };
+    let json = match policy.encode(state) {
+        Ok(json) => json,
+        Err(err) => {
+            tracing::warn!(aggregate = A::TYPE, stream, error = %err, "cannot serialize the aggregate's state; no snapshot saved");
+            return;
+        }
+    };
+    let saved = write_transaction(conn, |c| {
+        snapshot::save(c, A::TYPE, stream, policy.shape, version, &json)
+    });
+    if let Err(err) = saved {
+        tracing::warn!(aggregate = A::TYPE, stream, version, error = %err, "cannot save snapshot");
+    }
+}
+
+impl EventStore {
+    /// The current state of the aggregate with this id (see
+    /// [`Aggregate::stream_id`]): its snapshot, if it has one, plus the
+    /// events after it.
+    pub fn load_aggregate<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>> {
+        let stream = A::stream_id(id);
+        check_stream_id(&stream)?;
+        load_in(&mut *self.connection()?, &stream)
+    }
+
+    /// Validates `command` against the current state of the aggregate with
+    /// this id and appends the events it decides, with the default
+    /// [`ExecuteOptions`].
+    ///
+    /// In one write transaction: loads the stream (from a snapshot when
+    /// there is one), calls [`Aggregate::handle`], appends the events
+    /// expecting the version it loaded (inline projectors run in that
+    /// transaction), and saves a snapshot when one is due. When another
+    /// writer appended to the stream in between, the transaction is rolled
+    /// back and the command is loaded and decided again, up to
+    /// [`ExecuteOptions::max_retries`] times. On SQLite the write lock is
+    /// taken before loading, so writers queue and never conflict; on
+    /// PostgreSQL they conflict and retry.
+    ///
+    /// A refused command returns [`ExecuteError::Domain`] with the
+    /// aggregate's own error, and writes nothing.
+    ///
+    /// ```
+    /// use es_diesel::harness::given;
+    /// use es_diesel::{Aggregate, Event, EventStore, ExecuteError};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
+    /// #[event(view = false)]
+    /// struct BookBorrowed { user_id: String }
+    ///
+    /// #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
+    /// #[event(view = false)]
+    /// struct BookReturned { user_id: String }
+    ///
+    /// #[derive(Event, Debug, PartialEq)]
+    /// enum BookEvent { Borrowed(BookBorrowed), Returned(BookReturned) }
+    ///
+    /// #[derive(Debug, Clone)]
+    /// enum Command { Borrow(String), Return(String) }
+    ///
+    /// #[derive(Debug, PartialEq, thiserror::Error)]
+    /// enum Refused {
+    ///     #[error("the book is held by {0}")]
+    ///     Taken(String),
+    ///     #[error("{0} does not hold the book")]
+    ///     NotHolder(String),
+    /// }
+    ///
+    /// #[derive(Default, Debug)]
+    /// struct Book { holder: Option<String> }
+    ///
+    /// impl Aggregate for Book {
+    ///     const TYPE: &'static str = "book";
+    ///     type Event = BookEvent;
+    ///     type Command = Command;
+    ///     type Error = Refused;
+    ///
+    ///     fn apply(&mut self, event: &BookEvent) {
+    ///         self.holder = match event {
+    ///             BookEvent::Borrowed(e) => Some(e.user_id.clone()),
+    ///             BookEvent::Returned(_) => None,
+    ///         };
+    ///     }
+    ///
+    ///     fn handle(&self, command: Command) -> Result<Vec<BookEvent>, Refused> {
+    ///         match (command, &self.holder) {
+    ///             (Command::Borrow(_), Some(holder)) => Err(Refused::Taken(holder.clone())),
+    ///             (Command::Borrow(user_id), None) => Ok(vec![BookBorrowed { user_id }.into()]),
+    ///             (Command::Return(user_id), Some(holder)) if *holder == user_id => {
+    ///                 Ok(vec![BookReturned { user_id }.into()])
+    ///             }
+    ///             (Command::Return(user_id), _) => Err(Refused::NotHolder(user_id)),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// // The rules, without a database.
+    /// given::<Book>([BookBorrowed { user_id: "ann".into() }.into()])
+    ///     .when(Command::Borrow("bob".into()))
+    ///     .then_error(Refused::Taken("ann".into()));
+    ///
+    /// // The same rules in front of the store.
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = EventStore::open(":memory:")?;
+    /// store.migrate()?;
+    /// let done = store.execute::<Book>("42", Command::Borrow("ann".into()))?;
+    /// assert_eq!((done.stream_id.as_str(), done.version), ("book-42", 1));
+    /// match store.execute::<Book>("42", Command::Borrow("bob".into())) {
+    ///     Err(ExecuteError::Domain(Refused::Taken(holder))) => assert_eq!(holder, "ann"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// assert_eq!(store.stream_version("book-42")?, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn execute<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with::<A>(id, command, &ExecuteOptions::default())
+    }
+
+    /// [`execute`](Self::execute) with options: retries, metadata.
+    pub fn execute_with<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+        options: &ExecuteOptions,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let stream = A::stream_id(id);
+        check_stream_id(&stream)?;
+        let mut conn = self.connection()?;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let result = write_transaction(&mut conn, |c| {
+                decide_and_append::<A>(c, &stream, command.clone(), options, attempts)
+            });
+            match result {
+                Ok(executed) => return Ok(executed),
+                Err(ExecuteError::Store(Error::Conflict { .. }))
+                    if attempts <= options.max_retries =>
+                {
+                    tracing::debug!(aggregate = A::TYPE, %stream, attempts, "lost a race for the stream; reloading");
+                }
+                Err(ExecuteError::Store(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                })) => {
+                    let actual = if actual == ACTUAL_UNKNOWN {
+                        read::stream_version(&mut conn, &stream)?
+                    } else {
+                        actual
+                    };
+                    return Err(ExecuteError::Store(Error::Conflict {
+                        stream,
+                        expected,
+                        actual,
+                    }));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    /// Saves a snapshot of the aggregate's current state now, whatever its
+    /// policy's interval. Returns the snapshot's stream version, or `None`
+    /// when the aggregate has no snapshot policy or no events.
+    pub fn save_snapshot<A: Aggregate>(&self, id: &str) -> Result<Option<i64>> {
+        let Some(policy) = A::SNAPSHOTS else {
+            return Ok(None);
+        };
+        let stream = A::stream_id(id);
+        check_stream_id(&stream)?;
+        let mut conn = self.connection()?;
+        let loaded = load_in::<A>(&mut conn, &stream)?;
+        if loaded.version == 0 {
+            return Ok(None);
+        }
+        let json = policy
+            .encode(&loaded.state)
+            .map_err(|source| Error::Snapshot {
+                aggregate: A::TYPE,
+                stream: stream.clone(),
+                source,
+            })?;
+        write_transaction(&mut conn, |c| {
+            snapshot::save(c, A::TYPE, &stream, policy.shape, loaded.version, &json)
+        })?;
+        Ok(Some(loaded.version))
+    }
+
+    /// Deletes every snapshot of aggregate `A` (they are rebuilt as commands
+    /// run). Returns how many were deleted.
+    pub fn delete_snapshots<A: Aggregate>(&self) -> Result<usize> {
+        snapshot::delete_all(&mut *self.connection()?, A::TYPE)
+    }
+}
+
+fn decide_and_append<A: Aggregate>(
+    conn: &mut DbConnection,
+    stream: &str,
+    command: A::Command,
+    options: &ExecuteOptions,
+    attempts: u32,
+) -> Result<Executed<A>, ExecuteError<A::Error>> {
+    let loaded = load_in::<A>(conn, stream)?;
+    let events = loaded.state.handle(command).map_err(ExecuteError::Domain)?;
+    let mut state = loaded.state;
+    if events.is_empty() {
+        return Ok(Executed {
+            stream_id: loaded.stream_id,
+            state,
+            version: loaded.version,
+            events: Vec::new(),
+            attempts,
+        });
+    }
+    let mut write = StreamWrite::new(stream, ExpectedVersion::Exact(loaded.version));
+    for event in &events {
+        write.push_new(
+            NewEvent::new(event)
+                .map_err(Error::from)?
+                .with_metadata(options.metadata.clone()),
+        );
+    }
+    let recorded = append_in(conn, std::slice::from_ref(&write))?;
+    let mut version = loaded.version;
+    let mut out = Vec::with_capacity(events.len());
+    for (rec, event) in recorded.into_iter().zip(events) {
+        state.apply(&event);
+        version = rec.stream_version;
+        out.push(rec.map(|_| event));
+    }
+    if let Some(policy) = A::SNAPSHOTS {
+        if version - loaded.snapshot_version.unwrap_or(0)
+            >= i64::try_from(policy.every).unwrap_or(i64::MAX)
+        {
+            save_snapshot_in(conn, stream, &state, version);
+        }
+    }
+    Ok(Executed {
+        stream_id: loaded.stream_id,
+        state,
+        version,
+        events: out,
+        attempts,
+    })
+}

@@ -1,0 +1,518 @@
+//! Commands validated against aggregates: the library's rules, decided
+//! without a database (given/when/then) and executed on every backend.
+
+mod common;
+
+use common::*;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use es_diesel::harness::given;
+use es_diesel::testing::TestDatabase;
+use es_diesel::{
+    Aggregate, Backend, Error, EventStore, ExecuteError, ExecuteOptions, ExpectedVersion, Metadata,
+};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+fn registered(book: &str) -> BookEvent {
+    BookRegistered {
+        book_id: book.into(),
+        title: "Dune".into(),
+    }
+    .into()
+}
+
+fn borrowed(book: &str, user: &str) -> BookEvent {
+    BookBorrowed {
+        book_id: book.into(),
+        user_id: user.into(),
+    }
+    .into()
+}
+
+fn returned(book: &str, user: &str) -> BookEvent {
+    BookReturned {
+        book_id: book.into(),
+        user_id: user.into(),
+    }
+    .into()
+}
+
+fn borrow_cmd(user: &str, registered: bool) -> BookCommand {
+    BookCommand::Borrow {
+        user_id: user.into(),
+        user_registered: registered,
+    }
+}
+
+#[test]
+fn decides_a_borrow_of_a_free_book() {
+    let state = given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", true))
+        .then([borrowed("b1", "ann")]);
+    assert_eq!(state.holder.as_deref(), Some("ann"));
+    assert_eq!(state.times_borrowed, 1);
+}
+
+#[test]
+fn a_book_cannot_be_borrowed_twice() {
+    given::<Book>([registered("b1"), borrowed("b1", "ann")])
+        .when(borrow_cmd("bob", true))
+        .then_error(LibraryError::AlreadyBorrowed {
+            book_id: "b1".into(),
+            holder: "ann".into(),
+        });
+    given::<Book>([registered("b1"), borrowed("b1", "ann")])
+        .when(borrow_cmd("ann", true))
+        .then_error(LibraryError::AlreadyBorrowed {
+            book_id: "b1".into(),
+            holder: "ann".into(),
+        });
+}
+
+#[test]
+fn only_the_holder_returns_a_book() {
+    given::<Book>([registered("b1"), borrowed("b1", "ann")])
+        .when(BookCommand::Return {
+            user_id: "bob".into(),
+        })
+        .then_error(LibraryError::NotHolder {
+            book_id: "b1".into(),
+            user_id: "bob".into(),
+        });
+    given::<Book>([registered("b1")])
+        .when(BookCommand::Return {
+            user_id: "ann".into(),
+        })
+        .then_error_matches(|e| matches!(e, LibraryError::NotHolder { .. }));
+    given::<Book>([registered("b1"), borrowed("b1", "ann")])
+        .when(BookCommand::Return {
+            user_id: "ann".into(),
+        })
+        .then([returned("b1", "ann")]);
+}
+
+#[test]
+fn an_unregistered_user_cannot_borrow() {
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("eve", false))
+        .then_error(LibraryError::UnknownUser("eve".into()));
+}
+
+#[test]
+fn an_unregistered_book_cannot_be_borrowed_and_a_book_is_registered_once() {
+    given::<Book>([])
+        .when(borrow_cmd("ann", true))
+        .then_error(LibraryError::UnknownBook);
+    given::<Book>([registered("b1")])
+        .when(BookCommand::Register {
+            book_id: "b1".into(),
+            title: "Dune".into(),
+        })
+        .then_error(LibraryError::BookExists("b1".into()));
+    let after_return = given::<Book>([
+        registered("b1"),
+        borrowed("b1", "ann"),
+        returned("b1", "ann"),
+    ]);
+    assert_eq!(after_return.state().holder, None);
+    after_return
+        .when(borrow_cmd("bob", true))
+        .then([borrowed("b1", "bob")]);
+}
+
+#[test]
+#[should_panic(expected = "expected events")]
+fn the_harness_reports_other_events() {
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", true))
+        .then([borrowed("b1", "bob")]);
+}
+
+#[test]
+#[should_panic(expected = "expected error")]
+fn the_harness_reports_a_decision_that_should_have_been_refused() {
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", true))
+        .then_error(LibraryError::UnknownUser("ann".into()));
+}
+
+#[test]
+#[should_panic(expected = "but the command was refused")]
+fn the_harness_reports_a_refusal() {
+    given::<Book>([registered("b1")])
+        .when(borrow_cmd("ann", false))
+        .then([borrowed("b1", "ann")]);
+}
+
+fn book_events(store: &EventStore, book: &str) -> Vec<BookEvent> {
+    store
+        .load_stream::<BookEvent>(&Book::stream_id(book))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect()
+}
+
+fn domain<T: std::fmt::Debug>(result: Result<T, ExecuteError<LibraryError>>) -> LibraryError {
+    match result {
+        Err(ExecuteError::Domain(e)) => e,
+        other => panic!("expected a domain error, got {other:?}"),
+    }
+}
+
+#[test]
+fn library_rules_hold_in_the_store() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let fast = ExecuteOptions::default();
+        register_book(&store, "b1", "Dune");
+        register_user(&store, "ann");
+        register_user(&store, "bob");
+        assert!(matches!(
+            store.execute::<User>(
+                "ann",
+                RegisterUser {
+                    user_id: "ann".into(),
+                    name: "Ann".into()
+                }
+            ),
+            Err(ExecuteError::Domain(LibraryError::UserExists(_)))
+        ));
+
+        let meta = Metadata::new().actor("desk-1");
+        let done = borrow(&store, "b1", "ann", &fast.clone().metadata(meta.clone())).unwrap();
+        assert_eq!((done.version, done.attempts, done.events.len()), (2, 1, 1));
+        assert_eq!(done.state.holder.as_deref(), Some("ann"));
+        assert_eq!(done.events[0].event, borrowed("b1", "ann"));
+        assert_eq!(done.events[0].metadata, meta);
+        assert_eq!(done.stream_id, "book-b1");
+
+        // Refusals come back typed and write nothing.
+        let head = store.head().unwrap();
+        assert_eq!(
+            domain(borrow(&store, "b1", "bob", &fast)),
+            LibraryError::AlreadyBorrowed {
+                book_id: "b1".into(),
+                holder: "ann".into()
+            }
+        );
+        assert_eq!(
+            domain(give_back(&store, "b1", "bob")),
+            LibraryError::NotHolder {
+                book_id: "b1".into(),
+                user_id: "bob".into()
+            }
+        );
+        assert_eq!(
+            domain(borrow(&store, "b1", "eve", &fast)),
+            LibraryError::UnknownUser("eve".into())
+        );
+        assert_eq!(
+            domain(borrow(&store, "nope", "ann", &fast)),
+            LibraryError::UnknownBook
+        );
+        assert_eq!(
+            store.head().unwrap(),
+            head,
+            "{}: a refused command wrote events",
+            db.backend()
+        );
+        assert_eq!(store.stream_version("book-nope").unwrap(), 0);
+
+        give_back(&store, "b1", "ann").unwrap();
+        let done = borrow(&store, "b1", "bob", &fast).unwrap();
+        assert_eq!(done.version, 4);
+        assert_eq!(
+            book_events(&store, "b1"),
+            vec![
+                registered("b1"),
+                borrowed("b1", "ann"),
+                returned("b1", "ann"),
+                borrowed("b1", "bob")
+            ]
+        );
+        let loaded = store.load_aggregate::<Book>("b1").unwrap();
+        assert_eq!(loaded.state.holder.as_deref(), Some("bob"));
+        assert_eq!(loaded.state.times_borrowed, 2);
+        assert_eq!(loaded.version, 4);
+    }
+}
+
+#[test]
+fn an_event_the_aggregate_does_not_know_is_an_error_naming_its_position() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        register_book(&store, "b1", "Dune");
+        let stray = store
+            .append(
+                "book-b1",
+                ExpectedVersion::Any,
+                [UserRegistered {
+                    user_id: "x".into(),
+                    name: "X".into(),
+                }],
+            )
+            .unwrap();
+        let err = store
+            .execute::<Book>("b1", borrow_cmd("ann", true))
+            .unwrap_err();
+        match &err {
+            ExecuteError::Store(Error::Decode {
+                position,
+                event_type,
+                stream,
+                ..
+            }) => {
+                assert_eq!(*position, stray[0].global_position);
+                assert_eq!(event_type, "UserRegistered");
+                assert_eq!(stream, "book-b1");
+            }
+            other => panic!("{}: expected a decode error, got {other:?}", db.backend()),
+        }
+        assert!(
+            err.to_string()
+                .contains(&format!("global position {}", stray[0].global_position)),
+            "{err}"
+        );
+    }
+}
+
+/// Replays the log with the rules written out again, independently of
+/// `Book::apply`: every borrow finds the book free, every return comes from
+/// its holder.
+fn assert_invariant(events: &[BookEvent]) -> usize {
+    let mut holder: Option<&str> = None;
+    let mut borrows = 0;
+    for (i, e) in events.iter().enumerate() {
+        match e {
+            BookEvent::BookRegistered(_) => assert_eq!(i, 0),
+            BookEvent::BookBorrowed(b) => {
+                assert_eq!(
+                    holder, None,
+                    "event {i}: {} borrowed a book held by {holder:?}",
+                    b.user_id
+                );
+                holder = Some(&b.user_id);
+                borrows += 1;
+            }
+            BookEvent::BookReturned(r) => {
+                assert_eq!(
+                    holder,
+                    Some(r.user_id.as_str()),
+                    "event {i}: returned by a non-holder"
+                );
+                holder = None;
+            }
+        }
+    }
+    borrows
+}
+
+#[test]
+fn eight_threads_borrowing_one_book_keep_the_invariant() {
+    const THREADS: usize = 8;
+    const BORROWS_EACH: usize = 5;
+    for db in TestDatabase::all() {
+        let store = db.store();
+        register_book(&store, "b1", "Dune");
+        for t in 0..THREADS {
+            register_user(&store, &format!("u{t}"));
+        }
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let retries = Arc::new(AtomicU32::new(0));
+        let refused = Arc::new(AtomicU32::new(0));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (store, barrier, retries, refused) = (
+                    store.clone(),
+                    barrier.clone(),
+                    retries.clone(),
+                    refused.clone(),
+                );
+                std::thread::spawn(move || {
+                    let user = format!("u{t}");
+                    // Far above what 8 writers need, so that a test run cannot
+                    // fail by an unlucky streak; the bound itself is tested below.
+                    let options = ExecuteOptions::default().max_retries(200);
+                    barrier.wait();
+                    let mut done = 0;
+                    while done < BORROWS_EACH {
+                        match borrow(&store, "b1", &user, &options) {
+                            Ok(executed) => {
+                                retries.fetch_add(executed.attempts - 1, Ordering::Relaxed);
+                                let back = give_back(&store, "b1", &user).unwrap_or_else(|e| {
+                                    panic!("{user} cannot return the book it holds: {e}")
+                                });
+                                retries.fetch_add(back.attempts - 1, Ordering::Relaxed);
+                                done += 1;
+                            }
+                            Err(ExecuteError::Domain(LibraryError::AlreadyBorrowed { .. })) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                std::thread::yield_now();
+                            }
+                            Err(other) => panic!("{user}: {other}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("borrower thread");
+        }
+        let events = book_events(&store, "b1");
+        assert_eq!(assert_invariant(&events), THREADS * BORROWS_EACH);
+        assert_eq!(events.len(), 1 + 2 * THREADS * BORROWS_EACH);
+        let loaded = store.load_aggregate::<Book>("b1").unwrap();
+        assert_eq!(loaded.state.holder, None);
+        assert_eq!(loaded.state.times_borrowed, (THREADS * BORROWS_EACH) as u64);
+        eprintln!(
+            "{}: {} commands succeeded after {} conflict retries; {} borrows refused (book taken)",
+            db.backend(),
+            2 * THREADS * BORROWS_EACH,
+            retries.load(Ordering::Relaxed),
+            refused.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Appends `BookBorrowed` by `user` as version 2 of book-b1 in a transaction
+/// of its own, left open until `commit` is called.
+struct OpenWriter {
+    conn: es_diesel::PooledConnection,
+}
+
+impl OpenWriter {
+    fn begin(store: &EventStore, user: &str) -> Self {
+        let mut conn = store.connection().unwrap();
+        let payload = format!(r#"{{"book_id":"b1","user_id":"{user}"}}"#);
+        let id = uuid::Uuid::now_v7();
+        let sql = match conn.backend() {
+            Backend::Postgres => format!(
+                "BEGIN; INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata) \
+                 VALUES ('{id}', 'book-b1', 2, 'BookBorrowed', 1, '{payload}', '{{}}')"
+            ),
+            Backend::Sqlite => format!(
+                "BEGIN IMMEDIATE; INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) \
+                 VALUES ('{id}', 'book-b1', 2, 'BookBorrowed', 1, '{payload}', '{{}}', '2024-01-01 00:00:00')"
+            ),
+        };
+        conn.batch_execute(&sql).unwrap();
+        OpenWriter { conn }
+    }
+
+    /// On PostgreSQL: waits until another session is blocked by this one
+    /// (the command's insert waiting on the unique index). Asked from
+    /// another connection: inside a transaction, PostgreSQL keeps showing
+    /// the activity it saw first.
+    fn wait_until_blocking(&mut self, store: &EventStore) {
+        let pid = diesel::sql_query("SELECT pg_backend_pid()::bigint AS n")
+            .get_result::<Count>(&mut *self.conn)
+            .unwrap()
+            .n;
+        let mut observer = store.connection().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let blocked = diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))",
+            )
+            .bind::<BigInt, _>(pid)
+            .get_result::<Count>(&mut *observer)
+            .unwrap()
+            .n;
+            if blocked > 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.conn.batch_execute("ROLLBACK");
+                panic!("the command never reached its insert");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn commit(mut self) {
+        self.conn.batch_execute("COMMIT").unwrap();
+    }
+}
+
+/// Another writer takes version 2 between the command's load and its append.
+/// With retries the command is decided again on the new state (and refused,
+/// since the book is now taken); without retries it fails with a conflict.
+/// SQLite takes the write lock before loading, so the command waits for the
+/// other writer and decides on the new state at once.
+fn race(
+    db: &TestDatabase,
+    max_retries: u32,
+) -> Result<es_diesel::Executed<Book>, ExecuteError<LibraryError>> {
+    let store = db.store();
+    register_book(&store, "b1", "Dune");
+    register_user(&store, "bob");
+    let mut writer = OpenWriter::begin(&store, "ann");
+    let command = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            borrow(
+                &store,
+                "b1",
+                "bob",
+                &ExecuteOptions::default().max_retries(max_retries),
+            )
+        })
+    };
+    match db.backend() {
+        Backend::Postgres => writer.wait_until_blocking(&store),
+        Backend::Sqlite => std::thread::sleep(Duration::from_millis(100)),
+    }
+    writer.commit();
+    let result = command.join().unwrap();
+    assert_eq!(
+        book_events(&store, "b1"),
+        vec![registered("b1"), borrowed("b1", "ann")]
+    );
+    result
+}
+
+#[test]
+fn a_lost_race_is_decided_again_on_the_new_state() {
+    for db in TestDatabase::all() {
+        let err = domain(race(&db, 3));
+        assert_eq!(
+            err,
+            LibraryError::AlreadyBorrowed {
+                book_id: "b1".into(),
+                holder: "ann".into()
+            }
+        );
+    }
+}
+
+#[test]
+fn retries_are_bounded() {
+    for db in TestDatabase::all() {
+        match (db.backend(), race(&db, 0)) {
+            (
+                Backend::Postgres,
+                Err(ExecuteError::Store(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                })),
+            ) => {
+                assert_eq!(stream, "book-b1");
+                assert_eq!(expected, ExpectedVersion::Exact(1));
+                assert_eq!(actual, 2);
+            }
+            (Backend::Sqlite, Err(ExecuteError::Domain(LibraryError::AlreadyBorrowed { .. }))) => {}
+            (backend, other) => panic!("{backend}: unexpected {other:?}"),
+        }
+    }
+}
