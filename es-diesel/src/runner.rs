@@ -496,7 +496,8 @@ pub struct ProjectionStatus {
     pub checkpoint: Checkpoint,
     /// The highest global position in the log.
     pub head: i64,
-    /// Events in the log after the checkpoint's position.
+    /// Events after the checkpoint's position that the projection handles
+    /// (for a read model: the types its projectors handle; otherwise all).
     pub lag: i64,
     /// `idle`, `running`, `stopped`, `failed` or `rebuilding`.
     pub state: String,
@@ -504,6 +505,12 @@ pub struct ProjectionStatus {
     pub holder: Option<String>,
     pub last_error: Option<String>,
     pub failed_position: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 #[derive(QueryableByName)]
@@ -522,8 +529,6 @@ struct StatusRow {
     last_error: Option<String>,
     #[diesel(sql_type = Nullable<BigInt>)]
     failed_position: Option<i64>,
-    #[diesel(sql_type = BigInt)]
-    lag: i64,
 }
 
 /// An asynchronous read model (`#[read_model(mode = async)]`) as a runner
@@ -607,27 +612,55 @@ impl EventStore {
         let mut conn = self.connection()?;
         let head = crate::read::head(&mut conn)?;
         let rows = diesel::sql_query(
-            "SELECT c.projection, c.position, c.transaction_id, c.state, c.holder, c.last_error, c.failed_position, \
-             (SELECT COUNT(*) FROM es_events e WHERE e.global_position > c.position) AS lag \
-             FROM es_checkpoints c ORDER BY c.projection",
+            "SELECT projection, position, transaction_id, state, holder, last_error, failed_position \
+             FROM es_checkpoints ORDER BY projection",
         )
         .load::<StatusRow>(&mut *conn)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ProjectionStatus {
-                name: r.projection,
-                checkpoint: Checkpoint {
-                    transaction: r.transaction_id,
-                    position: r.position,
-                },
-                head,
-                lag: r.lag,
-                state: r.state,
-                holder: r.holder,
-                last_error: r.last_error,
-                failed_position: r.failed_position,
+        let reg = crate::projection::registry()?;
+        let backend = conn.backend();
+        rows.into_iter()
+            .map(|r| {
+                // A read model's lag counts only the events its projectors handle.
+                let types = reg
+                    .read_model(&r.projection)
+                    .map(|_| crate::projection::handled_types(reg, &r.projection));
+                let lag = match &types {
+                    Some(types) if types.is_empty() => 0,
+                    Some(types) => {
+                        let marks = vec!["?"; types.len()].join(", ");
+                        let mut q = diesel::sql_query(sql(
+                            backend,
+                            &format!(
+                                "SELECT COUNT(*) AS n FROM es_events WHERE global_position > ? AND event_type IN ({marks})"
+                            ),
+                        ))
+                        .into_boxed()
+                        .bind::<BigInt, _>(r.position);
+                        for t in types {
+                            q = q.bind::<Text, _>(*t);
+                        }
+                        q.get_result::<Count>(&mut *conn)?.n
+                    }
+                    None => diesel::sql_query(sql(backend, "SELECT COUNT(*) AS n FROM es_events WHERE global_position > ?"))
+                        .bind::<BigInt, _>(r.position)
+                        .get_result::<Count>(&mut *conn)?
+                        .n,
+                };
+                Ok(ProjectionStatus {
+                    name: r.projection,
+                    checkpoint: Checkpoint {
+                        transaction: r.transaction_id,
+                        position: r.position,
+                    },
+                    head,
+                    lag,
+                    state: r.state,
+                    holder: r.holder,
+                    last_error: r.last_error,
+                    failed_position: r.failed_position,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// A connection that listens for appends (PostgreSQL only).

@@ -1,0 +1,83 @@
+//! The demo end to end, as a user runs it, on every backend.
+
+use es_diesel::testing::TestDatabase;
+use std::process::Command;
+
+fn run(url: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_library"))
+        .args(args)
+        .arg("--database-url")
+        .arg(url)
+        .output()
+        .expect("run the library binary");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn the_demo_runs_twice_and_the_pages_follow_the_events() {
+    for db in TestDatabase::all() {
+        let first = run(db.url(), &[]);
+        assert!(
+            first.contains("imported legacy_books: 3 new event(s)"),
+            "{first}"
+        );
+        assert!(first.contains("user 7 borrowed book 1"), "{first}");
+        assert!(
+            first.contains("refused: user 99 has no library card"),
+            "{first}"
+        );
+        assert!(
+            first.contains("refused: book 102 is already borrowed by user 7"),
+            "{first}"
+        );
+        assert!(
+            first.contains("Italo Calvino          1 book(s), 1 loan(s)"),
+            "{}: async read model\n{first}",
+            db.backend()
+        );
+
+        let second = run(db.url(), &[]);
+        assert!(
+            second.contains("imported legacy_books: 0 new event(s), 3 already there"),
+            "{second}"
+        );
+        assert!(second.contains("user 7 returned book 1"), "{second}");
+
+        let refused = run(db.url(), &["borrow", "3", "42"]);
+        assert!(
+            refused.contains("refused: user 42 has no library card"),
+            "{refused}"
+        );
+        run(db.url(), &["register-user", "42", "Grace"]);
+        assert!(run(db.url(), &["borrow", "3", "42"]).contains("user 42 borrowed book 3"));
+        let list = run(db.url(), &["list"]);
+        assert!(
+            list.lines()
+                .any(|l| l.contains("Kindred") && l.contains("with user 42")),
+            "{list}"
+        );
+        let view = run(db.url(), &["view", "3"]);
+        assert!(
+            view.contains("borrowed 1 time(s)") && view.contains("by user-42"),
+            "{view}"
+        );
+        let status = run(db.url(), &["admin", "status"]);
+        assert!(
+            status.contains("book_list") && status.contains("author_stats"),
+            "{status}"
+        );
+        let rebuilt = run(db.url(), &["admin", "rebuild", "book_list"]);
+        assert!(rebuilt.contains("rebuilt book_list"), "{rebuilt}");
+        assert_eq!(
+            run(db.url(), &["list"]),
+            list,
+            "a rebuilt read model equals the inline one"
+        );
+    }
+}
