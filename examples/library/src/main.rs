@@ -151,8 +151,8 @@ fn list(store: &EventStore) -> AppResult {
         .order(book_list::book_id)
         .load(&mut *conn)?;
     println!(
-        "\n{:>4}  {:<28} {:<22} {:<12} {}",
-        "id", "title", "author", "status", "loans"
+        "\n{:>4}  {:<28} {:<22} {:<12} loans",
+        "id", "title", "author", "status"
     );
     for b in books {
         let status = match b.borrowed_by {
