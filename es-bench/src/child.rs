@@ -183,6 +183,38 @@ fn vm_hwm_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+#[derive(diesel::QueryableByName)]
+struct Settings {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    fsync: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    synchronous_commit: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ssl: bool,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+/// The server's durability settings and whether connections use TLS, as
+/// the runs see them (nothing is changed).
+pub fn postgres_settings(url: &str) -> Result<String> {
+    use diesel::RunQueryDsl;
+    let mut conn = PgConnection::establish(url)?;
+    let s: Settings = diesel::sql_query(
+        "SELECT current_setting('fsync') AS fsync, current_setting('synchronous_commit') AS synchronous_commit, \
+         COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false) AS ssl, \
+         current_setting('server_version') AS version",
+    )
+    .get_result(&mut conn)?;
+    Ok(format!(
+        "PostgreSQL {}, fsync = {}, synchronous_commit = {} (server settings, not changed); connections {}",
+        s.version,
+        s.fsync,
+        s.synchronous_commit,
+        if s.ssl { "use TLS" } else { "without TLS" }
+    ))
+}
+
 /// A database nobody else uses, removed when dropped: a new SQLite file
 /// (in the system temporary directory, on disk) or a new PostgreSQL schema.
 enum FreshDb {
@@ -213,7 +245,9 @@ impl FreshDb {
                     COUNTER.fetch_add(1, Ordering::Relaxed)
                 );
                 let mut admin = PgConnection::establish(postgres_url)?;
-                admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))?;
+                admin.batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+                ))?;
                 let sep = if postgres_url.contains('?') { '&' } else { '?' };
                 let url = format!("{postgres_url}{sep}options=-csearch_path%3D{schema}");
                 Ok(FreshDb::Postgres {
@@ -234,7 +268,10 @@ impl FreshDb {
 
 impl Drop for FreshDb {
     fn drop(&mut self) {
-        if let FreshDb::Postgres { admin_url, schema, .. } = self {
+        if let FreshDb::Postgres {
+            admin_url, schema, ..
+        } = self
+        {
             let dropped = PgConnection::establish(admin_url)
                 .map_err(|e| e.to_string())
                 .and_then(|mut c| {

@@ -11,7 +11,9 @@
 use crate::workload::{self, Command, LogEvent, State};
 use crate::{BenchError, Phase, Result};
 use diesel::prelude::*;
-use es_diesel::{Event, EventStore, ExpectedVersion, Recorded, SqliteSync, StoreOptions, StreamWrite};
+use es_diesel::{
+    Event, EventStore, ExpectedVersion, Recorded, SqliteSync, StoreOptions, StreamWrite,
+};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,8 @@ pub struct BookReturned {
 }
 
 /// Everything that happens to a book (the events of its stream).
+// Variants are named after the event structs they wrap, as the derive expects.
+#[allow(clippy::enum_variant_names)]
 #[derive(Event, Clone, Debug, PartialEq)]
 pub enum BookEvent {
     BookRegistered(BookRegistered),
@@ -157,7 +161,9 @@ pub fn seed(store: &EventStore, n: u64) -> Result<()> {
     let mut batch: Vec<StreamWrite> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut pending = 0;
-    let flush = |batch: &mut Vec<StreamWrite>, index: &mut std::collections::HashMap<String, usize>| -> Result<()> {
+    let flush = |batch: &mut Vec<StreamWrite>,
+                 index: &mut std::collections::HashMap<String, usize>|
+     -> Result<()> {
         if !batch.is_empty() {
             store.append_streams(batch)?;
         }
@@ -168,14 +174,23 @@ pub fn seed(store: &EventStore, n: u64) -> Result<()> {
     for entry in workload::command_events(n) {
         let stream = entry.stream_id();
         let at = *index.entry(stream.clone()).or_insert_with(|| {
-            batch.push(StreamWrite::new(stream, ExpectedVersion::Exact(entry.version - 1)));
+            batch.push(StreamWrite::new(
+                stream,
+                ExpectedVersion::Exact(entry.version - 1),
+            ));
             batch.len() - 1
         });
         let write = &mut batch[at];
         match entry.event {
-            LogEvent::BookBorrowed { book_id, user_id } => write.push(&BookBorrowed { book_id, user_id })?,
-            LogEvent::BookReturned { book_id, user_id } => write.push(&BookReturned { book_id, user_id })?,
-            other => unreachable!("command_events() yields borrows and returns only, got {other:?}"),
+            LogEvent::BookBorrowed { book_id, user_id } => {
+                write.push(&BookBorrowed { book_id, user_id })?
+            }
+            LogEvent::BookReturned { book_id, user_id } => {
+                write.push(&BookReturned { book_id, user_id })?
+            }
+            other => {
+                unreachable!("command_events() yields borrows and returns only, got {other:?}")
+            }
         };
         pending += 1;
         if pending == BATCH {
@@ -275,7 +290,12 @@ mod tests {
                 let store = db.store();
                 prepare(&store, phase, 0).unwrap();
                 run(&store, phase, &commands).unwrap();
-                assert_eq!(state(&store).unwrap(), expected, "{phase} on {}", db.backend());
+                assert_eq!(
+                    state(&store).unwrap(),
+                    expected,
+                    "{phase} on {}",
+                    db.backend()
+                );
             }
         }
     }
@@ -287,19 +307,29 @@ mod tests {
             let store = db.store();
             register(&store).unwrap();
             seed(&store, n).unwrap();
-            assert_eq!(state(&store).unwrap(), workload::expected(n).log_only(), "{}", db.backend());
+            assert_eq!(
+                state(&store).unwrap(),
+                workload::expected(n).log_only(),
+                "{}",
+                db.backend()
+            );
             // Every book's stream folds to the reference borrower.
             let mut borrowed = vec![None; workload::BOOKS as usize + 1];
             for e in workload::command_events(n) {
                 match e.event {
-                    LogEvent::BookBorrowed { book_id, user_id } => borrowed[book_id as usize] = Some(user_id),
+                    LogEvent::BookBorrowed { book_id, user_id } => {
+                        borrowed[book_id as usize] = Some(user_id)
+                    }
                     LogEvent::BookReturned { book_id, .. } => borrowed[book_id as usize] = None,
                     _ => {}
                 }
             }
             for book_id in [1, 500, 1000] {
                 let book = Book::load(&store, &workload::book_stream(book_id)).unwrap();
-                assert_eq!(book.borrowed_by, borrowed[book_id as usize], "book {book_id}");
+                assert_eq!(
+                    book.borrowed_by, borrowed[book_id as usize],
+                    "book {book_id}"
+                );
             }
         }
     }
@@ -309,7 +339,9 @@ mod tests {
         let db = TestDatabase::sqlite();
         let store = db.store();
         for phase in [Phase::B, Phase::D] {
-            assert!(matches!(run(&store, phase, &[]), Err(BenchError::NotAvailable(p)) if p == phase));
+            assert!(
+                matches!(run(&store, phase, &[]), Err(BenchError::NotAvailable(p)) if p == phase)
+            );
         }
     }
 }

@@ -49,7 +49,9 @@ impl Phase {
     fn rated_events(self, commands: u64) -> i64 {
         match self {
             Phase::A | Phase::B | Phase::C => commands as i64,
-            Phase::D | Phase::E1 | Phase::E2 | Phase::E3 => commands as i64 + workload::REGISTRATIONS,
+            Phase::D | Phase::E1 | Phase::E2 | Phase::E3 => {
+                commands as i64 + workload::REGISTRATIONS
+            }
         }
     }
 
@@ -99,7 +101,9 @@ fn parse_phases(list: &str) -> Result<Vec<Phase>> {
         }
     }
     if out.is_empty() {
-        return Err(BenchError::Usage("--phases is empty; give e.g. A,B,C,D,E".into()));
+        return Err(BenchError::Usage(
+            "--phases is empty; give e.g. A,B,C,D,E".into(),
+        ));
     }
     Ok(out)
 }
@@ -124,7 +128,9 @@ impl fmt::Display for Impl {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
 pub enum BackendArg {
     Sqlite,
     Postgres,
@@ -174,7 +180,11 @@ pub struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "postgres")]
     backend: Vec<BackendArg>,
     /// PostgreSQL server; every run creates and drops its own schema in it.
-    #[arg(long, env = "ES_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(
+        long,
+        env = "ES_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     database_url: String,
     /// Commands of phases A, B, C (and log size of E1, E2, minus registrations).
     #[arg(long, default_value_t = 20_000)]
@@ -220,8 +230,8 @@ pub enum BenchError {
         phase: Phase,
         imp: Impl,
         run: u32,
-        expected: workload::State,
-        actual: workload::State,
+        expected: Box<workload::State>,
+        actual: Box<workload::State>,
     },
     #[error("child process ({what}) failed: {detail}")]
     Child { what: String, detail: String },
@@ -261,8 +271,17 @@ fn run(args: &Args) -> Result<()> {
     backends.dedup();
     for &backend in &backends {
         let mut results = report::Results::new(backend);
+        if backend == BackendArg::Postgres {
+            let server = child::postgres_settings(&args.database_url)?;
+            eprintln!("{server}");
+            results.server = Some(server);
+        }
         for &phase in &phases {
-            let impls: &[Impl] = if phase.raw_only() { &[Impl::Raw] } else { &[Impl::Es, Impl::Raw] };
+            let impls: &[Impl] = if phase.raw_only() {
+                &[Impl::Raw]
+            } else {
+                &[Impl::Es, Impl::Raw]
+            };
             let expected = phase.expected(args.events, args.replay_events);
             for run in 1..=args.runs {
                 // Alternate the order so that drift (WAL growth, caches) does not favour one side.
@@ -285,8 +304,8 @@ fn run(args: &Args) -> Result<()> {
                             phase,
                             imp,
                             run,
-                            expected,
-                            actual: sample.state,
+                            expected: Box::new(expected),
+                            actual: Box::new(sample.state),
                         });
                     }
                     eprintln!(

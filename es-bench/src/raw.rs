@@ -121,18 +121,22 @@ impl NewRow {
                     name: &workload::user_name(user_id),
                 }),
             ),
-            LogEvent::BookBorrowed { book_id, user_id } => {
-                ("BookBorrowed", serde_json::to_string(&LoanJson { book_id, user_id }))
-            }
-            LogEvent::BookReturned { book_id, user_id } => {
-                ("BookReturned", serde_json::to_string(&LoanJson { book_id, user_id }))
-            }
+            LogEvent::BookBorrowed { book_id, user_id } => (
+                "BookBorrowed",
+                serde_json::to_string(&LoanJson { book_id, user_id }),
+            ),
+            LogEvent::BookReturned { book_id, user_id } => (
+                "BookReturned",
+                serde_json::to_string(&LoanJson { book_id, user_id }),
+            ),
         };
         NewRow {
             stream_id: entry.stream_id(),
             version: entry.version,
             event_type,
-            payload: Json(payload.expect("serializing a struct of integers and strings cannot fail")),
+            payload: Json(
+                payload.expect("serializing a struct of integers and strings cannot fail"),
+            ),
         }
     }
 }
@@ -159,9 +163,17 @@ impl RawBook {
         for (version, event_type, payload) in rows {
             book.version = version;
             book.borrowed_by = match event_type.as_str() {
-                "BookBorrowed" => Some(serde_json::from_str::<LoanJson>(&payload.0).map_err(json_error)?.user_id),
+                "BookBorrowed" => Some(
+                    serde_json::from_str::<LoanJson>(&payload.0)
+                        .map_err(json_error)?
+                        .user_id,
+                ),
                 "BookRegistered" | "BookReturned" => None,
-                other => return Err(DieselError::DeserializationError(format!("unknown event type {other:?}").into())),
+                other => {
+                    return Err(DieselError::DeserializationError(
+                        format!("unknown event type {other:?}").into(),
+                    ))
+                }
             };
         }
         Ok(book)
@@ -197,7 +209,10 @@ impl RawBook {
 }
 
 fn is_conflict(e: &DieselError) -> bool {
-    matches!(e, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+    matches!(
+        e,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
+    )
 }
 
 /// The Diesel code of one backend; the two differ only in the payload's
@@ -377,8 +392,8 @@ macro_rules! raw_backend {
 raw_backend!(pg, PgConnection, Jsonb, {
     /// Multi-row upserts, one transaction.
     pub fn insert_books(conn: &mut PgConnection, rows: &[BookRow]) -> QueryResult<()> {
-        use raw_book_list::{author, book_id, borrowed_by, times_borrowed, title};
         use diesel::upsert::excluded;
+        use raw_book_list::{author, book_id, borrowed_by, times_borrowed, title};
         conn.transaction(|conn| {
             for chunk in rows.chunks(INSERT_BATCH) {
                 let chunk: Vec<Book<'_>> = chunk
@@ -438,8 +453,8 @@ raw_backend!(sqlite, SqliteConnection, Text, {
     /// one cached single-row upsert per book inside one transaction is the
     /// fast path there anyway (no round trips).
     pub fn insert_books(conn: &mut SqliteConnection, rows: &[BookRow]) -> QueryResult<()> {
-        use raw_book_list::{author, book_id, borrowed_by, times_borrowed, title};
         use diesel::upsert::excluded;
+        use raw_book_list::{author, book_id, borrowed_by, times_borrowed, title};
         conn.transaction(|conn| {
             for b in rows {
                 diesel::insert_into(raw_book_list::table)
@@ -477,7 +492,10 @@ raw_backend!(sqlite, SqliteConnection, Text, {
         conn.immediate_transaction(|conn| {
             insert(conn, row)?;
             let n = diesel::update(raw_book_list::table.find(id))
-                .set((borrowed_by.eq(new_borrower), times_borrowed.eq(times_borrowed + inc)))
+                .set((
+                    borrowed_by.eq(new_borrower),
+                    times_borrowed.eq(times_borrowed + inc),
+                ))
                 .execute(conn)?;
             check_one_book(n, id)
         })
@@ -513,7 +531,9 @@ fn apply(books: &mut HashMap<i64, BookRow>, event_type: &str, payload: &str) -> 
         "BookBorrowed" | "BookReturned" => {
             let e: LoanJson = serde_json::from_str(payload).map_err(json_error)?;
             let book = books.get_mut(&e.book_id).ok_or_else(|| {
-                DieselError::DeserializationError(format!("{event_type} of unregistered book {}", e.book_id).into())
+                DieselError::DeserializationError(
+                    format!("{event_type} of unregistered book {}", e.book_id).into(),
+                )
             })?;
             if event_type == "BookBorrowed" {
                 book.borrowed_by = Some(e.user_id);
@@ -628,7 +648,9 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64) -> Result<()> 
         Conn::Pg(c) => c.batch_execute(PG_SCHEMA)?,
         Conn::Sqlite(c) => c.batch_execute(SQLITE_SCHEMA)?,
     }
-    let registrations: Vec<NewRow> = workload::registrations().map(|e| NewRow::from_entry(&e)).collect();
+    let registrations: Vec<NewRow> = workload::registrations()
+        .map(|e| NewRow::from_entry(&e))
+        .collect();
     match phase {
         Phase::A | Phase::C => on!(conn, m, c => m::insert_batches(c, &registrations))?,
         Phase::B => {
@@ -649,7 +671,11 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64) -> Result<()> 
             // The seed is streamed in slices so the preparing process stays small.
             let mut events = workload::command_events(replay_events);
             loop {
-                let slice: Vec<NewRow> = events.by_ref().take(100 * INSERT_BATCH).map(|e| NewRow::from_entry(&e)).collect();
+                let slice: Vec<NewRow> = events
+                    .by_ref()
+                    .take(100 * INSERT_BATCH)
+                    .map(|e| NewRow::from_entry(&e))
+                    .collect();
                 if slice.is_empty() {
                     break;
                 }
@@ -670,7 +696,14 @@ pub struct Outcome {
 
 /// The timed part of `phase`. Inputs that the workload says are
 /// precomputed (E1, E2) are built before the clock starts.
-pub fn run(conn: &mut Conn, url: &str, sync: SqliteSync, phase: Phase, commands: &[Command], n: u64) -> Result<Outcome> {
+pub fn run(
+    conn: &mut Conn,
+    url: &str,
+    sync: SqliteSync,
+    phase: Phase,
+    commands: &[Command],
+    n: u64,
+) -> Result<Outcome> {
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Outcome> {
         let start = Instant::now();
         f()?;
@@ -698,12 +731,16 @@ pub fn run(conn: &mut Conn, url: &str, sync: SqliteSync, phase: Phase, commands:
             })?;
             let expected = workload::REGISTRATIONS + n as i64;
             if applied != expected {
-                return Err(BenchError::Inconsistent(format!("rebuild applied {applied} events, the log has {expected}")));
+                return Err(BenchError::Inconsistent(format!(
+                    "rebuild applied {applied} events, the log has {expected}"
+                )));
             }
             Ok(out)
         }
         Phase::E1 | Phase::E2 => {
-            let rows: Vec<NewRow> = workload::reference_log(n).map(|e| NewRow::from_entry(&e)).collect();
+            let rows: Vec<NewRow> = workload::reference_log(n)
+                .map(|e| NewRow::from_entry(&e))
+                .collect();
             timed(&mut || {
                 if phase == Phase::E1 {
                     on!(&mut *conn, m, c => rows.iter().try_for_each(|r| m::insert(c, r)))?;
@@ -746,11 +783,17 @@ fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome>
         let handles: Vec<_> = conns
             .iter_mut()
             .zip(&parts)
-            .map(|(conn, part)| s.spawn(move || on!(conn, m, c => part.iter().try_for_each(|&cmd| m::execute(c, cmd)))))
+            .map(|(conn, part)| {
+                s.spawn(
+                    move || on!(conn, m, c => part.iter().try_for_each(|&cmd| m::execute(c, cmd))),
+                )
+            })
             .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| BenchError::WriterPanicked)?.map_err(BenchError::from))
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| BenchError::WriterPanicked)?
+                .map_err(BenchError::from)
+        })
     })?;
     Ok(Outcome {
         elapsed: start.elapsed(),
@@ -777,4 +820,78 @@ pub fn state(conn: &mut Conn, phase: Phase) -> Result<State> {
         state.rm_checksum = Some(rm.checksum);
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use es_diesel::testing::TestDatabase;
+
+    #[test]
+    fn every_phase_ends_in_the_expected_state() {
+        let (n, m) = (300, 2_500);
+        let phases = [
+            Phase::A,
+            Phase::B,
+            Phase::C,
+            Phase::D,
+            Phase::E1,
+            Phase::E2,
+            Phase::E3,
+        ];
+        for db in TestDatabase::all() {
+            for phase in phases {
+                // Each phase on its own tables: drop the previous ones.
+                let mut conn = Conn::open(db.url(), SqliteSync::Normal).unwrap();
+                match &mut conn {
+                    Conn::Pg(c) => c
+                        .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
+                        .unwrap(),
+                    Conn::Sqlite(c) => c
+                        .batch_execute(
+                            "DROP TABLE IF EXISTS raw_events; DROP TABLE IF EXISTS raw_book_list",
+                        )
+                        .unwrap(),
+                }
+                let count = phase.command_count(n, m);
+                prepare(&mut conn, phase, count).unwrap();
+                let commands: Vec<Command> =
+                    workload::commands(if phase.raw_only() || phase == Phase::D {
+                        0
+                    } else {
+                        count
+                    })
+                    .collect();
+                let outcome = run(
+                    &mut conn,
+                    db.url(),
+                    SqliteSync::Normal,
+                    phase,
+                    &commands,
+                    count,
+                )
+                .unwrap();
+                let state = match outcome.read_state {
+                    Some(s) => s,
+                    None => state(&mut conn, phase).unwrap(),
+                };
+                assert_eq!(state, phase.expected(n, m), "{phase} on {}", db.backend());
+            }
+        }
+    }
+
+    #[test]
+    fn payloads_are_the_frameworks_json() {
+        let entry = LogEntry {
+            event: LogEvent::BookRegistered { book_id: 7 },
+            version: 1,
+        };
+        let framework = es_diesel::Event::encode(&crate::framework::BookRegistered {
+            book_id: 7,
+            title: "Book 7".into(),
+            author: "Author 7".into(),
+        })
+        .unwrap();
+        assert_eq!(NewRow::from_entry(&entry).payload.0, framework);
+    }
 }

@@ -14,6 +14,8 @@ enum Entry {
 /// Everything measured on one backend.
 pub struct Results {
     backend: BackendArg,
+    /// How the server runs (PostgreSQL), for the table's header.
+    pub server: Option<String>,
     order: Vec<Phase>,
     entries: BTreeMap<(Phase, Impl), Entry>,
 }
@@ -56,6 +58,7 @@ impl Results {
     pub fn new(backend: BackendArg) -> Self {
         Results {
             backend,
+            server: None,
             order: Vec::new(),
             entries: BTreeMap::new(),
         }
@@ -69,7 +72,11 @@ impl Results {
 
     pub fn add(&mut self, phase: Phase, imp: Impl, sample: Sample) {
         self.note_phase(phase);
-        match self.entries.entry((phase, imp)).or_insert_with(|| Entry::Samples(Vec::new())) {
+        match self
+            .entries
+            .entry((phase, imp))
+            .or_insert_with(|| Entry::Samples(Vec::new()))
+        {
             Entry::Samples(v) => v.push(sample),
             Entry::NotAvailable => unreachable!("{phase} {imp} was recorded as not available"),
         }
@@ -133,7 +140,10 @@ impl Results {
 
     pub fn print_table(&self, args: &Args) {
         let durability = match self.backend {
-            BackendArg::Postgres => "server settings as found (fsync and synchronous_commit not changed)".to_owned(),
+            BackendArg::Postgres => self
+                .server
+                .clone()
+                .unwrap_or_else(|| "server settings not read".to_owned()),
             BackendArg::Sqlite => format!(
                 "WAL, synchronous = {} for framework and raw{}",
                 args.sqlite_sync,
@@ -153,7 +163,13 @@ impl Results {
         println!("   state per command: load the whole book stream and fold it (no snapshot, no cache), both implementations");
         println!(
             "{:<5} {:>9} {:>17} {:>12} {:>8} {:>13} {:>13}",
-            "phase", "events", "framework ev/s", "raw ev/s", "fw/raw", "fw peak RSS", "raw peak RSS"
+            "phase",
+            "events",
+            "framework ev/s",
+            "raw ev/s",
+            "fw/raw",
+            "fw peak RSS",
+            "raw peak RSS"
         );
         for &phase in &self.order {
             let es = self.summary(phase, Impl::Es);
@@ -164,12 +180,17 @@ impl Results {
                 None if self.is_not_available(phase, Impl::Es) => NOT_AVAILABLE.to_owned(),
                 None => "-".to_owned(),
             };
-            let raw_rate = raw.as_ref().map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.events_per_s));
+            let raw_rate = raw
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.events_per_s));
             let ratio = match (&es, &raw) {
                 (Some(e), Some(r)) => format!("{:.2}", e.events_per_s / r.events_per_s),
                 _ => "-".to_owned(),
             };
-            let rss = |s: &Option<Summary>| s.as_ref().map_or_else(|| "-".to_owned(), |s| mib(s.peak_rss_kib));
+            let rss = |s: &Option<Summary>| {
+                s.as_ref()
+                    .map_or_else(|| "-".to_owned(), |s| mib(s.peak_rss_kib))
+            };
             println!(
                 "{:<5} {:>9} {:>17} {:>12} {:>8} {:>13} {:>13}",
                 phase.to_string(),
@@ -207,7 +228,9 @@ impl Results {
                 (None, _) if self.is_not_available(phase, Impl::Es) => {
                     format!("{phase}: framework {NOT_AVAILABLE} (goal framework/{base_name} {goal_text})")
                 }
-                _ => format!("{phase}: {base_name} not measured in this invocation (goal {goal_text})"),
+                _ => format!(
+                    "{phase}: {base_name} not measured in this invocation (goal {goal_text})"
+                ),
             };
             lines.push(line);
         };

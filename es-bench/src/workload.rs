@@ -110,7 +110,9 @@ impl LogEntry {
 pub fn registrations() -> impl Iterator<Item = LogEntry> {
     let books = (1..=BOOKS).map(|book_id| LogEvent::BookRegistered { book_id });
     let users = (1..=USERS).map(|user_id| LogEvent::UserRegistered { user_id });
-    books.chain(users).map(|event| LogEntry { event, version: 1 })
+    books
+        .chain(users)
+        .map(|event| LogEntry { event, version: 1 })
 }
 
 /// The events the first `n` commands append, in command order, computed by

@@ -39,10 +39,7 @@ impl<T> Once<T> {
 
     pub fn set(&mut self, meta: &ParseNestedMeta, value: T) -> syn::Result<()> {
         if self.value.is_some() {
-            return Err(meta.error(format!(
-                "duplicate `{}` attribute; give it once",
-                self.name
-            )));
+            return Err(meta.error(format!("duplicate `{}` attribute; give it once", self.name)));
         }
         self.value = Some(value);
         Ok(())
@@ -59,7 +56,8 @@ pub fn snake_case(name: &str) -> String {
     let chars: Vec<char> = name.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         if c.is_uppercase() {
-            let prev_lower = i > 0 && (chars[i - 1].is_lowercase() || chars[i - 1].is_ascii_digit());
+            let prev_lower =
+                i > 0 && (chars[i - 1].is_lowercase() || chars[i - 1].is_ascii_digit());
             let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
             if i > 0 && (prev_lower || (next_lower && chars[i - 1].is_uppercase())) {
                 out.push('_');

@@ -5,7 +5,12 @@ use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 use syn::{Data, DeriveInput, Fields, LitInt, LitStr};
 
-const ENVELOPE_COLUMNS: [&str; 4] = ["global_position", "stream_id", "stream_version", "created_at"];
+const ENVELOPE_COLUMNS: [&str; 4] = [
+    "global_position",
+    "stream_id",
+    "stream_version",
+    "created_at",
+];
 
 pub fn derive(input: DeriveInput) -> TokenStream {
     match derive_inner(&input) {
@@ -143,9 +148,15 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
 
 fn parse_version(int: &LitInt) -> syn::Result<u16> {
     match int.base10_parse::<u16>() {
-        Ok(0) => Err(syn::Error::new_spanned(int, "event versions start at 1; write #[event(version = 1)] or more")),
+        Ok(0) => Err(syn::Error::new_spanned(
+            int,
+            "event versions start at 1; write #[event(version = 1)] or more",
+        )),
         Ok(v) => Ok(v),
-        Err(_) => Err(syn::Error::new_spanned(int, "`version` must fit in 1..=65535, e.g. #[event(version = 2)]")),
+        Err(_) => Err(syn::Error::new_spanned(
+            int,
+            "`version` must fit in 1..=65535, e.g. #[event(version = 2)]",
+        )),
     }
 }
 
@@ -178,7 +189,10 @@ impl<'a> StructModel<'a> {
         let mut errors = Errors::default();
         let attrs = parse_container_attrs(input, &mut errors);
         if !input.generics.params.is_empty() {
-            errors.spanned(&input.generics, "an event cannot be generic: its stored type name must name one concrete shape");
+            errors.spanned(
+                &input.generics,
+                "an event cannot be generic: its stored type name must name one concrete shape",
+            );
         }
         let named = match fields {
             Fields::Named(named) => Some(named),
@@ -187,15 +201,25 @@ impl<'a> StructModel<'a> {
                 None
             }
             Fields::Unit => {
-                errors.spanned(&input.ident, "an event needs at least one named field; write `struct Name { field: Type }`");
+                errors.spanned(
+                    &input.ident,
+                    "an event needs at least one named field; write `struct Name { field: Type }`",
+                );
                 None
             }
         };
-        let name = attrs.name.map(|(n, _)| n).unwrap_or_else(|| input.ident.to_string());
+        let name = attrs
+            .name
+            .map(|(n, _)| n)
+            .unwrap_or_else(|| input.ident.to_string());
         let view_enabled = !matches!(attrs.view, Some(ViewSetting::Off));
         let view_ident = match attrs.view {
             Some(ViewSetting::Named(ident)) => ident,
-            _ => format_ident!("{}", snake_case(&input.ident.to_string()), span = input.ident.span()),
+            _ => format_ident!(
+                "{}",
+                snake_case(&input.ident.to_string()),
+                span = input.ident.span()
+            ),
         };
         let mut columns = Vec::new();
         if view_enabled {
@@ -244,7 +268,12 @@ impl<'a> StructModel<'a> {
                     }
                 }
             };
-            columns.push(Column { ident, json_key, kind, nullable });
+            columns.push(Column {
+                ident,
+                json_key,
+                kind,
+                nullable,
+            });
         }
         errors.finish()?;
         Ok(StructModel {
@@ -252,12 +281,21 @@ impl<'a> StructModel<'a> {
             name,
             version: attrs.version.unwrap_or(1),
             krate: attrs.krate.unwrap_or_else(default_crate),
-            view: view_enabled.then_some(View { ident: view_ident, columns }),
+            view: view_enabled.then_some(View {
+                ident: view_ident,
+                columns,
+            }),
         })
     }
 
     fn expand(&self) -> TokenStream {
-        let StructModel { ident, name, version, krate, .. } = self;
+        let StructModel {
+            ident,
+            name,
+            version,
+            krate,
+            ..
+        } = self;
         let mut out = quote! {
             const _: () = {
                 #[automatically_derived]
@@ -423,7 +461,10 @@ fn serde_items(field: &syn::Field) -> Vec<(String, Option<LitStr>)> {
             if meta.input.peek(syn::Token![=]) {
                 let expr: syn::Expr = meta.value()?.parse()?;
                 let lit = match expr {
-                    syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => Some(s),
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) => Some(s),
                     _ => None,
                 };
                 items.push((key, lit));
@@ -461,7 +502,9 @@ fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
     if seg.ident != "Option" {
         return None;
     }
-    let syn::PathArguments::AngleBracketed(args) = &seg.arguments else { return None };
+    let syn::PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
     match args.args.first()? {
         syn::GenericArgument::Type(inner) => Some(inner),
         _ => None,
@@ -471,7 +514,9 @@ fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
 /// The view column type of a field type, and whether it is nullable.
 fn column_kind(ty: &syn::Type) -> Option<(&'static str, bool)> {
     if let Some(inner) = option_inner(ty) {
-        return column_kind(inner).filter(|(_, nullable)| !nullable).map(|(k, _)| (k, true));
+        return column_kind(inner)
+            .filter(|(_, nullable)| !nullable)
+            .map(|(k, _)| (k, true));
     }
     let syn::Type::Path(p) = ty else { return None };
     if p.qself.is_some() {
@@ -537,7 +582,11 @@ impl<'a> EnumModel<'a> {
     }
 
     fn expand(&self) -> TokenStream {
-        let EnumModel { ident, krate, variants } = self;
+        let EnumModel {
+            ident,
+            krate,
+            variants,
+        } = self;
         let names: Vec<_> = variants.iter().map(|(v, _)| v).collect();
         let tys: Vec<_> = variants.iter().map(|(_, t)| t).collect();
         quote! {

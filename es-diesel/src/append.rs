@@ -73,7 +73,10 @@ pub(crate) struct Version {
 
 /// Appends `writes` on `conn`, which must be inside a write transaction.
 /// Returns the recorded events in append order.
-pub(crate) fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
+pub(crate) fn append_in(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
     }
@@ -112,9 +115,16 @@ pub(crate) fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Resu
     Ok(out)
 }
 
-fn map_insert_error(err: DieselError, stream: &str, expected: ExpectedVersion, chunk: &[NewEvent]) -> Error {
+fn map_insert_error(
+    err: DieselError,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+) -> Error {
     if let DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) = &err {
-        let on_event_id = info.constraint_name().is_some_and(|c| c.contains("event_id"))
+        let on_event_id = info
+            .constraint_name()
+            .is_some_and(|c| c.contains("event_id"))
             || info.message().contains("event_id");
         if on_event_id {
             let event_id = chunk.first().map(|e| e.event_id).unwrap_or_default();
@@ -137,7 +147,12 @@ fn sorted(mut rows: Vec<Appended>) -> Vec<Appended> {
 /// One statement: reads the stream's version, checks the expectation and
 /// inserts the chunk, so an append costs one round trip. A concurrent writer
 /// of the same version loses on the unique index.
-fn insert_pg(conn: &mut PgConnection, stream: &str, expected: ExpectedVersion, chunk: &[NewEvent]) -> Result<Vec<Appended>> {
+fn insert_pg(
+    conn: &mut PgConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+) -> Result<Vec<Appended>> {
     let mut sql = String::with_capacity(512 + chunk.len() * 64);
     sql.push_str(
         "WITH cur AS (SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events \
@@ -177,7 +192,8 @@ fn insert_pg(conn: &mut PgConnection, stream: &str, expected: ExpectedVersion, c
     sql.push_str(
         " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
     );
-    let mut q: BoxedSqlQuery<'_, Pg, _> = diesel::sql_query(sql).into_boxed().bind::<Text, _>(stream);
+    let mut q: BoxedSqlQuery<'_, Pg, _> =
+        diesel::sql_query(sql).into_boxed().bind::<Text, _>(stream);
     for ev in chunk {
         q = q
             .bind::<diesel::sql_types::Uuid, _>(ev.event_id)
@@ -216,7 +232,11 @@ fn insert_sqlite(
         "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) VALUES ",
     );
     for k in 0..chunk.len() {
-        sql.push_str(if k == 0 { "(?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?)" });
+        sql.push_str(if k == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?)"
+        });
     }
     sql.push_str(" RETURNING global_position, stream_version, created_at");
     let now = Utc::now().naive_utc();

@@ -159,7 +159,8 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ConnectionError> {
-        conn.ping().map_err(ConnectionError::CouldntSetupConfiguration)
+        conn.ping()
+            .map_err(ConnectionError::CouldntSetupConfiguration)
     }
 
     fn has_broken(&self, conn: &mut DbConnection) -> bool {
@@ -218,13 +219,22 @@ mod tests {
         );
         assert_eq!(
             parse_url("library.db").unwrap(),
-            Target::Sqlite { path: "library.db".into(), memory: false }
+            Target::Sqlite {
+                path: "library.db".into(),
+                memory: false
+            }
         );
         assert_eq!(
             parse_url("sqlite://x.db").unwrap(),
-            Target::Sqlite { path: "x.db".into(), memory: false }
+            Target::Sqlite {
+                path: "x.db".into(),
+                memory: false
+            }
         );
-        assert!(matches!(parse_url(":memory:").unwrap(), Target::Sqlite { memory: true, .. }));
+        assert!(matches!(
+            parse_url(":memory:").unwrap(),
+            Target::Sqlite { memory: true, .. }
+        ));
         assert!(parse_url("redis://h").is_err());
         assert!(parse_url("").is_err());
     }

@@ -14,7 +14,9 @@ pub enum Error {
 
     /// An event with this id is already in the log (appends of events
     /// with ids you chose, e.g. an import, are idempotent through this).
-    #[error("an event with id {event_id} is already in the log; nothing of this append was written")]
+    #[error(
+        "an event with id {event_id} is already in the log; nothing of this append was written"
+    )]
     DuplicateEventId { event_id: uuid::Uuid },
 
     #[error("invalid stream id {stream:?}: {source}")]

@@ -22,12 +22,12 @@ pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSy
 pub use error::{Error, Result};
 pub use store::{EventStore, LogIter, PooledConnection};
 
-pub use es_core::{
-    upcast, validate_stream_id, view, BoxError, DecodeError, EncodeError, EventType, ExpectedVersion, Metadata,
-    NewEvent, Payload, Recorded, RecordedEvent, StreamIdError,
-};
 /// The `Event` trait and its derive.
 pub use es_core::Event;
+pub use es_core::{
+    upcast, validate_stream_id, view, BoxError, DecodeError, EncodeError, EventType,
+    ExpectedVersion, Metadata, NewEvent, Payload, Recorded, RecordedEvent, StreamIdError,
+};
 pub use es_derive::Event;
 
 /// The Diesel this crate is built on.

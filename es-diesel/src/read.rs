@@ -42,7 +42,12 @@ impl EventRow {
         let event_version = u16::try_from(self.event_version)
             .ok()
             .filter(|v| *v > 0)
-            .ok_or_else(|| malformed(format!("event_version {} is not a positive version", self.event_version)))?;
+            .ok_or_else(|| {
+                malformed(format!(
+                    "event_version {} is not a positive version",
+                    self.event_version
+                ))
+            })?;
         Ok(RecordedEvent {
             global_position: position,
             event_id,
@@ -57,7 +62,8 @@ impl EventRow {
     }
 }
 
-const PG_COLUMNS: &str = "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
+const PG_COLUMNS: &str =
+    "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
      event_version, payload::text AS payload, metadata::text AS metadata, \
      (created_at AT TIME ZONE 'UTC') AS created_at";
 const SQLITE_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
@@ -72,7 +78,12 @@ fn clamp(limit: usize) -> i64 {
 }
 
 /// Events of `stream` with `stream_version >= from_version`, at most `limit`.
-pub(crate) fn read_stream(conn: &mut DbConnection, stream: &str, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+pub(crate) fn read_stream(
+    conn: &mut DbConnection,
+    stream: &str,
+    from_version: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
     let rows = match conn {
         DbConnection::Postgres(c) => diesel::sql_query(format!(
             "SELECT {PG_COLUMNS} FROM es_events WHERE md5(stream_id) = md5($1) AND stream_id = $1 \
@@ -95,7 +106,11 @@ pub(crate) fn read_stream(conn: &mut DbConnection, stream: &str, from_version: i
 }
 
 /// Events with `global_position > after`, in global order, at most `limit`.
-pub(crate) fn read_all(conn: &mut DbConnection, after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+pub(crate) fn read_all(
+    conn: &mut DbConnection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
     let rows = match conn {
         DbConnection::Postgres(c) => diesel::sql_query(format!(
             "SELECT {PG_COLUMNS} FROM es_events WHERE global_position > $1 ORDER BY global_position LIMIT $2"
@@ -114,7 +129,12 @@ pub(crate) fn read_all(conn: &mut DbConnection, after: i64, limit: usize) -> Res
 }
 
 /// Events of the given types with `global_position > after`, in global order.
-pub(crate) fn read_types(conn: &mut DbConnection, types: &[&str], after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+pub(crate) fn read_types(
+    conn: &mut DbConnection,
+    types: &[&str],
+    after: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
     if types.is_empty() {
         return Ok(Vec::new());
     }
@@ -165,10 +185,14 @@ pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i6
 /// The highest global position in the log, 0 when it is empty.
 pub(crate) fn head(conn: &mut DbConnection) -> Result<i64> {
     let v = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
-            .get_result::<Version>(c)?,
-        DbConnection::Sqlite(c) => diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
-            .get_result::<Version>(c)?,
+        DbConnection::Postgres(c) => {
+            diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
+                .get_result::<Version>(c)?
+        }
+        DbConnection::Sqlite(c) => {
+            diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
+                .get_result::<Version>(c)?
+        }
     };
     Ok(v.v)
 }

@@ -45,7 +45,9 @@ pub struct EventStore {
 
 impl std::fmt::Debug for EventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStore").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("EventStore")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,8 +79,16 @@ impl EventStore {
             .min_idle(Some(if memory { 1 } else { 0 }))
             .connection_timeout(options.connection_timeout)
             // An in-memory database lives and dies with its one connection.
-            .idle_timeout(if memory { None } else { Some(std::time::Duration::from_secs(600)) })
-            .max_lifetime(if memory { None } else { Some(std::time::Duration::from_secs(1800)) })
+            .idle_timeout(if memory {
+                None
+            } else {
+                Some(std::time::Duration::from_secs(600))
+            })
+            .max_lifetime(if memory {
+                None
+            } else {
+                Some(std::time::Duration::from_secs(1800))
+            })
             .build(manager)?;
         Ok(EventStore { pool, backend })
     }
@@ -150,14 +160,22 @@ impl EventStore {
         loop {
             let result = write_transaction(&mut conn, |c| append_in(c, writes));
             match result {
-                Err(Error::Conflict { stream, expected, actual }) if actual == ACTUAL_UNKNOWN => {
+                Err(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                }) if actual == ACTUAL_UNKNOWN => {
                     attempt += 1;
                     if retry && attempt <= ANY_RETRIES {
                         tracing::debug!(%stream, attempt, "append with ExpectedVersion::Any lost a race; retrying");
                         continue;
                     }
                     let actual = read::stream_version(&mut conn, &stream)?;
-                    return Err(Error::Conflict { stream, expected, actual });
+                    return Err(Error::Conflict {
+                        stream,
+                        expected,
+                        actual,
+                    });
                 }
                 other => return other,
             }
@@ -165,7 +183,12 @@ impl EventStore {
     }
 
     /// Events of `stream` from `from_version` (1 = the start), at most `limit`.
-    pub fn read_stream(&self, stream: &str, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from_version: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         check_stream_id(stream)?;
         read::read_stream(&mut *self.connection()?, stream, from_version, limit)
     }
@@ -217,7 +240,12 @@ impl EventStore {
     }
 
     /// Events whose type is one of `types`, after `after`, in global order.
-    pub fn read_types(&self, types: &[&str], after: i64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    pub fn read_types(
+        &self,
+        types: &[&str],
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         read::read_types(&mut *self.connection()?, types, after, limit)
     }
 
