@@ -1,0 +1,98 @@
+//! The binary end to end: child processes, state checks, JSON lines.
+
+use std::process::Command;
+
+fn bench(backend: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_es-bench"));
+    cmd.args([
+        "--backend",
+        backend,
+        "--events",
+        "200",
+        "--replay-events",
+        "500",
+        "--runs",
+        "1",
+        "--json",
+    ])
+    .args(extra);
+    if let Ok(url) = std::env::var("ES_TEST_POSTGRES_URL") {
+        cmd.args(["--database-url", &url]);
+    }
+    let out = cmd.output().expect("run es-bench");
+    assert!(
+        out.status.success(),
+        "es-bench failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn check(lines: &[serde_json::Value], backend: &str) {
+    let key = |l: &serde_json::Value| {
+        format!(
+            "{}/{}",
+            l["phase"].as_str().unwrap(),
+            l["impl"].as_str().unwrap()
+        )
+    };
+    let keys: Vec<String> = lines.iter().map(key).collect();
+    assert_eq!(
+        keys,
+        [
+            "A/es", "A/raw", "B/es", "B/raw", "C/es", "C/raw", "D/es", "D/raw", "E1/raw", "E2/raw",
+            "E3/raw"
+        ]
+    );
+    for l in lines {
+        assert_eq!(l["backend"], backend);
+        if l["impl"] == "es" && (l["phase"] == "B" || l["phase"] == "D") {
+            assert_eq!(l["note"], "not available yet");
+            assert!(l["events_per_s"].is_null() && l["state"].is_null());
+            continue;
+        }
+        assert!(l["events_per_s"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["peak_rss_kib"].as_u64().unwrap() > 1024, "{l}");
+        let (events, log) = match l["phase"].as_str().unwrap() {
+            "A" | "B" | "C" => (200, 1_300),
+            "E1" | "E2" => (1_300, 1_300),
+            _ => (1_600, 1_600),
+        };
+        assert_eq!(l["events"], events, "{l}");
+        assert_eq!(l["state"]["log_events"], log, "{l}");
+        let has_read_model = l["phase"] == "B" || l["phase"] == "D";
+        assert_eq!(l["state"]["rm_books"].is_null(), !has_read_model, "{l}");
+    }
+}
+
+#[test]
+fn sqlite_json_lines() {
+    check(&bench("sqlite", &["--sqlite-sync", "normal"]), "sqlite");
+}
+
+#[test]
+fn postgres_json_lines() {
+    if std::env::var("ES_TEST_POSTGRES_URL").is_err() {
+        assert!(
+            std::env::var("ES_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+            "ES_TEST_REQUIRE_ALL=1 but ES_TEST_POSTGRES_URL is not set"
+        );
+        eprintln!("SKIPPED: set ES_TEST_POSTGRES_URL to run the PostgreSQL benchmark test");
+        return;
+    }
+    check(&bench("postgres", &[]), "postgres");
+}
+
+#[test]
+fn unknown_phase_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
+        .args(["--backend", "sqlite", "--phases", "A,Z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown phase `Z`"));
+}
