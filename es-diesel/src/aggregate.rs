@@ -1,8 +1,8 @@
 //! Commands against aggregates: load the stream (from a snapshot when there
 //! is one), decide, append with the expected version, retry on conflict.
 
-use crate::append::{append_in, StreamWrite, ACTUAL_UNKNOWN};
-use crate::connection::{write_transaction, DbConnection};
+use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
+use crate::connection::{write_transaction, Backend, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
 use crate::store::EventStore;
 use crate::{read, snapshot};
@@ -287,9 +287,33 @@ impl EventStore {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let result = write_transaction(&mut conn, |c| {
-                decide_and_append::<A>(c, &stream, command.clone(), options, attempts)
-            });
+            let result = match conn.backend() {
+                // The write lock first (BEGIN IMMEDIATE): SQLite writers queue
+                // instead of losing races, at no network cost.
+                Backend::Sqlite => write_transaction(&mut conn, |c| {
+                    decide_and_append::<A>(
+                        self,
+                        c,
+                        &stream,
+                        command.clone(),
+                        options,
+                        attempts,
+                        true,
+                    )
+                }),
+                // The expected version guards the append: the load needs no
+                // transaction, and the append needs one only when projectors
+                // write with it.
+                Backend::Postgres => decide_and_append::<A>(
+                    self,
+                    &mut conn,
+                    &stream,
+                    command.clone(),
+                    options,
+                    attempts,
+                    false,
+                ),
+            };
             match result {
                 Ok(executed) => return Ok(executed),
                 Err(ExecuteError::Store(Error::Conflict { .. }))
@@ -352,12 +376,16 @@ impl EventStore {
     }
 }
 
+/// Loads, decides and appends. `in_transaction`: the caller holds a write
+/// transaction; otherwise the append opens one only if it must.
 fn decide_and_append<A: Aggregate>(
+    store: &EventStore,
     conn: &mut DbConnection,
     stream: &str,
     command: A::Command,
     options: &ExecuteOptions,
     attempts: u32,
+    in_transaction: bool,
 ) -> Result<Executed<A>, ExecuteError<A::Error>> {
     let loaded = load_in::<A>(conn, stream)?;
     let events = loaded.state.handle(command).map_err(ExecuteError::Domain)?;
@@ -379,7 +407,13 @@ fn decide_and_append<A: Aggregate>(
                 .with_metadata(options.metadata.clone()),
         );
     }
-    let recorded = append_in(conn, std::slice::from_ref(&write))?;
+    let writes = std::slice::from_ref(&write);
+    let project = store.projects(writes)?;
+    let recorded = if in_transaction || (!project && write.events.len() <= CHUNK) {
+        append_events(conn, writes, project)?
+    } else {
+        write_transaction(conn, |c| append_events(c, writes, project))?
+    };
     let mut version = loaded.version;
     let mut out = Vec::with_capacity(events.len());
     for (rec, event) in recorded.into_iter().zip(events) {

@@ -78,6 +78,15 @@ pub(crate) struct Version {
 /// together. Returns the recorded events in append order. After an error,
 /// roll the transaction back.
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
+    append_events(conn, writes, true)
+}
+
+/// [`append_in`], running the inline projectors only if `project`.
+pub(crate) fn append_events(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    project: bool,
+) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
     }
@@ -118,7 +127,9 @@ pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<
             }));
         }
     }
-    crate::projection::apply_inline(conn, &out)?;
+    if project {
+        crate::projection::apply_inline(conn, &out)?;
+    }
     Ok(out)
 }
 

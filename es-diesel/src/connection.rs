@@ -66,6 +66,10 @@ pub struct StoreOptions {
     pub sqlite_sync: SqliteSync,
     /// How long `pool.get()` waits for a free connection.
     pub connection_timeout: Duration,
+    /// Run inline projectors on append (the default). Turn it off for a bulk
+    /// load into a store whose read models you rebuild afterwards, or for a
+    /// process that only writes events while another keeps the read models.
+    pub inline_projectors: bool,
 }
 
 impl Default for StoreOptions {
@@ -75,6 +79,7 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(30),
             sqlite_sync: SqliteSync::Full,
             connection_timeout: Duration::from_secs(30),
+            inline_projectors: true,
         }
     }
 }

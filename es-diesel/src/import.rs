@@ -1,7 +1,7 @@
 //! Beginning with an existing application ("How to begin with?"): turn the
 //! rows of its tables into initial events, in large batches, idempotently.
 
-use crate::append::{append_in, StreamWrite};
+use crate::append::{append_events, StreamWrite};
 use crate::connection::{write_transaction, DbConnection};
 use crate::error::Result;
 use crate::EventStore;
@@ -102,6 +102,7 @@ impl EventStore {
         mut progress: impl FnMut(&ImportReport),
     ) -> Result<ImportReport> {
         let mut report = ImportReport::default();
+        let project = self.inline_projectors();
         let mut conn = self.connection()?;
         let mut batch: Vec<(String, NewEvent)> = Vec::with_capacity(options.batch_size);
         let mut rows = rows.into_iter().peekable();
@@ -134,7 +135,7 @@ impl EventStore {
                         }
                     }
                 }
-                let appended = append_in(c, &writes)?.len() as u64;
+                let appended = append_events(c, &writes, project)?.len() as u64;
                 Ok((appended, batch.len() as u64 - appended))
             })?;
             report.imported += imported;

@@ -1,6 +1,6 @@
 //! [`EventStore`]: the one handle an application keeps.
 
-use crate::append::{append_in, StreamWrite, ACTUAL_UNKNOWN};
+use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN};
 use crate::connection::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
 use crate::error::{check_stream_id, Error, Result};
 use crate::{migrations, read};
@@ -42,6 +42,7 @@ pub struct EventStore {
     pool: r2d2::Pool<Manager>,
     manager: Manager,
     backend: Backend,
+    inline_projectors: bool,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -79,6 +80,9 @@ impl EventStore {
             .max_size(size)
             .min_idle(Some(if memory { 1 } else { 0 }))
             .connection_timeout(options.connection_timeout)
+            // No `SELECT 1` round trip per checkout: a connection the server
+            // closed fails its next query with an error, and is then dropped.
+            .test_on_check_out(false)
             // An in-memory database lives and dies with its one connection.
             .idle_timeout(if memory {
                 None
@@ -95,11 +99,23 @@ impl EventStore {
             pool,
             manager,
             backend,
+            inline_projectors: options.inline_projectors,
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Whether appending `writes` runs any inline projector.
+    pub(crate) fn projects(&self, writes: &[StreamWrite]) -> Result<bool> {
+        Ok(self.inline_projectors
+            && !crate::projection::registry()?.no_inline_projector_for(writes))
+    }
+
+    /// Whether this store runs inline projectors on append.
+    pub(crate) fn inline_projectors(&self) -> bool {
+        self.inline_projectors
     }
 
     /// Opens connections outside the pool (for long-lived listeners).
@@ -172,13 +188,14 @@ impl EventStore {
             && writes.len() == 1
             && writes[0].expected != ExpectedVersion::Any
             && writes[0].events.len() <= crate::append::CHUNK
-            && crate::projection::registry()?.no_inline_projector_for(writes);
+            && !self.projects(writes)?;
         let mut attempt = 0;
         loop {
             let result = if single_statement {
-                append_in(&mut conn, writes)
+                append_events(&mut conn, writes, false)
             } else {
-                write_transaction(&mut conn, |c| append_in(c, writes))
+                let project = self.inline_projectors;
+                write_transaction(&mut conn, |c| append_events(c, writes, project))
             };
             match result {
                 Err(Error::Conflict {
