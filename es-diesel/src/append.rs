@@ -2,12 +2,12 @@
 
 use crate::connection::DbConnection;
 use crate::error::{check_stream_id, Error, Result};
+use crate::stmt::{Bind, Stmt};
 use chrono::{NaiveDateTime, Utc};
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel::query_builder::BoxedSqlQuery;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{BigInt, SmallInt, Text, Timestamp};
+use diesel::sql_types::{BigInt, Text, Timestamp};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
 
@@ -219,12 +219,12 @@ fn lock_any_streams_pg(conn: &mut PgConnection, writes: &[StreamWrite]) -> Query
     if streams.is_empty() {
         return Ok(());
     }
-    diesel::sql_query(
-        "SELECT COUNT(pg_advisory_xact_lock($1, k)) FROM \
-         (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest($2::text[]) AS s ORDER BY k) AS keys",
+    Stmt::<Pg>::new(
+        "SELECT COUNT(pg_advisory_xact_lock(?, k)) FROM \
+         (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest(?::text[]) AS s ORDER BY k) AS keys",
     )
-    .bind::<diesel::sql_types::Integer, _>(STREAM_LOCK_CLASS)
-    .bind::<diesel::sql_types::Array<Text>, _>(&streams)
+    .bind(Bind::Int(STREAM_LOCK_CLASS))
+    .bind(Bind::TextArray(&streams))
     .execute(conn)
     .map(|_| ())
 }
@@ -238,57 +238,47 @@ fn insert_pg(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let mut sql = String::with_capacity(512 + chunk.len() * 64);
+    let mut sql = String::with_capacity(600 + chunk.len() * 70);
     sql.push_str(
         "WITH cur AS (SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events \
-         WHERE md5(stream_id) = md5($1) AND stream_id = $1) \
+         WHERE md5(stream_id) = md5(?) AND stream_id = ?) \
          INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata) \
-         SELECT e.event_id, $1, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata \
+         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata \
          FROM cur, (VALUES ",
     );
-    let mut n = 2;
-    for (k, _) in chunk.iter().enumerate() {
-        if k > 0 {
+    for k in 1..=chunk.len() {
+        if k > 1 {
             sql.push_str(", ");
         }
         use std::fmt::Write;
         let _ = write!(
             sql,
-            "(${}::uuid, {}::bigint, ${}::text, ${}::smallint, ${}::jsonb, ${}::jsonb)",
-            n,
-            k + 1,
-            n + 1,
-            n + 2,
-            n + 3,
-            n + 4
+            "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
         );
-        n += 5;
     }
     sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
     match expected {
         ExpectedVersion::Any => {}
         ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
         ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
-        ExpectedVersion::Exact(_) => {
-            use std::fmt::Write;
-            let _ = write!(sql, " WHERE cur.v = ${n}");
-        }
+        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
     }
     sql.push_str(
         " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
     );
-    let mut q: BoxedSqlQuery<'_, Pg, _> =
-        diesel::sql_query(sql).into_boxed().bind::<Text, _>(stream);
+    let mut q = Stmt::<Pg>::with_capacity(&sql, 4 + chunk.len() * 5);
+    q.push(Bind::Text(stream));
+    q.push(Bind::Text(stream));
+    q.push(Bind::Text(stream));
     for ev in chunk {
-        q = q
-            .bind::<diesel::sql_types::Uuid, _>(ev.event_id)
-            .bind::<Text, _>(ev.event_type)
-            .bind::<SmallInt, _>(ev.event_version as i16)
-            .bind::<Text, _>(ev.payload.as_str())
-            .bind::<Text, _>(metadata_json(&ev.metadata));
+        q.push(Bind::Uuid(ev.event_id));
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
     }
     if let ExpectedVersion::Exact(v) = expected {
-        q = q.bind::<BigInt, _>(v);
+        q.push(Bind::BigInt(v));
     }
     q.load::<Appended>(conn)
         .map(sorted)
@@ -303,10 +293,10 @@ fn insert_sqlite(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let current = diesel::sql_query(
+    let current = Stmt::<Sqlite>::new(
         "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE stream_id = ?",
     )
-    .bind::<Text, _>(stream)
+    .bind(Bind::Text(stream))
     .get_result::<Version>(conn)?
     .v;
     if !expected.is_satisfied_by(current) {
@@ -325,17 +315,16 @@ fn insert_sqlite(
     }
     sql.push_str(" RETURNING global_position, stream_version, created_at");
     let now = Utc::now().naive_utc();
-    let mut q: BoxedSqlQuery<'_, Sqlite, _> = diesel::sql_query(sql).into_boxed();
+    let mut q = Stmt::<Sqlite>::with_capacity(&sql, chunk.len() * 8);
     for (k, ev) in chunk.iter().enumerate() {
-        q = q
-            .bind::<Text, _>(ev.event_id.hyphenated().to_string())
-            .bind::<Text, _>(stream)
-            .bind::<BigInt, _>(current + k as i64 + 1)
-            .bind::<Text, _>(ev.event_type)
-            .bind::<SmallInt, _>(ev.event_version as i16)
-            .bind::<Text, _>(ev.payload.as_str())
-            .bind::<Text, _>(metadata_json(&ev.metadata))
-            .bind::<Timestamp, _>(now);
+        q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
+        q.push(Bind::Text(stream));
+        q.push(Bind::BigInt(current + k as i64 + 1));
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
+        q.push(Bind::Timestamp(now));
     }
     match q.load::<Appended>(conn) {
         Ok(rows) => Ok(sorted(rows)),
@@ -350,10 +339,10 @@ fn insert_sqlite(
     }
 }
 
-fn metadata_json(m: &Metadata) -> String {
+fn metadata_bind(m: &Metadata) -> Bind<'static> {
     if m.is_empty() {
-        "{}".to_owned()
+        Bind::Text("{}")
     } else {
-        m.to_json()
+        Bind::Owned(m.to_json())
     }
 }

@@ -93,6 +93,7 @@ mod rebuild;
 pub mod runner;
 mod shadow;
 mod snapshot;
+mod stmt;
 mod store;
 pub mod testing;
 

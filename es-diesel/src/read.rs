@@ -4,10 +4,14 @@
 use crate::append::Version;
 use crate::connection::DbConnection;
 use crate::error::{Error, Result};
+use crate::stmt::{Bind, Stmt};
 use chrono::NaiveDateTime;
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, SmallInt, Text, Timestamp};
+use diesel::sqlite::Sqlite;
 use es_core::{Metadata, Payload, RecordedEvent};
+use std::sync::LazyLock;
 
 #[derive(QueryableByName)]
 pub(crate) struct EventRow {
@@ -89,23 +93,30 @@ pub(crate) fn read_stream(
     from_version: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
-    let rows = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query(format!(
-            "SELECT {PG_COLUMNS} FROM es_events WHERE md5(stream_id) = md5($1) AND stream_id = $1 \
-             AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
-        ))
-        .bind::<Text, _>(stream)
-        .bind::<BigInt, _>(from_version)
-        .bind::<BigInt, _>(clamp(limit))
-        .load::<EventRow>(c)?,
-        DbConnection::Sqlite(c) => diesel::sql_query(format!(
+    static PG: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {PG_COLUMNS} FROM es_events WHERE md5(stream_id) = md5(?) AND stream_id = ? \
+             AND stream_version >= ? ORDER BY stream_version LIMIT ?"
+        )
+    });
+    static SQLITE: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "SELECT {SQLITE_COLUMNS} FROM es_events WHERE stream_id = ? AND stream_version >= ? \
              ORDER BY stream_version LIMIT ?"
-        ))
-        .bind::<Text, _>(stream)
-        .bind::<BigInt, _>(from_version)
-        .bind::<BigInt, _>(clamp(limit))
-        .load::<EventRow>(c)?,
+        )
+    });
+    let rows = match conn {
+        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+            .bind(Bind::Text(stream))
+            .bind(Bind::Text(stream))
+            .bind(Bind::BigInt(from_version))
+            .bind(Bind::BigInt(clamp(limit)))
+            .load::<EventRow>(c)?,
+        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(&SQLITE)
+            .bind(Bind::Text(stream))
+            .bind(Bind::BigInt(from_version))
+            .bind(Bind::BigInt(clamp(limit)))
+            .load::<EventRow>(c)?,
     };
     rows_into_events(rows)
 }
@@ -173,15 +184,16 @@ pub(crate) fn read_types(
 /// The stream's last version, 0 when it has no events.
 pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
     let v = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query(
-            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE md5(stream_id) = md5($1) AND stream_id = $1",
+        DbConnection::Postgres(c) => Stmt::<Pg>::new(
+            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE md5(stream_id) = md5(?) AND stream_id = ?",
         )
-        .bind::<Text, _>(stream)
+        .bind(Bind::Text(stream))
+        .bind(Bind::Text(stream))
         .get_result::<Version>(c)?,
-        DbConnection::Sqlite(c) => diesel::sql_query(
+        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(
             "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE stream_id = ?",
         )
-        .bind::<Text, _>(stream)
+        .bind(Bind::Text(stream))
         .get_result::<Version>(c)?,
     };
     Ok(v.v)

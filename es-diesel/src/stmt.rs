@@ -1,0 +1,137 @@
+//! Hand-written statements that Diesel can cache as prepared statements.
+//!
+//! `diesel::sql_query` marks itself unsafe to cache, so every call would be
+//! parsed and planned again by the server. The store's hot statements (append,
+//! stream reads) have a fixed text per shape, so they go through [`Stmt`],
+//! which Diesel caches by its SQL text.
+
+use chrono::NaiveDateTime;
+use diesel::backend::Backend;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Integer, SmallInt, Text, Timestamp, Untyped};
+use diesel::sqlite::Sqlite;
+use diesel::{QueryResult, RunQueryDsl};
+use std::marker::PhantomData;
+
+/// One bound value.
+#[derive(Debug)]
+pub(crate) enum Bind<'a> {
+    Text(&'a str),
+    Owned(String),
+    Int(i32),
+    BigInt(i64),
+    SmallInt(i16),
+    Uuid(uuid::Uuid),
+    Timestamp(NaiveDateTime),
+    TextArray(&'a [&'a str]),
+}
+
+/// SQL text with `?` where values go (the backend writes its own placeholder
+/// syntax), and the values in order.
+#[derive(Debug)]
+pub(crate) struct Stmt<'a, DB> {
+    sql: &'a str,
+    binds: Vec<Bind<'a>>,
+    backend: PhantomData<DB>,
+}
+
+impl<'a, DB> Stmt<'a, DB> {
+    pub(crate) fn new(sql: &'a str) -> Self {
+        Stmt {
+            sql,
+            binds: Vec::new(),
+            backend: PhantomData,
+        }
+    }
+
+    pub(crate) fn with_capacity(sql: &'a str, binds: usize) -> Self {
+        Stmt {
+            sql,
+            binds: Vec::with_capacity(binds),
+            backend: PhantomData,
+        }
+    }
+
+    pub(crate) fn bind(mut self, value: Bind<'a>) -> Self {
+        self.binds.push(value);
+        self
+    }
+
+    pub(crate) fn push(&mut self, value: Bind<'a>) {
+        self.binds.push(value);
+    }
+}
+
+impl<DB> QueryId for Stmt<'_, DB> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<DB: Backend> Query for Stmt<'_, DB> {
+    type SqlType = Untyped;
+}
+
+impl<Conn, DB> RunQueryDsl<Conn> for Stmt<'_, DB> {}
+
+fn walk<'b, DB>(
+    sql: &'b str,
+    binds: &'b [Bind<'_>],
+    mut out: AstPass<'_, 'b, DB>,
+    push: impl Fn(&'b Bind<'_>, &mut AstPass<'_, 'b, DB>) -> QueryResult<()>,
+) -> QueryResult<()>
+where
+    DB: Backend,
+{
+    let mut parts = sql.split('?');
+    if let Some(first) = parts.next() {
+        out.push_sql(first);
+    }
+    let mut values = binds.iter();
+    for part in parts {
+        let value = values.next().ok_or_else(|| {
+            diesel::result::Error::QueryBuilderError(
+                "statement has more placeholders than values".into(),
+            )
+        })?;
+        push(value, &mut out)?;
+        out.push_sql(part);
+    }
+    if values.next().is_some() {
+        return Err(diesel::result::Error::QueryBuilderError(
+            "statement has more values than placeholders".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl QueryFragment<Pg> for Stmt<'_, Pg> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk(self.sql, &self.binds, out, |b, out| match b {
+            Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
+            Bind::Owned(s) => out.push_bind_param::<Text, _>(s),
+            Bind::Int(v) => out.push_bind_param::<Integer, _>(v),
+            Bind::BigInt(v) => out.push_bind_param::<BigInt, _>(v),
+            Bind::SmallInt(v) => out.push_bind_param::<SmallInt, _>(v),
+            Bind::Uuid(v) => out.push_bind_param::<diesel::sql_types::Uuid, _>(v),
+            Bind::Timestamp(v) => out.push_bind_param::<Timestamp, _>(v),
+            Bind::TextArray(v) => out.push_bind_param::<Array<Text>, _>(v),
+        })
+    }
+}
+
+impl QueryFragment<Sqlite> for Stmt<'_, Sqlite> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        walk(self.sql, &self.binds, out, |b, out| match b {
+            Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
+            Bind::Owned(s) => out.push_bind_param::<Text, _>(s),
+            Bind::Int(v) => out.push_bind_param::<Integer, _>(v),
+            Bind::BigInt(v) => out.push_bind_param::<BigInt, _>(v),
+            Bind::SmallInt(v) => out.push_bind_param::<SmallInt, _>(v),
+            Bind::Timestamp(v) => out.push_bind_param::<Timestamp, _>(v),
+            Bind::Uuid(_) | Bind::TextArray(_) => Err(diesel::result::Error::QueryBuilderError(
+                "SQLite has no UUID or array parameters: bind text, one value each".into(),
+            )),
+        })
+    }
+}
