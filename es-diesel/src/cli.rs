@@ -149,10 +149,17 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                 .progress_chars("=> "),
             );
             bar.set_message(format!("rebuilding {name}"));
-            let report = store.rebuild_with(&name, &crate::RebuildOptions { batch_size }, |p| {
-                bar.set_length(p.head.max(p.position).max(1) as u64);
-                bar.set_position(p.position as u64);
-            })?;
+            let report = store.rebuild_with(
+                &name,
+                &crate::RebuildOptions {
+                    batch_size,
+                    ..Default::default()
+                },
+                |p| {
+                    bar.set_length(p.head.max(p.position).max(1) as u64);
+                    bar.set_position(p.position as u64);
+                },
+            )?;
             bar.finish_and_clear();
             w(
                 out,

@@ -419,6 +419,8 @@ pub trait RowBatch: Any {
     /// Writes back every row in memory (delete, then multi-row insert) and forgets them.
     fn flush(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<usize>;
     fn is_empty(&self) -> bool;
+    /// Rows held in memory.
+    fn len(&self) -> usize;
 }
 
 struct Slot<M> {
@@ -503,6 +505,10 @@ impl<M: ReadModel> RowBatch for Rows<M> {
 
     fn is_empty(&self) -> bool {
         self.wanted.is_empty() && self.slots.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
     }
 }
 

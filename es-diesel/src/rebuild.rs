@@ -16,13 +16,20 @@ use std::time::{Duration, Instant};
 /// Settings of [`EventStore::rebuild_with`].
 #[derive(Clone, Debug)]
 pub struct RebuildOptions {
-    /// Events read, folded and written per step; memory use is bounded by it.
+    /// Events read and folded per step.
     pub batch_size: usize,
+    /// Row-level results are kept in memory across steps and written once;
+    /// when more rows than this are held, they are written out and dropped.
+    /// With `batch_size`, this bounds a rebuild's memory.
+    pub max_rows_in_memory: usize,
 }
 
 impl Default for RebuildOptions {
     fn default() -> Self {
-        RebuildOptions { batch_size: 2_000 }
+        RebuildOptions {
+            batch_size: 5_000,
+            max_rows_in_memory: 50_000,
+        }
     }
 }
 
@@ -127,7 +134,8 @@ pub(crate) fn rebuild_in(
         let batch = read::read_types(conn, &types, state.position, batch_size)?;
         let Some(last) = batch.last() else { break };
         let last_position = last.global_position;
-        project_batch(conn, name, rows.as_mut(), &batch)?;
+        let full = rows.len() >= options.max_rows_in_memory;
+        project_batch(conn, name, rows.as_mut(), &batch, full)?;
         state.events += batch.len() as u64;
         state.position = last_position;
         progress(&RebuildProgress {
@@ -139,6 +147,9 @@ pub(crate) fn rebuild_in(
         if batch.len() < batch_size {
             break;
         }
+    }
+    if !rows.is_empty() {
+        rows.flush(conn)?;
     }
     conn.batch_execute(&format!(
         "UPDATE es_read_models SET rebuilt_at = CURRENT_TIMESTAMP WHERE name = {}",
@@ -158,11 +169,16 @@ pub(crate) fn rebuild_in(
 
 /// Applies the projectors of read model `name` to `batch`: row-level ones
 /// folded in memory and written in bulk, SQL-level ones in order between.
+///
+/// Row-level results stay in memory after the batch unless `flush` says
+/// otherwise (or a SQL-level projector is about to read the table), so a
+/// rebuild writes each row once rather than once per batch.
 pub(crate) fn project_batch(
     conn: &mut DbConnection,
     name: &str,
     rows: &mut dyn RowBatch,
     batch: &[RecordedEvent],
+    flush: bool,
 ) -> Result<()> {
     let reg = registry()?;
     let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
@@ -175,13 +191,17 @@ pub(crate) fn project_batch(
                 HandlerKind::Row { .. } => segment.push((ev, p, h)),
                 HandlerKind::Sql { apply } => {
                     // A SQL projector may read rows the batch still holds in memory.
-                    fold_segment(conn, rows, &mut segment)?;
+                    fold_segment(conn, rows, &mut segment, true)?;
                     apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
                 }
             }
         }
     }
-    fold_segment(conn, rows, &mut segment)
+    fold_segment(conn, rows, &mut segment, flush)?;
+    if flush && !rows.is_empty() {
+        rows.flush(conn)?;
+    }
+    Ok(())
 }
 
 struct Progress {
@@ -189,12 +209,14 @@ struct Progress {
     position: i64,
 }
 
-/// Folds the row-level events of `segment` into rows loaded in one query,
-/// then writes them back with bulk statements.
+/// Folds the row-level events of `segment` into rows loaded in one query
+/// (those not in memory yet), then, if `flush`, writes them back with bulk
+/// statements.
 fn fold_segment(
     conn: &mut DbConnection,
     rows: &mut dyn RowBatch,
     segment: &mut Vec<(&RecordedEvent, &'static Projector, &'static Handler)>,
+    flush: bool,
 ) -> Result<()> {
     if segment.is_empty() {
         return Ok(());
@@ -210,7 +232,9 @@ fn fold_segment(
             fold(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
         }
     }
-    rows.flush(conn)?;
+    if flush {
+        rows.flush(conn)?;
+    }
     segment.clear();
     Ok(())
 }

@@ -206,7 +206,7 @@ fn build_and_swap(
             };
             let last = last.checkpoint;
             let recorded: Vec<_> = batch.into_iter().map(|f| f.event).collect();
-            project_batch(c, name, rows.as_mut(), &recorded)?;
+            project_batch(c, name, rows.as_mut(), &recorded, true)?;
             checkpoint = last;
             Ok(recorded.len())
         })?;
@@ -247,7 +247,7 @@ fn build_and_swap(
             let Some(last) = batch.last() else { break };
             let last = last.checkpoint;
             let recorded: Vec<_> = batch.into_iter().map(|f| f.event).collect();
-            project_batch(c, name, rows.as_mut(), &recorded)?;
+            project_batch(c, name, rows.as_mut(), &recorded, true)?;
             events += recorded.len() as u64;
             checkpoint = last;
         }

@@ -306,7 +306,10 @@ fn blue_green_rebuild_keeps_serving_the_old_table_until_the_swap() {
         let report = store
             .rebuild_with(
                 "shelf_async",
-                &es_diesel::RebuildOptions { batch_size: 50 },
+                &es_diesel::RebuildOptions {
+                    batch_size: 50,
+                    ..Default::default()
+                },
                 |_| steps += 1,
             )
             .unwrap();

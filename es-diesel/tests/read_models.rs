@@ -679,9 +679,14 @@ fn rebuild_equals_inline_on_a_10000_event_history() {
 
         let mut steps = Vec::new();
         let report = store
-            .rebuild_with("user_loans", &RebuildOptions { batch_size: 333 }, |p| {
-                steps.push(p.clone())
-            })
+            .rebuild_with(
+                "user_loans",
+                &RebuildOptions {
+                    batch_size: 333,
+                    max_rows_in_memory: 37,
+                },
+                |p| steps.push(p.clone()),
+            )
             .unwrap();
         assert_eq!(
             user_loans(&store),
@@ -703,7 +708,14 @@ fn rebuild_equals_inline_on_a_10000_event_history() {
         );
 
         store
-            .rebuild_with("active_loans", &RebuildOptions { batch_size: 1000 }, |_| {})
+            .rebuild_with(
+                "active_loans",
+                &RebuildOptions {
+                    batch_size: 1000,
+                    ..Default::default()
+                },
+                |_| {},
+            )
             .unwrap();
         assert_eq!(
             active_loans(&store),
