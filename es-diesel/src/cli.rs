@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::runner::RunnerOptions;
+use crate::runner::{ProjectionMode, RunnerOptions};
 use crate::{projection, EventStore, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -74,48 +74,30 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
             );
         }
         AdminCommand::Status => {
-            let head = store.head()?;
-            w(out, format!("log head: position {head}"));
-            let status = store.projection_status()?;
+            w(out, format!("log head: position {}", store.head()?));
             w(
                 out,
                 format!(
-                    "{:<24} {:<7} {:>12} {:>8}  {:<10} {}",
-                    "read model", "mode", "checkpoint", "lag", "state", "holder / error"
+                    "{:<24} {:<7} {:>12} {:>8}  {:<10} holder / error",
+                    "read model", "mode", "checkpoint", "lag", "state"
                 ),
             );
-            for m in projection::registered_read_models()? {
-                match status.iter().find(|s| s.name == m.name) {
-                    Some(s) => {
-                        let note = match (&s.last_error, s.failed_position) {
-                            (Some(e), Some(p)) => format!("stopped at {p}: {e}"),
-                            _ => s.holder.clone().unwrap_or_default(),
-                        };
-                        w(
-                            out,
-                            format!(
-                                "{:<24} {:<7} {:>12} {:>8}  {:<10} {}",
-                                m.name, "async", s.checkpoint.position, s.lag, s.state, note
-                            ),
-                        );
-                    }
-                    None if m.asynchronous => {
-                        w(
-                            out,
-                            format!(
-                                "{:<24} {:<7} {:>12} {:>8}  {:<10}",
-                                m.name, "async", 0, head, "no runner yet"
-                            ),
-                        );
-                    }
-                    None => w(
-                        out,
-                        format!(
-                            "{:<24} {:<7} {:>12} {:>8}  {:<10}",
-                            m.name, "inline", head, 0, "current"
-                        ),
+            for s in store.projection_status()? {
+                let mode = match s.mode {
+                    ProjectionMode::Inline => "inline",
+                    ProjectionMode::Async => "async",
+                };
+                let note = match (&s.last_error, s.failed_position) {
+                    (Some(e), Some(p)) => format!("stopped at {p}: {e}"),
+                    _ => s.holder.clone().unwrap_or_default(),
+                };
+                w(
+                    out,
+                    format!(
+                        "{:<24} {:<7} {:>12} {:>8}  {:<10} {note}",
+                        s.name, mode, s.checkpoint.position, s.lag, s.state
                     ),
-                }
+                );
             }
         }
         AdminCommand::Projectors => {

@@ -489,17 +489,28 @@ impl Drop for RunnerHandle {
     }
 }
 
+/// When a projection is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectionMode {
+    /// In the append's transaction: always current.
+    Inline,
+    /// By a runner, after commit.
+    Async,
+}
+
 /// A projection's state as stored, plus how far behind the log it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProjectionStatus {
     pub name: String,
+    pub mode: ProjectionMode,
     pub checkpoint: Checkpoint,
     /// The highest global position in the log.
     pub head: i64,
     /// Events after the checkpoint's position that the projection handles
     /// (for a read model: the types its projectors handle; otherwise all).
     pub lag: i64,
-    /// `idle`, `running`, `stopped`, `failed` or `rebuilding`.
+    /// `idle`, `running`, `stopped`, `failed` or `rebuilding`; `current`
+    /// for an inline read model.
     pub state: String,
     /// The runner holding the lease, if any.
     pub holder: Option<String>,
@@ -568,6 +579,31 @@ pub fn async_read_models() -> Result<Vec<Arc<dyn AsyncProjection>>> {
         .collect())
 }
 
+/// Events after `position`, only of `types` unless it is empty.
+fn count_after(
+    conn: &mut DbConnection,
+    backend: Backend,
+    position: i64,
+    types: &[&str],
+) -> Result<i64> {
+    let filter = if types.is_empty() {
+        String::new()
+    } else {
+        format!(" AND event_type IN ({})", vec!["?"; types.len()].join(", "))
+    };
+    let text = sql(
+        backend,
+        &format!("SELECT COUNT(*) AS n FROM es_events WHERE global_position > ?{filter}"),
+    );
+    let mut q = diesel::sql_query(text)
+        .into_boxed()
+        .bind::<BigInt, _>(position);
+    for t in types {
+        q = q.bind::<Text, _>(*t);
+    }
+    Ok(q.get_result::<Count>(conn)?.n)
+}
+
 impl EventStore {
     /// Starts a background runner for every read model with `mode = async`.
     /// Runners stop when the handles are dropped or stopped. Any number of
@@ -607,7 +643,8 @@ impl EventStore {
             .collect()
     }
 
-    /// Status of every projection that has a checkpoint, sorted by name.
+    /// Status of every registered read model and of every projection with a
+    /// checkpoint, sorted by name.
     pub fn projection_status(&self) -> Result<Vec<ProjectionStatus>> {
         let mut conn = self.connection()?;
         let head = crate::read::head(&mut conn)?;
@@ -618,7 +655,36 @@ impl EventStore {
         .load::<StatusRow>(&mut *conn)?;
         let reg = crate::projection::registry()?;
         let backend = conn.backend();
-        rows.into_iter()
+        let mut all: Vec<ProjectionStatus> = reg
+            .read_models
+            .iter()
+            .filter(|m| !rows.iter().any(|r| r.projection == m.schema.name))
+            .map(|m| ProjectionStatus {
+                name: m.schema.name.to_owned(),
+                mode: if m.schema.asynchronous {
+                    ProjectionMode::Async
+                } else {
+                    ProjectionMode::Inline
+                },
+                checkpoint: Checkpoint {
+                    transaction: 0,
+                    position: if m.schema.asynchronous { 0 } else { head },
+                },
+                head,
+                lag: 0,
+                state: if m.schema.asynchronous {
+                    "idle"
+                } else {
+                    "current"
+                }
+                .to_owned(),
+                holder: None,
+                last_error: None,
+                failed_position: None,
+            })
+            .collect();
+        let stored = rows
+            .into_iter()
             .map(|r| {
                 // A read model's lag counts only the events its projectors handle.
                 let types = reg
@@ -626,28 +692,12 @@ impl EventStore {
                     .map(|_| crate::projection::handled_types(reg, &r.projection));
                 let lag = match &types {
                     Some(types) if types.is_empty() => 0,
-                    Some(types) => {
-                        let marks = vec!["?"; types.len()].join(", ");
-                        let mut q = diesel::sql_query(sql(
-                            backend,
-                            &format!(
-                                "SELECT COUNT(*) AS n FROM es_events WHERE global_position > ? AND event_type IN ({marks})"
-                            ),
-                        ))
-                        .into_boxed()
-                        .bind::<BigInt, _>(r.position);
-                        for t in types {
-                            q = q.bind::<Text, _>(*t);
-                        }
-                        q.get_result::<Count>(&mut *conn)?.n
-                    }
-                    None => diesel::sql_query(sql(backend, "SELECT COUNT(*) AS n FROM es_events WHERE global_position > ?"))
-                        .bind::<BigInt, _>(r.position)
-                        .get_result::<Count>(&mut *conn)?
-                        .n,
+                    Some(types) => count_after(&mut conn, backend, r.position, types)?,
+                    None => count_after(&mut conn, backend, r.position, &[])?,
                 };
                 Ok(ProjectionStatus {
                     name: r.projection,
+                    mode: ProjectionMode::Async,
                     checkpoint: Checkpoint {
                         transaction: r.transaction_id,
                         position: r.position,
@@ -660,7 +710,21 @@ impl EventStore {
                     failed_position: r.failed_position,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        all.extend(stored);
+        // An async read model that no runner has started yet is behind by
+        // every event it handles.
+        for s in all
+            .iter_mut()
+            .filter(|s| s.mode == ProjectionMode::Async && s.state == "idle" && s.holder.is_none())
+        {
+            let types = crate::projection::handled_types(reg, &s.name);
+            if s.checkpoint.position == 0 && !types.is_empty() {
+                s.lag = count_after(&mut conn, backend, 0, &types)?;
+            }
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
     }
 
     /// A connection that listens for appends (PostgreSQL only).

@@ -2,7 +2,7 @@
 //! applied by runners after commit, and rebuilt blue/green.
 
 use diesel::prelude::*;
-use es_diesel::runner::RunnerOptions;
+use es_diesel::runner::{ProjectionMode, RunnerOptions};
 use es_diesel::testing::TestDatabase;
 use es_diesel::{projector, Event, EventStore, ExpectedVersion, ReadModel, Recorded, StreamWrite};
 use serde::{Deserialize, Serialize};
@@ -68,59 +68,57 @@ struct LoanAsync {
     user_id: i64,
 }
 
-fn fold(row: &mut Option<(String, Option<i64>, i32)>, e: &BookEvent) {
+/// The shelf after `e`: the logic both read models share.
+fn next_shelf(row: Option<ShelfInline>, e: &BookEvent) -> Option<ShelfInline> {
     match e {
-        BookEvent::BookRegistered(r) => *row = Some((r.title.clone(), None, 0)),
-        BookEvent::BookBorrowed(b) => {
-            if let Some(r) = row {
-                r.1 = Some(b.user_id);
-                r.2 += 1;
-            }
+        BookEvent::BookRegistered(r) => Some(ShelfInline {
+            book_id: r.book_id,
+            title: r.title.clone(),
+            borrowed_by: None,
+            times_borrowed: 0,
+        }),
+        BookEvent::BookBorrowed(b) => row.map(|r| ShelfInline {
+            borrowed_by: Some(b.user_id),
+            times_borrowed: r.times_borrowed + 1,
+            ..r
+        }),
+        BookEvent::BookReturned(_) => row.map(|r| ShelfInline {
+            borrowed_by: None,
+            ..r
+        }),
+    }
+}
+
+impl From<ShelfAsync> for ShelfInline {
+    fn from(r: ShelfAsync) -> Self {
+        ShelfInline {
+            book_id: r.book_id,
+            title: r.title,
+            borrowed_by: r.borrowed_by,
+            times_borrowed: r.times_borrowed,
         }
-        BookEvent::BookReturned(_) => {
-            if let Some(r) = row {
-                r.1 = None;
-            }
+    }
+}
+
+impl From<ShelfInline> for ShelfAsync {
+    fn from(r: ShelfInline) -> Self {
+        ShelfAsync {
+            book_id: r.book_id,
+            title: r.title,
+            borrowed_by: r.borrowed_by,
+            times_borrowed: r.times_borrowed,
         }
     }
 }
 
 #[projector(on = [BookRegistered, BookBorrowed, BookReturned], key = book_id)]
 fn shelf_inline(e: &Recorded<BookEvent>, row: &mut Option<ShelfInline>) {
-    let mut t = row
-        .take()
-        .map(|r| (r.title, r.borrowed_by, r.times_borrowed));
-    fold(&mut t, &e.event);
-    let book_id = match &e.event {
-        BookEvent::BookRegistered(x) => x.book_id,
-        BookEvent::BookBorrowed(x) => x.book_id,
-        BookEvent::BookReturned(x) => x.book_id,
-    };
-    *row = t.map(|(title, borrowed_by, times_borrowed)| ShelfInline {
-        book_id,
-        title,
-        borrowed_by,
-        times_borrowed,
-    });
+    *row = next_shelf(row.take(), &e.event);
 }
 
 #[projector(on = [BookRegistered, BookBorrowed, BookReturned], key = book_id)]
 fn shelf_async(e: &Recorded<BookEvent>, row: &mut Option<ShelfAsync>) {
-    let mut t = row
-        .take()
-        .map(|r| (r.title, r.borrowed_by, r.times_borrowed));
-    fold(&mut t, &e.event);
-    let book_id = match &e.event {
-        BookEvent::BookRegistered(x) => x.book_id,
-        BookEvent::BookBorrowed(x) => x.book_id,
-        BookEvent::BookReturned(x) => x.book_id,
-    };
-    *row = t.map(|(title, borrowed_by, times_borrowed)| ShelfAsync {
-        book_id,
-        title,
-        borrowed_by,
-        times_borrowed,
-    });
+    *row = next_shelf(row.take().map(Into::into), &e.event).map(Into::into);
 }
 
 #[projector(on = BookBorrowed, read_model = LoanAsync)]
@@ -205,12 +203,7 @@ fn shelves(store: &EventStore) -> (Vec<ShelfInline>, Vec<ShelfInline>) {
         .load::<ShelfAsync>(&mut *conn)
         .unwrap()
         .into_iter()
-        .map(|r| ShelfInline {
-            book_id: r.book_id,
-            title: r.title,
-            borrowed_by: r.borrowed_by,
-            times_borrowed: r.times_borrowed,
-        })
+        .map(Into::into)
         .collect();
     (inline, asynchronous)
 }
@@ -259,11 +252,23 @@ fn async_read_models_are_not_touched_inline_and_catch_up_through_runners() {
             i == a && loans(&store) == borrowed_events(&store)
         });
         let status = store.projection_status().unwrap();
-        let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["loans_async", "shelf_async"]);
-        assert!(status
-            .iter()
-            .all(|s| s.state == "running" && s.holder.as_deref() == Some("test")));
+        let names: Vec<(&str, ProjectionMode)> =
+            status.iter().map(|s| (s.name.as_str(), s.mode)).collect();
+        assert_eq!(
+            names,
+            [
+                ("loans_async", ProjectionMode::Async),
+                ("shelf_async", ProjectionMode::Async),
+                ("shelf_inline", ProjectionMode::Inline)
+            ]
+        );
+        for s in status.iter().filter(|s| s.mode == ProjectionMode::Async) {
+            assert_eq!(
+                (s.state.as_str(), s.holder.as_deref(), s.lag),
+                ("running", Some("test"), 0)
+            );
+        }
+        assert_eq!(status[2].state, "current");
         for r in runners {
             r.stop();
         }
