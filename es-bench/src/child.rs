@@ -140,7 +140,11 @@ pub fn child_main(task: &str) -> Result<()> {
     let n = task.phase.command_count(task.events, task.replay_events);
     match task.step {
         Step::Prepare => match task.imp {
-            Impl::Es => framework::prepare(&framework::open(&task.url, sync)?, task.phase, n),
+            Impl::Es => framework::prepare(
+                &framework::open(&task.url, sync, task.phase)?,
+                task.phase,
+                n,
+            ),
             Impl::Raw => raw::prepare(&mut raw::Conn::open(&task.url, sync)?, task.phase, n),
         },
         Step::Run => {
@@ -150,9 +154,9 @@ pub fn child_main(task: &str) -> Result<()> {
             };
             let (elapsed, state) = match task.imp {
                 Impl::Es => {
-                    let store = framework::open(&task.url, sync)?;
+                    let store = framework::open(&task.url, sync, task.phase)?;
                     let elapsed = framework::run(&store, task.phase, &commands)?;
-                    (elapsed, framework::state(&store)?)
+                    (elapsed, framework::state(&store, task.phase)?)
                 }
                 Impl::Raw => {
                     let mut conn = raw::Conn::open(&task.url, sync)?;

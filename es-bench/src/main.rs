@@ -214,8 +214,8 @@ pub enum BenchError {
     Database(#[from] diesel::result::Error),
     #[error("cannot connect: {0}")]
     Connection(#[from] diesel::ConnectionError),
-    #[error("phase {0} of the framework is not available yet (it needs the read-model API)")]
-    NotAvailable(Phase),
+    #[error("the book aggregate refused a command: {0}")]
+    Refused(framework::Refused),
     #[error("phase {0} measures the database's limit and has no framework implementation")]
     RawOnly(Phase),
     #[error("a writer thread panicked")]
@@ -290,13 +290,6 @@ fn run(args: &Args) -> Result<()> {
                     order.reverse();
                 }
                 for imp in order {
-                    if imp == Impl::Es && !framework::available(phase) {
-                        if run == 1 {
-                            eprintln!("{backend} {phase} es: not available yet");
-                        }
-                        results.not_available(phase, imp);
-                        continue;
-                    }
                     let sample = child::measure(args, backend, phase, imp)?;
                     if sample.state != expected {
                         return Err(BenchError::Mismatch {

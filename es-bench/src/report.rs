@@ -6,18 +6,13 @@ use crate::{Args, BackendArg, Impl, Phase, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-enum Entry {
-    Samples(Vec<Sample>),
-    NotAvailable,
-}
-
 /// Everything measured on one backend.
 pub struct Results {
     backend: BackendArg,
     /// How the server runs (PostgreSQL), for the table's header.
     pub server: Option<String>,
     order: Vec<Phase>,
-    entries: BTreeMap<(Phase, Impl), Entry>,
+    entries: BTreeMap<(Phase, Impl), Vec<Sample>>,
 }
 
 /// A (phase, implementation) summarized over its runs.
@@ -34,15 +29,17 @@ struct JsonLine<'a> {
     #[serde(rename = "impl")]
     imp: Impl,
     backend: String,
-    events: Option<i64>,
-    events_per_s: Option<f64>,
-    peak_rss_kib: Option<u64>,
-    state: Option<State>,
+    events: i64,
+    events_per_s: f64,
+    peak_rss_kib: u64,
+    state: State,
+    /// How a command obtains the book's state (A, B, C).
     #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<&'a str>,
+    approach: Option<&'a str>,
 }
 
-const NOT_AVAILABLE: &str = "not available yet";
+/// How both implementations obtain a book's state per command.
+const APPROACH: &str = crate::framework::APPROACH;
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -72,65 +69,35 @@ impl Results {
 
     pub fn add(&mut self, phase: Phase, imp: Impl, sample: Sample) {
         self.note_phase(phase);
-        match self
-            .entries
-            .entry((phase, imp))
-            .or_insert_with(|| Entry::Samples(Vec::new()))
-        {
-            Entry::Samples(v) => v.push(sample),
-            Entry::NotAvailable => unreachable!("{phase} {imp} was recorded as not available"),
-        }
-    }
-
-    pub fn not_available(&mut self, phase: Phase, imp: Impl) {
-        self.note_phase(phase);
-        self.entries.insert((phase, imp), Entry::NotAvailable);
+        self.entries.entry((phase, imp)).or_default().push(sample);
     }
 
     /// Median rate and the highest peak RSS over the runs.
     fn summary(&self, phase: Phase, imp: Impl) -> Option<Summary> {
-        match self.entries.get(&(phase, imp))? {
-            Entry::Samples(v) if !v.is_empty() => Some(Summary {
-                events: v[0].events,
-                events_per_s: median(v.iter().map(Sample::events_per_s).collect()),
-                peak_rss_kib: v.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
-                state: v[0].state,
-            }),
-            _ => None,
-        }
-    }
-
-    fn is_not_available(&self, phase: Phase, imp: Impl) -> bool {
-        matches!(self.entries.get(&(phase, imp)), Some(Entry::NotAvailable))
+        let v = self.entries.get(&(phase, imp)).filter(|v| !v.is_empty())?;
+        Some(Summary {
+            events: v[0].events,
+            events_per_s: median(v.iter().map(Sample::events_per_s).collect()),
+            peak_rss_kib: v.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
+            state: v[0].state,
+        })
     }
 
     pub fn print_json(&self) -> Result<()> {
         for &phase in &self.order {
             for imp in [Impl::Es, Impl::Raw] {
-                let line = if let Some(s) = self.summary(phase, imp) {
-                    JsonLine {
-                        phase,
-                        imp,
-                        backend: self.backend.to_string(),
-                        events: Some(s.events),
-                        events_per_s: Some(s.events_per_s),
-                        peak_rss_kib: Some(s.peak_rss_kib),
-                        state: Some(s.state),
-                        note: None,
-                    }
-                } else if self.is_not_available(phase, imp) {
-                    JsonLine {
-                        phase,
-                        imp,
-                        backend: self.backend.to_string(),
-                        events: None,
-                        events_per_s: None,
-                        peak_rss_kib: None,
-                        state: None,
-                        note: Some(NOT_AVAILABLE),
-                    }
-                } else {
+                let Some(s) = self.summary(phase, imp) else {
                     continue;
+                };
+                let line = JsonLine {
+                    phase,
+                    imp,
+                    backend: self.backend.to_string(),
+                    events: s.events,
+                    events_per_s: s.events_per_s,
+                    peak_rss_kib: s.peak_rss_kib,
+                    state: s.state,
+                    approach: matches!(phase, Phase::A | Phase::B | Phase::C).then_some(APPROACH),
                 };
                 println!("{}", serde_json::to_string(&line)?);
             }
@@ -160,7 +127,7 @@ impl Results {
             self.backend, args.events, args.replay_events, args.runs
         );
         println!("   durability: {durability}");
-        println!("   state per command: load the whole book stream and fold it (no snapshot, no cache), both implementations");
+        println!("   state per command (A, B, C): {APPROACH}: the whole book stream is read and folded, no cache, both implementations");
         println!(
             "{:<5} {:>9} {:>17} {:>12} {:>8} {:>13} {:>13}",
             "phase",
@@ -175,11 +142,9 @@ impl Results {
             let es = self.summary(phase, Impl::Es);
             let raw = self.summary(phase, Impl::Raw);
             let events = es.as_ref().or(raw.as_ref()).map_or(0, |s| s.events);
-            let es_rate = match &es {
-                Some(s) => format!("{:.0}", s.events_per_s),
-                None if self.is_not_available(phase, Impl::Es) => NOT_AVAILABLE.to_owned(),
-                None => "-".to_owned(),
-            };
+            let es_rate = es
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.events_per_s));
             let raw_rate = raw
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.events_per_s));
@@ -224,9 +189,6 @@ impl Results {
                         None => "",
                     };
                     format!("{phase}: framework/{base_name} = {r:.2} (goal {goal_text}){verdict}")
-                }
-                (None, _) if self.is_not_available(phase, Impl::Es) => {
-                    format!("{phase}: framework {NOT_AVAILABLE} (goal framework/{base_name} {goal_text})")
                 }
                 _ => format!(
                     "{phase}: {base_name} not measured in this invocation (goal {goal_text})"
