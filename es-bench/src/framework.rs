@@ -22,16 +22,6 @@ use std::time::{Duration, Instant};
 /// How a command obtains the book's state, as printed in the report.
 pub const APPROACH: &str = "load + fold (no snapshots)";
 
-/// Events per rebuild step of phase D, instead of the framework's default
-/// of 2,000. Each step has a fixed cost on top of its events (it loads the
-/// rows it touches, deletes and re-inserts them: with 1,000 books nearly
-/// every row each step), which on PostgreSQL dominated: at 101,100 events,
-/// 2,000 → 10,000 → 20,000 → 50,000 gave about 53k → 161k → 227k → 361k
-/// events/s for a peak RSS of 12 → 19 → 29 → 53 MiB (SQLite: 323k → 389k →
-/// 371k → 388k). 20,000 keeps memory well under the 64 MiB goal (it is
-/// bounded by the batch, not the log) while paying the step cost rarely.
-pub const REBUILD_BATCH: usize = 20_000;
-
 /// A book entered the catalogue.
 #[derive(Event, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct BookRegistered {
@@ -317,12 +307,10 @@ fn concurrent(store: &EventStore, commands: &[Command]) -> Result<Duration> {
 }
 
 /// D: `rebuild` empties `book_list` and replays the book events of the log
-/// in global order, in steps of [`REBUILD_BATCH`] events, in one transaction.
+/// in global order with the default options, in one transaction.
 fn rebuild(store: &EventStore) -> Result<Duration> {
     drop(store.connection()?);
-    let options = RebuildOptions {
-        batch_size: REBUILD_BATCH,
-    };
+    let options = RebuildOptions::default();
     let start = Instant::now();
     let report = store.rebuild_with(BookList::SCHEMA.name, &options, |_| {})?;
     let elapsed = start.elapsed();

@@ -127,19 +127,21 @@ pub(crate) fn read_all(
     after: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
+    static PG: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {PG_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?")
+    });
+    static SQLITE: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {SQLITE_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?")
+    });
     let rows = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query(format!(
-            "SELECT {PG_COLUMNS} FROM es_events WHERE global_position > $1 ORDER BY global_position LIMIT $2"
-        ))
-        .bind::<BigInt, _>(after)
-        .bind::<BigInt, _>(clamp(limit))
-        .load::<EventRow>(c)?,
-        DbConnection::Sqlite(c) => diesel::sql_query(format!(
-            "SELECT {SQLITE_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?"
-        ))
-        .bind::<BigInt, _>(after)
-        .bind::<BigInt, _>(clamp(limit))
-        .load::<EventRow>(c)?,
+        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+            .bind(Bind::BigInt(after))
+            .bind(Bind::BigInt(clamp(limit)))
+            .load::<EventRow>(c)?,
+        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(&SQLITE)
+            .bind(Bind::BigInt(after))
+            .bind(Bind::BigInt(clamp(limit)))
+            .load::<EventRow>(c)?,
     };
     rows_into_events(rows)
 }
@@ -154,27 +156,30 @@ pub(crate) fn read_types(
     if types.is_empty() {
         return Ok(Vec::new());
     }
+    static PG: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {PG_COLUMNS} FROM es_events WHERE event_type = ANY(?) AND global_position > ? \
+             ORDER BY global_position LIMIT ?"
+        )
+    });
     let rows = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query(format!(
-            "SELECT {PG_COLUMNS} FROM es_events WHERE event_type = ANY($1) AND global_position > $2 \
-             ORDER BY global_position LIMIT $3"
-        ))
-        .bind::<diesel::sql_types::Array<Text>, _>(types)
-        .bind::<BigInt, _>(after)
-        .bind::<BigInt, _>(clamp(limit))
-        .load::<EventRow>(c)?,
+        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+            .bind(Bind::TextArray(types))
+            .bind(Bind::BigInt(after))
+            .bind(Bind::BigInt(clamp(limit)))
+            .load::<EventRow>(c)?,
         DbConnection::Sqlite(c) => {
-            let marks = vec!["?"; types.len()].join(", ");
-            let mut q = diesel::sql_query(format!(
-                "SELECT {SQLITE_COLUMNS} FROM es_events WHERE event_type IN ({marks}) AND global_position > ? \
-                 ORDER BY global_position LIMIT ?"
-            ))
-            .into_boxed();
+            let sql = format!(
+                "SELECT {SQLITE_COLUMNS} FROM es_events WHERE event_type IN ({}) AND global_position > ? \
+                 ORDER BY global_position LIMIT ?",
+                vec!["?"; types.len()].join(", ")
+            );
+            let mut q = Stmt::<Sqlite>::with_capacity(&sql, types.len() + 2);
             for t in types {
-                q = q.bind::<Text, _>(*t);
+                q.push(Bind::Text(t));
             }
-            q.bind::<BigInt, _>(after)
-                .bind::<BigInt, _>(clamp(limit))
+            q.bind(Bind::BigInt(after))
+                .bind(Bind::BigInt(clamp(limit)))
                 .load::<EventRow>(c)?
         }
     };

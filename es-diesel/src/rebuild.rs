@@ -126,6 +126,8 @@ pub(crate) fn rebuild_in(
     let head = read::head(conn)?;
     let batch_size = options.batch_size.max(1);
     let mut rows = (entry.new_rows)();
+    // The table was just emptied.
+    let mut only_in_memory = true;
     let mut state = Progress {
         events: 0,
         position: 0,
@@ -135,7 +137,7 @@ pub(crate) fn rebuild_in(
         let Some(last) = batch.last() else { break };
         let last_position = last.global_position;
         let full = rows.len() >= options.max_rows_in_memory;
-        project_batch(conn, name, rows.as_mut(), &batch, full)?;
+        project_batch(conn, name, rows.as_mut(), &batch, full, &mut only_in_memory)?;
         state.events += batch.len() as u64;
         state.position = last_position;
         progress(&RebuildProgress {
@@ -173,12 +175,17 @@ pub(crate) fn rebuild_in(
 /// Row-level results stay in memory after the batch unless `flush` says
 /// otherwise (or a SQL-level projector is about to read the table), so a
 /// rebuild writes each row once rather than once per batch.
+///
+/// `only_in_memory`: the table holds no row that is not in `rows` (it was
+/// emptied and nothing has been written back since), so rows are not looked
+/// up; it turns false at the first write-back.
 pub(crate) fn project_batch(
     conn: &mut DbConnection,
     name: &str,
     rows: &mut dyn RowBatch,
     batch: &[RecordedEvent],
     flush: bool,
+    only_in_memory: &mut bool,
 ) -> Result<()> {
     let reg = registry()?;
     let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
@@ -191,15 +198,16 @@ pub(crate) fn project_batch(
                 HandlerKind::Row { .. } => segment.push((ev, p, h)),
                 HandlerKind::Sql { apply } => {
                     // A SQL projector may read rows the batch still holds in memory.
-                    fold_segment(conn, rows, &mut segment, true)?;
+                    fold_segment(conn, rows, &mut segment, true, only_in_memory)?;
                     apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
                 }
             }
         }
     }
-    fold_segment(conn, rows, &mut segment, flush)?;
+    fold_segment(conn, rows, &mut segment, flush, only_in_memory)?;
     if flush && !rows.is_empty() {
         rows.flush(conn)?;
+        *only_in_memory = false;
     }
     Ok(())
 }
@@ -217,16 +225,19 @@ fn fold_segment(
     rows: &mut dyn RowBatch,
     segment: &mut Vec<(&RecordedEvent, &'static Projector, &'static Handler)>,
     flush: bool,
+    only_in_memory: &mut bool,
 ) -> Result<()> {
     if segment.is_empty() {
         return Ok(());
     }
-    for (ev, p, h) in segment.iter() {
-        if let HandlerKind::Row { want, .. } = &h.kind {
-            want(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
+    if !*only_in_memory {
+        for (ev, p, h) in segment.iter() {
+            if let HandlerKind::Row { want, .. } = &h.kind {
+                want(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
+            }
         }
+        rows.load(conn)?;
     }
-    rows.load(conn)?;
     for (ev, p, h) in segment.iter() {
         if let HandlerKind::Row { fold, .. } = &h.kind {
             fold(ev, rows).map_err(|f| f.into_error(p.name, ev))?;
@@ -234,6 +245,7 @@ fn fold_segment(
     }
     if flush {
         rows.flush(conn)?;
+        *only_in_memory = false;
     }
     segment.clear();
     Ok(())

@@ -193,6 +193,8 @@ fn build_and_swap(
     let batch_size = options.batch_size.max(1);
     let head = crate::read::head(conn)?;
     let mut rows = (entry.new_rows)();
+    // The shadow starts empty.
+    let mut only_in_memory = true;
     let mut checkpoint = Checkpoint::default();
     let mut events = 0u64;
 
@@ -206,7 +208,7 @@ fn build_and_swap(
             };
             let last = last.checkpoint;
             let recorded: Vec<_> = batch.into_iter().map(|f| f.event).collect();
-            project_batch(c, name, rows.as_mut(), &recorded, true)?;
+            project_batch(c, name, rows.as_mut(), &recorded, true, &mut only_in_memory)?;
             checkpoint = last;
             Ok(recorded.len())
         })?;
@@ -247,7 +249,7 @@ fn build_and_swap(
             let Some(last) = batch.last() else { break };
             let last = last.checkpoint;
             let recorded: Vec<_> = batch.into_iter().map(|f| f.event).collect();
-            project_batch(c, name, rows.as_mut(), &recorded, true)?;
+            project_batch(c, name, rows.as_mut(), &recorded, true, &mut only_in_memory)?;
             events += recorded.len() as u64;
             checkpoint = last;
         }
