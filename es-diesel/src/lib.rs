@@ -68,6 +68,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Asynchronous read models
+//!
+//! `#[read_model(mode = async)]` keeps the same projector code out of the
+//! append transaction: [`EventStore::start_async_read_models`] starts one
+//! runner thread per such read model (or [`EventStore::run_async_read_models`]
+//! in a worker process). Runners follow the log from a checkpoint stored with
+//! each batch, never skip an event on PostgreSQL (see [`follow`]), hold a
+//! lease so that one runner per read model is active across processes, and
+//! stop at a failing event until it is fixed ([`EventStore::projection_status`]).
+//! [`EventStore::rebuild`] rebuilds them blue/green, into a shadow table.
+//!
+//! # Commands
+//!
+//! An [`Aggregate`] folds its stream and decides new events from a command;
+//! [`EventStore::execute`] loads it, decides, and appends with the expected
+//! version, retrying on a conflict; a refusal writes nothing. The
+//! [`harness`] checks deciders without a database.
+//!
 //! ## Projectors in other crates
 //!
 //! Projectors register themselves with `inventory`. The linker drops a

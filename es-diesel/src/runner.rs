@@ -4,7 +4,7 @@
 //! * Exactly-once effect: the read-model writes and the checkpoint commit
 //!   together; the checkpoint update is guarded by the checkpoint it started
 //!   from, so a batch that raced another runner is rolled back whole.
-//! * Never skipping: events are read with [`follow::read_after`], which on
+//! * Never skipping: events are read with [`crate::follow::read_after`], which on
 //!   PostgreSQL only returns events no slower writer can still precede.
 //! * One active runner per projection across processes and machines: a lease
 //!   in `es_checkpoints` (holder, expiry by the database clock), renewed while
