@@ -355,3 +355,94 @@ fn upcasters_are_registered_once_each() {
         ]
     );
 }
+
+/// The loan period of each book's last loan, kept inline.
+#[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "loan_periods", primary_key = book_id)]
+struct LoanPeriod {
+    book_id: String,
+    user_id: String,
+    due_days: i64,
+}
+
+/// The same, kept by a runner.
+#[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "loan_periods_async", primary_key = book_id, mode = async)]
+struct LoanPeriodAsync {
+    book_id: String,
+    user_id: String,
+    due_days: i64,
+}
+
+#[es_diesel::projector(on = current::BookBorrowed, key = book_id)]
+fn loan_period(e: &es_diesel::Recorded<current::BookBorrowed>, row: &mut Option<LoanPeriod>) {
+    *row = Some(LoanPeriod {
+        book_id: e.book_id.clone(),
+        user_id: e.user_id.clone(),
+        due_days: e.due_days.into(),
+    });
+}
+
+#[es_diesel::projector(on = current::BookBorrowed, key = book_id)]
+fn loan_period_async(
+    e: &es_diesel::Recorded<current::BookBorrowed>,
+    row: &mut Option<LoanPeriodAsync>,
+) {
+    *row = Some(LoanPeriodAsync {
+        book_id: e.book_id.clone(),
+        user_id: e.user_id.clone(),
+        due_days: e.due_days.into(),
+    });
+}
+
+/// Projections see v1 events upcast too: inline, in a rebuild, and in a runner.
+#[test]
+fn projections_and_rebuilds_read_upcast_events() {
+    use diesel::prelude::*;
+    for db in TestDatabase::all() {
+        let store = db.store();
+        write_v1_log(&store);
+        let inline = || -> Vec<(String, String, i64)> {
+            loan_periods::table
+                .order(loan_periods::book_id)
+                .select((
+                    loan_periods::book_id,
+                    loan_periods::user_id,
+                    loan_periods::due_days,
+                ))
+                .load(&mut *store.connection().unwrap())
+                .unwrap()
+        };
+        let expected = vec![("b1".to_owned(), "bob".to_owned(), 14)];
+        assert_eq!(inline(), expected, "{}: inline projector", db.backend());
+        store.rebuild("loan_periods").unwrap();
+        assert_eq!(inline(), expected, "rebuild");
+
+        let mut runner = es_diesel::runner::Runner::new(
+            store.clone(),
+            es_diesel::runner::async_read_models().unwrap().remove(0),
+            es_diesel::runner::RunnerOptions::default(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let asynchronous = || -> Vec<(String, String, i64)> {
+            loan_periods_async::table
+                .order(loan_periods_async::book_id)
+                .select((
+                    loan_periods_async::book_id,
+                    loan_periods_async::user_id,
+                    loan_periods_async::due_days,
+                ))
+                .load(&mut *store.connection().unwrap())
+                .unwrap()
+        };
+        while asynchronous() != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the runner applies upcast events"
+            );
+            runner.step().unwrap();
+        }
+        store.rebuild("loan_periods_async").unwrap();
+        assert_eq!(asynchronous(), expected, "blue/green rebuild");
+    }
+}
