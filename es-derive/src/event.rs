@@ -152,10 +152,10 @@ fn parse_version(int: &LitInt) -> syn::Result<u16> {
             int,
             "event versions start at 1; write #[event(version = 1)] or more",
         )),
-        Ok(v) => Ok(v),
-        Err(_) => Err(syn::Error::new_spanned(
+        Ok(v) if v <= i16::MAX as u16 => Ok(v),
+        _ => Err(syn::Error::new_spanned(
             int,
-            "`version` must fit in 1..=65535, e.g. #[event(version = 2)]",
+            "`version` must be in 1..=32767 (it is stored as a SMALLINT), e.g. #[event(version = 2)]",
         )),
     }
 }
