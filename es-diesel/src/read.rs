@@ -35,6 +35,58 @@ pub(crate) struct EventRow {
     created_at: NaiveDateTime,
 }
 
+/// The SQL types of the event columns, in `PG_COLUMNS`/`SQLITE_COLUMNS` order.
+pub(crate) type EventSql = (
+    BigInt,
+    Text,
+    Text,
+    BigInt,
+    Text,
+    SmallInt,
+    Text,
+    Text,
+    Timestamp,
+);
+/// An event row loaded by position.
+type EventTuple = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    i16,
+    String,
+    String,
+    NaiveDateTime,
+);
+
+impl From<EventTuple> for EventRow {
+    fn from(t: EventTuple) -> Self {
+        let (
+            global_position,
+            event_id,
+            stream_id,
+            stream_version,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            created_at,
+        ) = t;
+        EventRow {
+            global_position,
+            event_id,
+            stream_id,
+            stream_version,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            created_at,
+        }
+    }
+}
+
 impl EventRow {
     pub(crate) fn global_position(&self) -> i64 {
         self.global_position
@@ -45,8 +97,12 @@ impl EventRow {
         let malformed = |reason: String| Error::Malformed { position, reason };
         let event_id = uuid::Uuid::parse_str(&self.event_id)
             .map_err(|e| malformed(format!("event_id {:?} is not a UUID: {e}", self.event_id)))?;
-        let metadata = Metadata::from_json(&self.metadata)
-            .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?;
+        let metadata = if self.metadata == "{}" {
+            Metadata::default()
+        } else {
+            Metadata::from_json(&self.metadata)
+                .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?
+        };
         let event_version = u16::try_from(self.event_version)
             .ok()
             .filter(|v| *v > 0)
@@ -78,8 +134,10 @@ pub(crate) const SQLITE_COLUMNS: &str =
     "global_position, event_id, stream_id, stream_version, event_type, \
      event_version, payload, metadata, created_at";
 
-fn rows_into_events(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>> {
-    rows.into_iter().map(EventRow::into_recorded).collect()
+fn rows_into_events(rows: Vec<EventTuple>) -> Result<Vec<RecordedEvent>> {
+    rows.into_iter()
+        .map(|t| EventRow::from(t).into_recorded())
+        .collect()
 }
 
 fn clamp(limit: usize) -> i64 {
@@ -106,17 +164,17 @@ pub(crate) fn read_stream(
         )
     });
     let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
             .bind(Bind::Text(stream))
             .bind(Bind::Text(stream))
             .bind(Bind::BigInt(from_version))
             .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventRow>(c)?,
-        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(&SQLITE)
+            .load::<EventTuple>(c)?,
+        DbConnection::Sqlite(c) => Stmt::<Sqlite, EventSql>::new(&SQLITE)
             .bind(Bind::Text(stream))
             .bind(Bind::BigInt(from_version))
             .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventRow>(c)?,
+            .load::<EventTuple>(c)?,
     };
     rows_into_events(rows)
 }
@@ -134,14 +192,14 @@ pub(crate) fn read_all(
         format!("SELECT {SQLITE_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?")
     });
     let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
             .bind(Bind::BigInt(after))
             .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventRow>(c)?,
-        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(&SQLITE)
+            .load::<EventTuple>(c)?,
+        DbConnection::Sqlite(c) => Stmt::<Sqlite, EventSql>::new(&SQLITE)
             .bind(Bind::BigInt(after))
             .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventRow>(c)?,
+            .load::<EventTuple>(c)?,
     };
     rows_into_events(rows)
 }
@@ -163,24 +221,24 @@ pub(crate) fn read_types(
         )
     });
     let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg>::new(&PG)
+        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
             .bind(Bind::TextArray(types))
             .bind(Bind::BigInt(after))
             .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventRow>(c)?,
+            .load::<EventTuple>(c)?,
         DbConnection::Sqlite(c) => {
             let sql = format!(
                 "SELECT {SQLITE_COLUMNS} FROM es_events WHERE event_type IN ({}) AND global_position > ? \
                  ORDER BY global_position LIMIT ?",
                 vec!["?"; types.len()].join(", ")
             );
-            let mut q = Stmt::<Sqlite>::with_capacity(&sql, types.len() + 2);
+            let mut q = Stmt::<Sqlite, EventSql>::with_capacity(&sql, types.len() + 2);
             for t in types {
                 q.push(Bind::Text(t));
             }
             q.bind(Bind::BigInt(after))
                 .bind(Bind::BigInt(clamp(limit)))
-                .load::<EventRow>(c)?
+                .load::<EventTuple>(c)?
         }
     };
     rows_into_events(rows)

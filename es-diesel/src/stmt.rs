@@ -28,15 +28,17 @@ pub(crate) enum Bind<'a> {
 }
 
 /// SQL text with `?` where values go (the backend writes its own placeholder
-/// syntax), and the values in order.
+/// syntax), and the values in order. `ST` is the SQL type of its rows:
+/// `Untyped` rows load by column name (`QueryableByName`); a tuple of SQL
+/// types loads by position, without name look-ups.
 #[derive(Debug)]
-pub(crate) struct Stmt<'a, DB> {
+pub(crate) struct Stmt<'a, DB, ST = Untyped> {
     sql: &'a str,
     binds: Vec<Bind<'a>>,
-    backend: PhantomData<DB>,
+    backend: PhantomData<(DB, ST)>,
 }
 
-impl<'a, DB> Stmt<'a, DB> {
+impl<'a, DB, ST> Stmt<'a, DB, ST> {
     pub(crate) fn new(sql: &'a str) -> Self {
         Stmt {
             sql,
@@ -63,16 +65,16 @@ impl<'a, DB> Stmt<'a, DB> {
     }
 }
 
-impl<DB> QueryId for Stmt<'_, DB> {
+impl<DB, ST> QueryId for Stmt<'_, DB, ST> {
     type QueryId = ();
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<DB: Backend> Query for Stmt<'_, DB> {
-    type SqlType = Untyped;
+impl<DB: Backend, ST> Query for Stmt<'_, DB, ST> {
+    type SqlType = ST;
 }
 
-impl<Conn, DB> RunQueryDsl<Conn> for Stmt<'_, DB> {}
+impl<Conn, DB, ST> RunQueryDsl<Conn> for Stmt<'_, DB, ST> {}
 
 fn walk<'b, DB>(
     sql: &'b str,
@@ -105,7 +107,7 @@ where
     Ok(())
 }
 
-impl QueryFragment<Pg> for Stmt<'_, Pg> {
+impl<ST> QueryFragment<Pg> for Stmt<'_, Pg, ST> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         walk(self.sql, &self.binds, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
@@ -120,7 +122,7 @@ impl QueryFragment<Pg> for Stmt<'_, Pg> {
     }
 }
 
-impl QueryFragment<Sqlite> for Stmt<'_, Sqlite> {
+impl<ST> QueryFragment<Sqlite> for Stmt<'_, Sqlite, ST> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         walk(self.sql, &self.binds, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
