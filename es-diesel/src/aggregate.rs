@@ -126,8 +126,14 @@ pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Re
         let page = read::read_stream(conn, stream, version + 1, PAGE)?;
         let full = page.len() == PAGE;
         for ev in page {
-            let decoded = ev.decode::<A::Event>().map_err(|e| Error::decode(&ev, e))?;
-            state.apply(&decoded.event);
+            // Only the event is needed: no envelope copy.
+            let event = <A::Event as es_core::Event>::decode(
+                &ev.event_type,
+                ev.event_version,
+                ev.payload(),
+            )
+            .map_err(|e| Error::decode(&ev, e))?;
+            state.apply(&event);
             version = ev.stream_version;
         }
         if !full {
