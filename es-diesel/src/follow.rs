@@ -18,9 +18,12 @@
 
 use crate::connection::DbConnection;
 use crate::error::Result;
-use crate::read::{EventRow, PG_COLUMNS, SQLITE_COLUMNS};
+use crate::read::{recorded, EventSql, EventTuple, PG_COLUMNS, SQLITE_COLUMNS};
+use crate::stmt::{Bind, Stmt};
+use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text};
+use diesel::sql_types::BigInt;
+use diesel::sqlite::Sqlite;
 use es_core::RecordedEvent;
 
 /// How far a follower has read. Totally ordered; compare with `<`.
@@ -53,14 +56,6 @@ pub struct Followed {
     pub checkpoint: Checkpoint,
 }
 
-#[derive(QueryableByName)]
-struct FollowRow {
-    #[diesel(embed)]
-    event: EventRow,
-    #[diesel(sql_type = BigInt)]
-    tx: i64,
-}
-
 /// Up to `limit` events after `after` that can never be preceded by an event
 /// committed later, optionally only of the given types, in follow order.
 pub fn read_after(
@@ -70,64 +65,59 @@ pub fn read_after(
     limit: usize,
 ) -> Result<Vec<Followed>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows: Vec<FollowRow> = match conn {
+    type Row = (EventTuple, i64);
+    let rows: Vec<Row> = match conn {
         DbConnection::Postgres(c) => {
             let filter = if types.is_some() {
-                "AND event_type = ANY($4)"
+                "AND event_type = ANY(?)"
             } else {
                 ""
             };
             let sql = format!(
                 "SELECT {PG_COLUMNS}, transaction_id::text::bigint AS tx FROM es_events \
-                 WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+                 WHERE (transaction_id, global_position) > (?::bigint::text::xid8, ?) \
                  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) {filter} \
-                 ORDER BY transaction_id, global_position LIMIT $3"
+                 ORDER BY transaction_id, global_position LIMIT ?"
             );
-            let q = diesel::sql_query(sql)
-                .into_boxed()
-                .bind::<BigInt, _>(after.transaction)
-                .bind::<BigInt, _>(after.position)
-                .bind::<BigInt, _>(limit);
-            match types {
-                Some(types) => q.bind::<Array<Text>, _>(types).load(c)?,
-                None => q.load(c)?,
+            let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 4)
+                .bind(Bind::BigInt(after.transaction))
+                .bind(Bind::BigInt(after.position));
+            if let Some(types) = types {
+                q.push(Bind::TextArray(types));
             }
+            q.bind(Bind::BigInt(limit)).load(c)?
         }
         DbConnection::Sqlite(c) => {
-            let (filter, marks) = match types {
-                Some(types) => (
-                    format!(
-                        "AND event_type IN ({})",
-                        vec!["?"; types.len().max(1)].join(", ")
-                    ),
-                    types,
+            let filter = match types {
+                Some(types) => format!(
+                    "AND event_type IN ({})",
+                    vec!["?"; types.len().max(1)].join(", ")
                 ),
-                None => (String::new(), &[][..]),
+                None => String::new(),
             };
             let sql = format!(
                 "SELECT {SQLITE_COLUMNS}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
                  ORDER BY global_position LIMIT ?"
             );
-            let mut q = diesel::sql_query(sql)
-                .into_boxed()
-                .bind::<BigInt, _>(after.position);
-            if types.is_some_and(|t| t.is_empty()) {
-                q = q.bind::<Text, _>("");
+            let mut q =
+                Stmt::<Sqlite, (EventSql, BigInt)>::new(&sql).bind(Bind::BigInt(after.position));
+            match types {
+                // `IN ()` is not SQL: an empty list matches nothing.
+                Some([]) => q.push(Bind::Text("")),
+                Some(types) => types.iter().for_each(|t| q.push(Bind::Text(t))),
+                None => {}
             }
-            for t in marks {
-                q = q.bind::<Text, _>(*t);
-            }
-            q.bind::<BigInt, _>(limit).load(c)?
+            q.bind(Bind::BigInt(limit)).load(c)?
         }
     };
     rows.into_iter()
-        .map(|r| {
+        .map(|(row, tx)| {
             let checkpoint = Checkpoint {
-                transaction: r.tx,
-                position: r.event.global_position(),
+                transaction: tx,
+                position: row.0,
             };
             Ok(Followed {
-                event: r.event.into_recorded()?,
+                event: recorded(row)?,
                 checkpoint,
             })
         })

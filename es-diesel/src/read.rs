@@ -13,28 +13,6 @@ use diesel::sqlite::Sqlite;
 use es_core::{Metadata, Payload, RecordedEvent};
 use std::sync::LazyLock;
 
-#[derive(QueryableByName)]
-pub(crate) struct EventRow {
-    #[diesel(sql_type = BigInt)]
-    global_position: i64,
-    #[diesel(sql_type = Text)]
-    event_id: String,
-    #[diesel(sql_type = Text)]
-    stream_id: String,
-    #[diesel(sql_type = BigInt)]
-    stream_version: i64,
-    #[diesel(sql_type = Text)]
-    event_type: String,
-    #[diesel(sql_type = SmallInt)]
-    event_version: i16,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = Text)]
-    metadata: String,
-    #[diesel(sql_type = Timestamp)]
-    created_at: NaiveDateTime,
-}
-
 /// The SQL types of the event columns, in `PG_COLUMNS`/`SQLITE_COLUMNS` order.
 pub(crate) type EventSql = (
     BigInt,
@@ -47,8 +25,9 @@ pub(crate) type EventSql = (
     Text,
     Timestamp,
 );
-/// An event row loaded by position.
-type EventTuple = (
+
+/// An event row, loaded by position.
+pub(crate) type EventTuple = (
     i64,
     String,
     String,
@@ -60,70 +39,47 @@ type EventTuple = (
     NaiveDateTime,
 );
 
-impl From<EventTuple> for EventRow {
-    fn from(t: EventTuple) -> Self {
-        let (
-            global_position,
-            event_id,
-            stream_id,
-            stream_version,
-            event_type,
-            event_version,
-            payload,
-            metadata,
-            created_at,
-        ) = t;
-        EventRow {
-            global_position,
-            event_id,
-            stream_id,
-            stream_version,
-            event_type,
-            event_version,
-            payload,
-            metadata,
-            created_at,
-        }
-    }
-}
-
-impl EventRow {
-    pub(crate) fn global_position(&self) -> i64 {
-        self.global_position
-    }
-
-    pub(crate) fn into_recorded(self) -> Result<RecordedEvent> {
-        let position = self.global_position;
-        let malformed = |reason: String| Error::Malformed { position, reason };
-        let event_id = uuid::Uuid::parse_str(&self.event_id)
-            .map_err(|e| malformed(format!("event_id {:?} is not a UUID: {e}", self.event_id)))?;
-        let metadata = if self.metadata == "{}" {
-            Metadata::default()
-        } else {
-            Metadata::from_json(&self.metadata)
-                .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?
-        };
-        let event_version = u16::try_from(self.event_version)
-            .ok()
-            .filter(|v| *v > 0)
-            .ok_or_else(|| {
-                malformed(format!(
-                    "event_version {} is not a positive version",
-                    self.event_version
-                ))
-            })?;
-        Ok(RecordedEvent {
-            global_position: position,
-            event_id,
-            stream_id: self.stream_id,
-            stream_version: self.stream_version,
-            event_type: self.event_type,
-            event_version,
-            metadata,
-            created_at: self.created_at.and_utc(),
-            event: Payload(self.payload),
-        })
-    }
+/// Checks a stored row and turns it into a recorded event.
+pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
+    let (
+        position,
+        event_id,
+        stream_id,
+        stream_version,
+        event_type,
+        event_version,
+        payload,
+        metadata,
+        created_at,
+    ) = row;
+    let malformed = |reason: String| Error::Malformed { position, reason };
+    let event_id = uuid::Uuid::parse_str(&event_id)
+        .map_err(|e| malformed(format!("event_id {event_id:?} is not a UUID: {e}")))?;
+    let metadata = if metadata == "{}" {
+        Metadata::default()
+    } else {
+        Metadata::from_json(&metadata)
+            .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?
+    };
+    let event_version = u16::try_from(event_version)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| {
+            malformed(format!(
+                "event_version {event_version} is not a positive version"
+            ))
+        })?;
+    Ok(RecordedEvent {
+        global_position: position,
+        event_id,
+        stream_id,
+        stream_version,
+        event_type,
+        event_version,
+        metadata,
+        created_at: created_at.and_utc(),
+        event: Payload(payload),
+    })
 }
 
 pub(crate) const PG_COLUMNS: &str =
@@ -135,9 +91,7 @@ pub(crate) const SQLITE_COLUMNS: &str =
      event_version, payload, metadata, created_at";
 
 fn rows_into_events(rows: Vec<EventTuple>) -> Result<Vec<RecordedEvent>> {
-    rows.into_iter()
-        .map(|t| EventRow::from(t).into_recorded())
-        .collect()
+    rows.into_iter().map(recorded).collect()
 }
 
 fn clamp(limit: usize) -> i64 {

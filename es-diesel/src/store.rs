@@ -177,9 +177,7 @@ impl EventStore {
     /// Appends to several streams atomically: every expectation holds and
     /// everything is written, or nothing is.
     pub fn append_streams(&self, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
-        for w in writes {
-            check_stream_id(&w.stream_id)?;
-        }
+        // Stream ids are checked by `append_events`, before anything is written.
         let mut conn = self.connection()?;
         let retry = writes.iter().all(|w| w.expected == ExpectedVersion::Any);
         // One statement that writes only events is atomic by itself: no
