@@ -63,7 +63,7 @@ impl<E> ExecuteError<E> {
 
 impl<E> From<diesel::result::Error> for ExecuteError<E> {
     fn from(err: diesel::result::Error) -> Self {
-        ExecuteError::Store(Error::Database(err))
+        ExecuteError::Store(Error::from(err))
     }
 }
 
@@ -322,10 +322,10 @@ impl EventStore {
             };
             match result {
                 Ok(executed) => return Ok(executed),
-                Err(ExecuteError::Store(Error::Conflict { .. }))
-                    if attempts <= options.max_retries =>
+                Err(ExecuteError::Store(e))
+                    if e.is_retryable() && attempts <= options.max_retries =>
                 {
-                    tracing::debug!(aggregate = A::TYPE, %stream, attempts, "lost a race for the stream; reloading");
+                    tracing::debug!(aggregate = A::TYPE, %stream, attempts, error = %e, "lost a race for the stream; reloading");
                 }
                 Err(ExecuteError::Store(Error::Conflict {
                     stream,

@@ -1,6 +1,6 @@
 //! Appending to the log: optimistic concurrency per stream, all or nothing.
 
-use crate::connection::DbConnection;
+use crate::connection::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
 use crate::stmt::{Bind, Stmt};
 use chrono::{NaiveDateTime, Utc};
@@ -73,12 +73,75 @@ pub(crate) struct Version {
 
 /// Appends `writes` inside the caller's transaction on `conn` (open it with
 /// [`write_transaction`](crate::write_transaction)), then runs the inline
-/// projectors on the recorded events in append order, so that the events,
+/// projectors on the recorded events in log order, so that the events,
 /// the read models and any other writes of the caller commit or roll back
-/// together. Returns the recorded events in append order. After an error,
-/// roll the transaction back.
+/// together. Returns the recorded events in the order of `writes`.
+///
+/// Streams are written in the order of their ids, whatever the order of
+/// `writes`, so that two transactions writing the same streams never wait
+/// for each other in a cycle. On PostgreSQL the append runs in a savepoint:
+/// a lost race with [`ExpectedVersion::Any`] or
+/// [`ExpectedVersion::StreamExists`] is retried, and after an error the
+/// caller's transaction is still usable (roll it back or go on).
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
-    append_events(conn, writes, true)
+    if conn.backend() == crate::Backend::Sqlite {
+        return append_events(conn, writes, true);
+    }
+    let mut attempt = 0;
+    loop {
+        match write_transaction(conn, |c| append_events(c, writes, true)) {
+            Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "append lost a race; retrying");
+            }
+            Err(e) => return Err(known_actual(conn, e)?),
+            ok => return ok,
+        }
+    }
+}
+
+/// How many times an append is retried after losing a race it may simply
+/// run again (see [`retry_after`]).
+pub(crate) const RACE_RETRIES: usize = 16;
+
+/// Whether an append that failed with `err` (and was rolled back) can just
+/// be run again: a race lost by a write that expects [`ExpectedVersion::Any`]
+/// or [`ExpectedVersion::StreamExists`] (the stream exists, since another
+/// writer just wrote the version it wanted), or a transaction the database
+/// aborted to break a deadlock or a serialization failure.
+pub(crate) fn retry_after(err: &Error, writes: &[StreamWrite]) -> bool {
+    match err {
+        Error::Conflict { stream, actual, .. } if *actual == ACTUAL_UNKNOWN => {
+            writes.iter().any(|w| {
+                &w.stream_id == stream
+                    && matches!(
+                        w.expected,
+                        ExpectedVersion::Any | ExpectedVersion::StreamExists
+                    )
+            })
+        }
+        other => other.is_transient(),
+    }
+}
+
+/// Fills in the actual version of a conflict that happened in a statement
+/// (the transaction that failed must be rolled back first).
+pub(crate) fn known_actual(conn: &mut DbConnection, err: Error) -> Result<Error> {
+    match err {
+        Error::Conflict {
+            stream,
+            expected,
+            actual,
+        } if actual == ACTUAL_UNKNOWN => {
+            let actual = crate::read::stream_version(conn, &stream)?;
+            Ok(Error::Conflict {
+                stream,
+                expected,
+                actual,
+            })
+        }
+        other => Ok(other),
+    }
 }
 
 /// [`append_in`], running the inline projectors only if `project`.
@@ -92,12 +155,31 @@ pub(crate) fn append_events(
     }
     // An ambiguous registry refuses before anything is inserted.
     crate::projection::registry()?;
+    // One canonical order of streams for every writer: no lock cycles.
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(|&a, &b| writes[a].stream_id.cmp(&writes[b].stream_id));
+    let reordered = order.iter().enumerate().any(|(k, &i)| k != i);
     if let DbConnection::Postgres(c) = conn {
         lock_any_streams_pg(c, writes)?;
     }
     let total = writes.iter().map(|w| w.events.len()).sum();
+    // In log order: the order of `order`.
     let mut out = Vec::with_capacity(total);
-    for w in writes {
+    for &i in &order {
+        let w = &writes[i];
+        if w.events.is_empty() {
+            if w.expected != ExpectedVersion::Any {
+                let actual = crate::read::stream_version(conn, &w.stream_id)?;
+                if !w.expected.is_satisfied_by(actual) {
+                    return Err(Error::Conflict {
+                        stream: w.stream_id.clone(),
+                        expected: w.expected,
+                        actual,
+                    });
+                }
+            }
+            continue;
+        }
         let mut expected = w.expected;
         for chunk in w.events.chunks(CHUNK) {
             let rows = match conn {
@@ -130,7 +212,19 @@ pub(crate) fn append_events(
     if project {
         crate::projection::apply_inline(conn, &out)?;
     }
-    Ok(out)
+    if !reordered {
+        return Ok(out);
+    }
+    // Back to the caller's order of writes.
+    let mut per_write: Vec<Vec<RecordedEvent>> = writes
+        .iter()
+        .map(|w| Vec::with_capacity(w.events.len()))
+        .collect();
+    let mut events = out.into_iter();
+    for &i in &order {
+        per_write[i].extend(events.by_ref().take(writes[i].events.len()));
+    }
+    Ok(per_write.into_iter().flatten().collect())
 }
 
 fn map_insert_error(
@@ -163,7 +257,7 @@ fn map_insert_error(
             actual: ACTUAL_UNKNOWN,
         };
     }
-    Error::Database(err)
+    Error::from(err)
 }
 
 fn repeated_id(chunk: &[NewEvent]) -> Option<uuid::Uuid> {
@@ -229,21 +323,36 @@ fn lock_any_streams_pg(conn: &mut PgConnection, writes: &[StreamWrite]) -> Query
     .map(|_| ())
 }
 
-/// One statement: reads the stream's version, checks the expectation and
-/// inserts the chunk, so an append costs one round trip. A concurrent writer
-/// of the same version loses on the unique index.
+/// Statement shapes (events per chunk) that are prepared once and cached
+/// per connection; others are planned per call, which keeps the cache at a
+/// few dozen statements however the chunk sizes vary.
+pub(crate) fn cached_shape(events: usize) -> bool {
+    events <= 16 || events == CHUNK
+}
+
+/// One statement: draws the append's order key, reads the stream's last
+/// version and key, checks the expectation and inserts the chunk, so an
+/// append costs one round trip. A concurrent writer of the same version
+/// loses on the unique index.
+///
+/// The order key (see [`crate::follow`]) is the larger of a key drawn now
+/// and the key of the stream's previous event, so that followers, which
+/// read in key order, see every stream's versions in increasing order.
 fn insert_pg(
     conn: &mut PgConnection,
     stream: &str,
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let mut sql = String::with_capacity(600 + chunk.len() * 70);
+    let mut sql = String::with_capacity(900 + chunk.len() * 70);
     sql.push_str(
-        "WITH cur AS (SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events \
-         WHERE md5(stream_id) = md5(?) AND stream_id = ?) \
-         INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata) \
-         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata \
+        "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), \
+         last AS (SELECT stream_version, order_key FROM es_events \
+         WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
+         cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
+         GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
+         INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
+         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
          FROM cur, (VALUES ",
     );
     for k in 1..=chunk.len() {
@@ -267,6 +376,9 @@ fn insert_pg(
         " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
     );
     let mut q = Stmt::<Pg>::with_capacity(&sql, 4 + chunk.len() * 5);
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
@@ -316,6 +428,9 @@ fn insert_sqlite(
     sql.push_str(" RETURNING global_position, stream_version, created_at");
     let now = Utc::now().naive_utc();
     let mut q = Stmt::<Sqlite>::with_capacity(&sql, chunk.len() * 8);
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
     for (k, ev) in chunk.iter().enumerate() {
         q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
         q.push(Bind::Text(stream));
@@ -332,6 +447,22 @@ fn insert_sqlite(
             Error::DuplicateEventId { event_id } if event_id.is_nil() => {
                 Err(Error::DuplicateEventId {
                     event_id: existing_id_sqlite(conn, chunk)?.unwrap_or_default(),
+                })
+            }
+            // The transaction is still usable: say what the stream is at.
+            Error::Conflict {
+                stream, expected, ..
+            } => {
+                let actual = Stmt::<Sqlite>::new(
+                    "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE stream_id = ?",
+                )
+                .bind(Bind::Text(&stream))
+                .get_result::<Version>(conn)?
+                .v;
+                Err(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
                 })
             }
             other => Err(other),

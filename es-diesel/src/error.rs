@@ -76,8 +76,20 @@ pub enum Error {
     #[error("no read model named `{name}` is registered; registered: [{}]", .known.join(", "))]
     UnknownReadModel { name: String, known: Vec<String> },
 
+    /// The database aborted the transaction to break a deadlock, or because
+    /// it could not be serialized with a concurrent one; nothing of it was
+    /// written and running it again is safe. Appends and
+    /// [`EventStore::execute`](crate::EventStore::execute) do so themselves;
+    /// see [`Error::is_retryable`].
+    #[error("the database aborted the transaction because of a concurrent one ({reason}); nothing was written, and it can be run again")]
+    Transient {
+        reason: &'static str,
+        #[source]
+        source: diesel::result::Error,
+    },
+
     #[error("database error: {0}")]
-    Database(#[from] diesel::result::Error),
+    Database(diesel::result::Error),
 
     #[error("cannot connect to the database: {0}")]
     Connection(#[from] diesel::ConnectionError),
@@ -127,6 +139,54 @@ impl Error {
     /// Is this a lost optimistic-concurrency race?
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. })
+    }
+
+    /// Did the database abort the transaction because of a concurrent one
+    /// (a deadlock or a serialization failure), also inside a projector?
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transient { .. } => true,
+            Error::Projector { source, .. } => {
+                source
+                    .downcast_ref::<diesel::result::Error>()
+                    .is_some_and(|e| transient_reason(e).is_some())
+                    || source
+                        .downcast_ref::<Error>()
+                        .is_some_and(Error::is_transient)
+            }
+            _ => false,
+        }
+    }
+
+    /// Can the operation that failed simply be run again, after reloading
+    /// what it decided on? True for [conflicts](Self::is_conflict) and
+    /// [transient aborts](Self::is_transient).
+    pub fn is_retryable(&self) -> bool {
+        self.is_conflict() || self.is_transient()
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(source: diesel::result::Error) -> Self {
+        match transient_reason(&source) {
+            Some(reason) => Error::Transient { reason, source },
+            None => Error::Database(source),
+        }
+    }
+}
+
+/// PostgreSQL's deadlock (40P01) and serialization failure (40001). Diesel
+/// names the second; the first is known by its message.
+fn transient_reason(e: &diesel::result::Error) -> Option<&'static str> {
+    use diesel::result::{DatabaseErrorKind, Error as E};
+    match e {
+        E::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+            Some("serialization failure")
+        }
+        E::DatabaseError(_, info) if info.message().starts_with("deadlock detected") => {
+            Some("deadlock")
+        }
+        _ => None,
     }
 }
 

@@ -6,15 +6,32 @@
 //! On PostgreSQL identity values are handed out at INSERT and become visible
 //! at COMMIT, so position 11 can be visible while position 10 is still in
 //! flight; a reader that moved its checkpoint to 11 would never see 10.
-//! Every event therefore records its writer's transaction id
-//! (`pg_current_xact_id()`), and followers read in (transaction id, position)
-//! order, only events of transactions older than the oldest one still running
-//! (`pg_snapshot_xmin(pg_current_snapshot())`). Such transactions are over:
-//! no event can appear behind the checkpoint any more, and a rolled-back
-//! transaction leaves no gap to wait for. The cost: one long-running writing
-//! transaction holds back every follower until it ends, and transaction ids
-//! are server-wide, so that includes writers in other databases of the same
-//! PostgreSQL server. Keep writing transactions short.
+//! Followers therefore read in the order of an *order key* that every event
+//! gets from the store, and only below a *horizon* that no append still in
+//! flight can reach:
+//!
+//! * An appending transaction first announces itself (a shared advisory lock
+//!   of the schema's log), then draws a key from a sequence, then publishes
+//!   its first key (a shared advisory lock on the key). Each append
+//!   statement draws a new key; an event's key is the larger of that key and
+//!   the key of its stream's previous event, so each stream's versions are in
+//!   key order whatever the interleaving of writers.
+//! * A follower reads the sequence's next value `b` (every key drawn from now
+//!   on is at least `b`), then, in one consistent look at the lock table, the
+//!   keys of the appends in flight. If one has announced itself but not yet
+//!   published its key, it looks again. The horizon is the smallest of `b`
+//!   and the published keys. Then, in a new statement (a later snapshot), it
+//!   reads the visible events with a key below the horizon, in (key,
+//!   position) order.
+//!
+//! Every event not visible to that statement belongs to an append that was
+//! in flight at the look (its key is at least its published one) or that
+//! announced itself after it (its key is at least `b`): it can never sort
+//! before an event the follower has passed. Only transactions that append to
+//! this log hold the horizon back, never unrelated work on a shared server;
+//! a rolled-back append leaves no gap to wait for. Reads must run in READ
+//! COMMITTED (PostgreSQL's default), so that each statement sees what
+//! committed before it.
 
 use crate::connection::DbConnection;
 use crate::error::Result;
@@ -29,7 +46,8 @@ use es_core::RecordedEvent;
 /// How far a follower has read. Totally ordered; compare with `<`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Checkpoint {
-    /// The writer's transaction id of the last event read (PostgreSQL; 0 on SQLite).
+    /// The order key of the last event read (PostgreSQL; 0 on SQLite). See
+    /// the [module documentation](self).
     pub transaction: i64,
     /// The global position of the last event read.
     pub position: i64,
@@ -40,11 +58,7 @@ impl std::fmt::Display for Checkpoint {
         if self.transaction == 0 {
             write!(f, "position {}", self.position)
         } else {
-            write!(
-                f,
-                "position {} (transaction {})",
-                self.position, self.transaction
-            )
+            write!(f, "position {} (key {})", self.position, self.transaction)
         }
     }
 }
@@ -68,20 +82,23 @@ pub fn read_after(
     type Row = (EventTuple, i64);
     let rows: Vec<Row> = match conn {
         DbConnection::Postgres(c) => {
+            let Some(horizon) = horizon(c)? else {
+                return Ok(Vec::new());
+            };
             let filter = if types.is_some() {
                 "AND event_type = ANY(?)"
             } else {
                 ""
             };
             let sql = format!(
-                "SELECT {PG_COLUMNS}, transaction_id::text::bigint AS tx FROM es_events \
-                 WHERE (transaction_id, global_position) > (?::bigint::text::xid8, ?) \
-                 AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) {filter} \
-                 ORDER BY transaction_id, global_position LIMIT ?"
+                "SELECT {PG_COLUMNS}, order_key FROM es_events \
+                 WHERE (order_key, global_position) > (?, ?) AND order_key < ? {filter} \
+                 ORDER BY order_key, global_position LIMIT ?"
             );
-            let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 4)
+            let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 5)
                 .bind(Bind::BigInt(after.transaction))
-                .bind(Bind::BigInt(after.position));
+                .bind(Bind::BigInt(after.position))
+                .bind(Bind::BigInt(horizon));
             if let Some(types) = types {
                 q.push(Bind::TextArray(types));
             }
@@ -122,4 +139,30 @@ pub fn read_after(
             })
         })
         .collect()
+}
+
+/// The order key below which no append in flight can still write (see the
+/// module documentation), or `None` when an append kept announcing itself
+/// without a published key for a while (then nothing is safe to read yet).
+fn horizon(conn: &mut diesel::PgConnection) -> Result<Option<i64>> {
+    #[derive(QueryableByName)]
+    struct Horizon {
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        h: Option<i64>,
+    }
+    // An append is between its announcement and its published key for
+    // microseconds; a few short looks almost always find it done.
+    for attempt in 0..50u32 {
+        let h = Stmt::<Pg>::new("SELECT es_follow_horizon() AS h")
+            .get_result::<Horizon>(conn)?
+            .h;
+        if h.is_some() {
+            return Ok(h);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(
+            200 * u64::from(attempt.min(10) + 1),
+        ));
+    }
+    tracing::debug!("appends in flight have not published their order keys yet");
+    Ok(None)
 }

@@ -1,9 +1,9 @@
 //! Beginning with an existing application ("How to begin with?"): turn the
 //! rows of its tables into initial events, in large batches, idempotently.
 
-use crate::append::{append_events, StreamWrite};
+use crate::append::{append_events, StreamWrite, RACE_RETRIES};
 use crate::connection::{write_transaction, DbConnection};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::EventStore;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
@@ -115,7 +115,7 @@ impl EventStore {
                     .with_metadata(options.metadata.clone());
                 batch.push((row.stream_id, event));
             }
-            let (imported, skipped) = write_transaction(&mut conn, |c| -> Result<(u64, u64)> {
+            let run = |c: &mut DbConnection| -> Result<(u64, u64)> {
                 let ids: Vec<Uuid> = batch.iter().map(|(_, e)| e.event_id).collect();
                 let existing = existing_ids(c, &ids)?;
                 let mut writes: Vec<StreamWrite> = Vec::new();
@@ -137,7 +137,23 @@ impl EventStore {
                 }
                 let appended = append_events(c, &writes, project)?.len() as u64;
                 Ok((appended, batch.len() as u64 - appended))
-            })?;
+            };
+            // A concurrent import of the same rows commits first: run the
+            // batch again, and what it wrote is skipped.
+            let mut attempt = 0;
+            let (imported, skipped) = loop {
+                match write_transaction(&mut conn, run) {
+                    Err(e)
+                        if attempt < RACE_RETRIES
+                            && (matches!(e, Error::DuplicateEventId { .. })
+                                || e.is_transient()) =>
+                    {
+                        attempt += 1;
+                        tracing::debug!(attempt, error = %e, "import batch raced another writer; retrying");
+                    }
+                    other => break other?,
+                }
+            };
             report.imported += imported;
             report.skipped += skipped;
             progress(&report);

@@ -162,6 +162,65 @@ ALTER TABLE es_checkpoints
     ADD COLUMN failed_position BIGINT;
 "#,
     },
+    Migration {
+        version: 6,
+        name: "follow order keys",
+        sqlite: "",
+        // See follow.rs for why these keys and locks make followers gap-safe
+        // without being held back by transactions that never append.
+        postgres: r#"
+ALTER TABLE es_events ALTER COLUMN transaction_id DROP DEFAULT;
+ALTER TABLE es_events ALTER COLUMN transaction_id TYPE BIGINT USING (transaction_id::text::bigint);
+ALTER TABLE es_events RENAME COLUMN transaction_id TO order_key;
+CREATE SEQUENCE es_order_keys MINVALUE 1 MAXVALUE 281474976710655;
+SELECT setval('es_order_keys', GREATEST(
+    (SELECT COALESCE(MAX(order_key), 0) FROM es_events),
+    (SELECT COALESCE(MAX(transaction_id), 0) FROM es_checkpoints),
+    pg_current_xact_id()::text::bigint) + 1, false);
+CREATE FUNCTION es_append_key() RETURNS bigint LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT AS $$
+DECLARE k bigint;
+BEGIN
+    IF COALESCE(current_setting('es.append_key', true), '') = '' THEN
+        -- Announce the append before drawing its first key, then publish the key.
+        PERFORM pg_advisory_xact_lock_shared(1163067394, 'es_order_keys'::regclass::oid::integer);
+        k := nextval('es_order_keys');
+        PERFORM pg_advisory_xact_lock_shared((17747::bigint << 48) | k);
+        PERFORM set_config('es.append_key', k::text, true);
+        RETURN k;
+    END IF;
+    RETURN nextval('es_order_keys');
+END $$;
+CREATE FUNCTION es_follow_horizon() RETURNS bigint LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT AS $$
+DECLARE
+    bound bigint;
+    lowest bigint;
+    pending boolean;
+BEGIN
+    -- First the bound every later key exceeds, then one consistent look at the
+    -- appends in flight.
+    SELECT last_value + CASE WHEN is_called THEN 1 ELSE 0 END INTO bound FROM es_order_keys;
+    WITH l AS MATERIALIZED (
+        SELECT pid, classid, objid, objsubid FROM pg_locks
+        WHERE locktype = 'advisory'
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    ), writers AS (
+        SELECT pid FROM l
+        WHERE objsubid = 2 AND classid = 1163067394::oid AND objid = 'es_order_keys'::regclass::oid
+    ), keys AS (
+        SELECT pid, ((classid::bigint << 32) | objid::bigint) & 281474976710655 AS k FROM l
+        WHERE objsubid = 1 AND (classid::bigint >> 16) = 17747
+    )
+    SELECT bool_or(k.pid IS NULL), MIN(k.k) INTO pending, lowest
+    FROM writers w LEFT JOIN keys k ON k.pid = w.pid;
+    IF pending THEN
+        RETURN NULL;
+    END IF;
+    RETURN LEAST(bound, lowest);
+END $$;
+"#,
+    },
 ];
 
 #[derive(QueryableByName)]

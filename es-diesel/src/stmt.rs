@@ -35,6 +35,7 @@ pub(crate) enum Bind<'a> {
 pub(crate) struct Stmt<'a, DB, ST = Untyped> {
     sql: &'a str,
     binds: Vec<Bind<'a>>,
+    cache: bool,
     backend: PhantomData<(DB, ST)>,
 }
 
@@ -43,6 +44,7 @@ impl<'a, DB, ST> Stmt<'a, DB, ST> {
         Stmt {
             sql,
             binds: Vec::new(),
+            cache: true,
             backend: PhantomData,
         }
     }
@@ -51,6 +53,7 @@ impl<'a, DB, ST> Stmt<'a, DB, ST> {
         Stmt {
             sql,
             binds: Vec::with_capacity(binds),
+            cache: true,
             backend: PhantomData,
         }
     }
@@ -62,6 +65,13 @@ impl<'a, DB, ST> Stmt<'a, DB, ST> {
 
     pub(crate) fn push(&mut self, value: Bind<'a>) {
         self.binds.push(value);
+    }
+
+    /// Plans this statement per call instead of keeping it prepared: for
+    /// texts whose shape varies (each shape would stay in the connection's
+    /// statement cache for good).
+    pub(crate) fn dont_cache(&mut self) {
+        self.cache = false;
     }
 }
 
@@ -79,12 +89,16 @@ impl<Conn, DB, ST> RunQueryDsl<Conn> for Stmt<'_, DB, ST> {}
 fn walk<'b, DB>(
     sql: &'b str,
     binds: &'b [Bind<'_>],
+    cache: bool,
     mut out: AstPass<'_, 'b, DB>,
     push: impl Fn(&'b Bind<'_>, &mut AstPass<'_, 'b, DB>) -> QueryResult<()>,
 ) -> QueryResult<()>
 where
     DB: Backend,
 {
+    if !cache {
+        out.unsafe_to_cache_prepared();
+    }
     let mut parts = sql.split('?');
     if let Some(first) = parts.next() {
         out.push_sql(first);
@@ -109,7 +123,7 @@ where
 
 impl<ST> QueryFragment<Pg> for Stmt<'_, Pg, ST> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        walk(self.sql, &self.binds, out, |b, out| match b {
+        walk(self.sql, &self.binds, self.cache, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
             Bind::Owned(s) => out.push_bind_param::<Text, _>(s),
             Bind::Int(v) => out.push_bind_param::<Integer, _>(v),
@@ -124,7 +138,7 @@ impl<ST> QueryFragment<Pg> for Stmt<'_, Pg, ST> {
 
 impl<ST> QueryFragment<Sqlite> for Stmt<'_, Sqlite, ST> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        walk(self.sql, &self.binds, out, |b, out| match b {
+        walk(self.sql, &self.binds, self.cache, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
             Bind::Owned(s) => out.push_bind_param::<Text, _>(s),
             Bind::Int(v) => out.push_bind_param::<Integer, _>(v),

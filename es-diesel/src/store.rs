@@ -1,6 +1,6 @@
 //! [`EventStore`]: the one handle an application keeps.
 
-use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN};
+use crate::append::{append_events, known_actual, retry_after, StreamWrite, RACE_RETRIES};
 use crate::connection::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
 use crate::error::{check_stream_id, Error, Result};
 use crate::{migrations, read};
@@ -9,10 +9,6 @@ use std::collections::VecDeque;
 
 /// A connection checked out of the store's pool.
 pub type PooledConnection = r2d2::PooledConnection<Manager>;
-
-/// How many times an append whose streams all expect [`ExpectedVersion::Any`]
-/// is retried after losing a race for the same version.
-const ANY_RETRIES: usize = 16;
 
 /// Page size of the reads that load whole streams.
 const STREAM_PAGE: usize = 1_000;
@@ -175,11 +171,19 @@ impl EventStore {
     }
 
     /// Appends to several streams atomically: every expectation holds and
-    /// everything is written, or nothing is.
+    /// everything is written, or nothing is. Returns the recorded events in
+    /// the order of `writes`.
+    ///
+    /// Streams are written in the order of their ids (their events' global
+    /// positions follow that order), so that concurrent multi-stream appends
+    /// never deadlock. A race lost by a write that expects
+    /// [`ExpectedVersion::Any`] or [`ExpectedVersion::StreamExists`], and a
+    /// transaction the database aborted because of a concurrent one, are
+    /// retried; a stale [`ExpectedVersion::Exact`] or
+    /// [`ExpectedVersion::NoStream`] is an [`Error::Conflict`].
     pub fn append_streams(&self, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
         // Stream ids are checked by `append_events`, before anything is written.
         let mut conn = self.connection()?;
-        let retry = writes.iter().all(|w| w.expected == ExpectedVersion::Any);
         // One statement that writes only events is atomic by itself: no
         // BEGIN and COMMIT round trips around it.
         let single_statement = self.backend == Backend::Postgres
@@ -196,24 +200,12 @@ impl EventStore {
                 write_transaction(&mut conn, |c| append_events(c, writes, project))
             };
             match result {
-                Err(Error::Conflict {
-                    stream,
-                    expected,
-                    actual,
-                }) if actual == ACTUAL_UNKNOWN => {
+                Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
                     attempt += 1;
-                    if retry && attempt <= ANY_RETRIES {
-                        tracing::debug!(%stream, attempt, "append with ExpectedVersion::Any lost a race; retrying");
-                        continue;
-                    }
-                    let actual = read::stream_version(&mut conn, &stream)?;
-                    return Err(Error::Conflict {
-                        stream,
-                        expected,
-                        actual,
-                    });
+                    tracing::debug!(attempt, error = %e, "append lost a race; retrying");
                 }
-                other => return other,
+                Err(e) => return Err(known_actual(&mut conn, e)?),
+                ok => return ok,
             }
         }
     }
