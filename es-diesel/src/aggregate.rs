@@ -248,13 +248,13 @@ impl EventStore {
     ///     }
     /// }
     ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// // The rules, without a database.
     /// given::<Book>([BookBorrowed { user_id: "ann".into() }.into()])
     ///     .when(Command::Borrow("bob".into()))
     ///     .then_error(Refused::Taken("ann".into()));
     ///
     /// // The same rules in front of the store.
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = EventStore::open(":memory:")?;
     /// store.migrate()?;
     /// let done = store.execute::<Book>("42", Command::Borrow("ann".into()))?;

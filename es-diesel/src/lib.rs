@@ -96,6 +96,11 @@
 //! [`check_projectors`] fails with the list of what is missing and of what is
 //! registered; [`registered_projectors`] lists them all.
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
+
 mod aggregate;
 mod append;
 pub mod cli;
