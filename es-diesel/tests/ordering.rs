@@ -152,10 +152,13 @@ fn imports_and_multi_stream_appends_keep_stream_order() {
     };
     // Both are parked after writing their `a-` stream.
     wait_for_lock_waiters(&store, 2);
-    store
+    // Were a parked writer holding `b-` rows, these would wait for it: bound
+    // the wait so that such a failure ends the test instead of hanging it.
+    let bounded = EventStore::open(&format!("{}%20-clock_timeout%3D20000", db.url())).unwrap();
+    bounded
         .append("b-1", ExpectedVersion::NoStream, [Moved { n: 10 }])
         .unwrap();
-    store
+    bounded
         .append("b-2", ExpectedVersion::NoStream, [Moved { n: 11 }])
         .unwrap();
     hold.batch_execute("SELECT pg_advisory_unlock(4242)")
