@@ -66,11 +66,14 @@ pub enum AdminCommand {
 fn stop_on_signals(stop: &Arc<AtomicBool>) -> Vec<signal_hook::SigId> {
     let mut ids = Vec::new();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let registered = signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
-            .and_then(|a| Ok([a, signal_hook::flag::register(signal, stop.clone())?]));
+        let registered =
+            signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+                .and_then(|a| Ok([a, signal_hook::flag::register(signal, stop.clone())?]));
         match registered {
             Ok(pair) => ids.extend(pair),
-            Err(e) => tracing::warn!(signal, error = %e, "cannot handle the signal: it will stop the process without releasing the leases"),
+            Err(e) => {
+                tracing::warn!(signal, error = %e, "cannot handle the signal: it will stop the process without releasing the leases")
+            }
         }
     }
     ids

@@ -303,7 +303,9 @@ impl Runner {
                 self.lease_renewed = None;
                 Ok(Step::Standby)
             }
-            Err(Abort::Failed { position, error, .. }) => {
+            Err(Abort::Failed {
+                position, error, ..
+            }) => {
                 if let Err(e) = self.record_failure(conn, Some(position), &error) {
                     self.store_failed(conn, &e);
                     return Err(e);
@@ -333,6 +335,9 @@ impl Runner {
             Ok((n, renewed)) => {
                 if renewed.is_some() {
                     self.lease_renewed = renewed;
+                } else if self.failures > 0 {
+                    // Nothing to apply, but the error is over.
+                    self.clear_failure(conn)?;
                 }
                 Ok(Step::Applied(n))
             }
@@ -347,9 +352,8 @@ impl Runner {
                     if !self.hold_lease(conn, true)? {
                         return Err(Abort::Lost);
                     }
-                    match self.batch(conn, index, None)? {
-                        (_, Some(renewed)) => self.lease_renewed = Some(renewed),
-                        (_, None) => {}
+                    if let (_, Some(renewed)) = self.batch(conn, index, None)? {
+                        self.lease_renewed = Some(renewed);
                     }
                 }
                 Err(Abort::Failed {
@@ -380,8 +384,13 @@ impl Runner {
             if stored.holder.as_deref() != Some(node) {
                 return Err(Abort::Lost);
             }
-            let events: Vec<Followed> =
-                read_after(c, stored.checkpoint, self.types.as_deref(), limit)?;
+            let types = self.types.as_deref();
+            let events = match read_after(c, stored.checkpoint, types, limit) {
+                Err(e) if error_position(&e).is_some() => {
+                    readable_prefix(c, stored.checkpoint, types, limit, e)?
+                }
+                read => read?,
+            };
             let mut last = None;
             for (index, f) in events.iter().enumerate() {
                 if index > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -463,6 +472,18 @@ impl Runner {
         })
     }
 
+    fn clear_failure(&self, conn: &mut DbConnection) -> Result<()> {
+        diesel::sql_query(sql(
+            conn.backend(),
+            "UPDATE es_checkpoints SET state = 'running', last_error = NULL, failed_position = NULL, \
+             updated_at = CURRENT_TIMESTAMP WHERE projection = ? AND holder = ? AND state = 'failed'",
+        ))
+        .bind::<Text, _>(self.projection.name())
+        .bind::<Text, _>(&self.options.node)
+        .execute(conn)?;
+        Ok(())
+    }
+
     /// Waits for new events: a NOTIFY on PostgreSQL, or `idle_poll`.
     fn wait(&mut self, stop: &AtomicBool, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -542,8 +563,12 @@ impl Runner {
             .execute(&mut *conn)?)
         });
         match released {
-            Ok(_) => tracing::info!(projection = self.name(), node = %self.options.node, "runner stopped and released the projection"),
-            Err(e) => tracing::warn!(projection = self.name(), node = %self.options.node, error = %error_chain(&e), "runner stopped but could not release its lease; another runner takes over when it runs out"),
+            Ok(_) => {
+                tracing::info!(projection = self.name(), node = %self.options.node, "runner stopped and released the projection")
+            }
+            Err(e) => {
+                tracing::warn!(projection = self.name(), node = %self.options.node, error = %error_chain(&e), "runner stopped but could not release its lease; another runner takes over when it runs out")
+            }
         }
     }
 
@@ -603,6 +628,30 @@ pub(crate) fn catch_panic<T>(
             Err(format!("panicked: {message}"))
         }
     }
+}
+
+/// The events before an unreadable row, so that they are applied and the
+/// projection stops exactly at that row; the error when the row comes first.
+fn readable_prefix(
+    conn: &mut DbConnection,
+    after: Checkpoint,
+    types: Option<&[&str]>,
+    limit: usize,
+    error: Error,
+) -> Result<Vec<Followed>> {
+    // Decoding fails in Rust, not in SQL, so the transaction is still usable.
+    let (mut readable, mut unreadable) = (0, limit);
+    while unreadable - readable > 1 {
+        let mid = readable + (unreadable - readable) / 2;
+        match read_after(conn, after, types, mid) {
+            Ok(_) => readable = mid,
+            Err(_) => unreadable = mid,
+        }
+    }
+    if readable == 0 {
+        return Err(error);
+    }
+    read_after(conn, after, types, readable)
 }
 
 /// The event a store error is about, if it names one.

@@ -390,7 +390,11 @@ fn a_panicking_projector_of_an_async_read_model_is_reported_by_name() {
         let mut position_13 = 0;
         for n in 0..20 {
             let recorded = store
-                .append(&format!("fuse-{n}"), ExpectedVersion::NoStream, [Fuse { n }])
+                .append(
+                    &format!("fuse-{n}"),
+                    ExpectedVersion::NoStream,
+                    [Fuse { n }],
+                )
                 .unwrap();
             if n == 13 {
                 position_13 = recorded[0].global_position;
@@ -417,7 +421,9 @@ fn a_panicking_projector_of_an_async_read_model_is_reported_by_name() {
         assert!(runners.iter().all(|r| r.is_running()));
 
         DEFUSED.store(true, Ordering::SeqCst);
-        wait_until("recovery", || fuses(&store) == 20 && status().state == "running");
+        wait_until("recovery", || {
+            fuses(&store) == 20 && status().state == "running"
+        });
         assert_eq!(status().last_error, None);
         drop(runners);
     }

@@ -677,8 +677,15 @@ fn a_store_error_in_the_runner_is_recorded_in_status() {
             "{}",
             db.backend()
         );
+        assert_eq!(
+            (applied(&store, "unreadable"), s.checkpoint.position),
+            (5, bad_position - 1),
+            "the events before the unreadable row are applied"
+        );
         assert!(
-            s.last_error.as_deref().is_some_and(|e| e.contains("metadata")),
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("metadata")),
             "{:?}",
             s.last_error
         );
@@ -803,7 +810,10 @@ fn runners_release_their_lease_on_drop_and_shutdown() {
 
         let wait_for_holder = |holder: &str| {
             wait_until("the runner thread", Duration::from_secs(30), || {
-                try_status_of(&store, "released").and_then(|s| s.holder).as_deref() == Some(holder)
+                try_status_of(&store, "released")
+                    .and_then(|s| s.holder)
+                    .as_deref()
+                    == Some(holder)
             })
         };
         let handle = Runner::new(store.clone(), counter.clone(), long_lease("h1")).spawn();

@@ -121,7 +121,10 @@ fn admin_work_stops_cleanly_on_sigterm_and_sigint() {
             let mut stdout = BufReader::new(worker.stdout.take().unwrap());
             let mut first = String::new();
             stdout.read_line(&mut first).unwrap();
-            assert!(first.contains("running the asynchronous read models"), "{first}");
+            assert!(
+                first.contains("running the asynchronous read models"),
+                "{first}"
+            );
             let pid = worker.id();
             wait_until("the worker to hold author_stats", || {
                 author_stats().is_some_and(|s| {
@@ -142,15 +145,17 @@ fn admin_work_stops_cleanly_on_sigterm_and_sigint() {
             let mut rest = String::new();
             std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
             let mut stderr = String::new();
-            std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut stderr)
-                .unwrap();
+            std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut stderr).unwrap();
             assert!(
                 exit.unwrap().success(),
                 "{}: SIG{signal}: {:?}\n{rest}\n{stderr}",
                 db.backend(),
                 exit
             );
-            assert!(rest.contains("stopped; the read models are released"), "{rest}");
+            assert!(
+                rest.contains("stopped; the read models are released"),
+                "{rest}"
+            );
             let s = author_stats().unwrap();
             assert_eq!(
                 (s.state.as_str(), s.holder, s.lease_expired),
