@@ -37,7 +37,9 @@ pub trait AsyncProjection: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// The event types it handles; `None` for every event.
     fn event_types(&self) -> Option<Vec<&'static str>>;
-    /// Applies one event inside the batch transaction on `conn`.
+    /// Applies one event inside the batch transaction on `conn`. An error
+    /// or a panic stops the projection at this event; the batch's earlier
+    /// events are kept.
     fn apply(&self, conn: &mut DbConnection, event: &RecordedEvent) -> Result<()>;
 }
 
@@ -85,12 +87,16 @@ pub enum Step {
     Applied(usize),
     /// Another runner holds the projection.
     Standby,
-    /// Stopped at an event; the error is recorded in the projection's status.
+    /// Stopped at an event (its projector returned an error or panicked);
+    /// the error is recorded in the projection's status.
     Failed { position: i64 },
 }
 
 /// Follows the log for one projection. Use [`Runner::spawn`] for a
 /// background thread, or [`Runner::run`] in a dedicated worker process.
+/// Dropping a runner releases its lease; a process that dies without doing
+/// so leaves the projection `stale` until the lease runs out and another
+/// runner takes over.
 pub struct Runner {
     store: EventStore,
     projection: Arc<dyn AsyncProjection>,
@@ -591,6 +597,12 @@ impl Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
+        if std::thread::panicking() && self.lease_renewed.is_some() {
+            // Unexpected: projector panics are caught. Status shows the
+            // projection stale once the lease runs out, not cleanly stopped.
+            tracing::error!(projection = self.name(), node = %self.options.node, "runner panicked; its lease runs out");
+            return;
+        }
         self.release();
     }
 }
