@@ -26,6 +26,7 @@ use crate::{projection, EventStore, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store's management commands.
@@ -55,8 +56,27 @@ pub enum AdminCommand {
     },
     /// Print one stream's events.
     Stream { stream_id: String },
-    /// Run the asynchronous read models' runners until interrupted.
+    /// Run the asynchronous read models' runners until Ctrl-C or SIGTERM;
+    /// then they finish their batch and release their leases.
     Work,
+}
+
+/// The first SIGINT or SIGTERM sets `stop`, so that runners finish their
+/// batch and release their leases; a second one exits at once.
+fn stop_on_signals(stop: &Arc<AtomicBool>) -> Vec<signal_hook::SigId> {
+    let mut ids = Vec::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let registered =
+            signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+                .and_then(|a| Ok([a, signal_hook::flag::register(signal, stop.clone())?]));
+        match registered {
+            Ok(pair) => ids.extend(pair),
+            Err(e) => {
+                tracing::warn!(signal, error = %e, "cannot handle the signal: it will stop the process without releasing the leases")
+            }
+        }
+    }
+    ids
 }
 
 /// Runs `command` against `store`, writing its report to `out`.
@@ -87,9 +107,18 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                     ProjectionMode::Inline => "inline",
                     ProjectionMode::Async => "async",
                 };
+                let holder = match (&s.holder, s.lease_expires) {
+                    (Some(h), Some(at)) if s.lease_expired => format!(
+                        "{h} (lease expired at {} UTC)",
+                        at.format("%Y-%m-%d %H:%M:%S")
+                    ),
+                    (Some(h), _) => h.clone(),
+                    (None, _) => String::new(),
+                };
                 let note = match (&s.last_error, s.failed_position) {
                     (Some(e), Some(p)) => format!("stopped at {p}: {e}"),
-                    _ => s.holder.clone().unwrap_or_default(),
+                    (Some(e), None) => format!("error: {e}"),
+                    (None, _) => holder,
                 };
                 w(
                     out,
@@ -203,12 +232,19 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
             }
         }
         AdminCommand::Work => {
-            let stop = AtomicBool::new(false);
+            let stop = Arc::new(AtomicBool::new(false));
+            let signals = stop_on_signals(&stop);
             w(
                 out,
-                "running the asynchronous read models; stop with Ctrl-C".to_owned(),
+                "running the asynchronous read models; stop with Ctrl-C or SIGTERM".to_owned(),
             );
-            store.run_async_read_models(RunnerOptions::default(), &stop)?;
+            let _ = out.flush();
+            let result = store.run_async_read_models(RunnerOptions::default(), &stop);
+            for id in signals {
+                signal_hook::low_level::unregister(id);
+            }
+            result?;
+            w(out, "stopped; the read models are released".to_owned());
         }
     }
     Ok(())

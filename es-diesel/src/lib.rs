@@ -75,8 +75,10 @@
 //! runner thread per such read model (or [`EventStore::run_async_read_models`]
 //! in a worker process). Runners follow the log from a checkpoint stored with
 //! each batch, never skip an event on PostgreSQL (see [`follow`]), hold a
-//! lease so that one runner per read model is active across processes, and
-//! stop at a failing event until it is fixed ([`EventStore::projection_status`]).
+//! lease so that one runner per read model is active across processes (a
+//! runner that dies shows as `stale` until another takes over), and stop at
+//! a failing event, whether it returned an error or panicked, until it is
+//! fixed ([`EventStore::projection_status`]).
 //! [`EventStore::rebuild`] rebuilds them blue/green, into a shadow table.
 //!
 //! # Commands

@@ -379,7 +379,8 @@ pub(crate) fn apply_inline(conn: &mut DbConnection, events: &[RecordedEvent]) ->
 }
 
 /// Runs the projectors of `read_model` on one event, as an inline append
-/// would (used by asynchronous runners).
+/// would (used by asynchronous runners). A projector that panics fails like
+/// one that returns an error, named, at this event.
 pub(crate) fn apply_read_model(
     conn: &mut DbConnection,
     read_model: &str,
@@ -393,7 +394,9 @@ pub(crate) fn apply_read_model(
             HandlerKind::Sql { apply } => apply,
             HandlerKind::Row { inline, .. } => inline,
         };
-        run(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+        crate::runner::catch_panic(conn, |c| run(ev, c))
+            .unwrap_or_else(|message| Err(Failure::Projector(message.into())))
+            .map_err(|f| f.into_error(p.name, ev))?;
     }
     Ok(())
 }

@@ -133,6 +133,32 @@ fn loan_async(e: &Recorded<BookBorrowed>, conn: &mut es_diesel::DbConnection) ->
     Ok(())
 }
 
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct Fuse {
+    n: i64,
+}
+
+/// Fuses that burnt, kept by a projector that panics on fuse 13 until defused.
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "fuses_async", primary_key = n, mode = async)]
+struct FuseAsync {
+    n: i64,
+}
+
+static DEFUSED: AtomicBool = AtomicBool::new(false);
+
+#[projector(on = Fuse, read_model = FuseAsync)]
+fn burn_fuse(e: &Recorded<Fuse>, conn: &mut es_diesel::DbConnection) -> QueryResult<()> {
+    diesel::insert_into(fuses_async::table)
+        .values(FuseAsync { n: e.n })
+        .execute(conn)?;
+    if e.n == 13 && !DEFUSED.load(Ordering::SeqCst) {
+        panic!("fuse {} blew", e.n);
+    }
+    Ok(())
+}
+
 fn options() -> RunnerOptions {
     RunnerOptions {
         batch_size: 250,
@@ -242,7 +268,7 @@ fn async_read_models_are_not_touched_inline_and_catch_up_through_runners() {
         assert_eq!(loans(&store), 0);
 
         let runners = store.start_async_read_models(options()).unwrap();
-        assert_eq!(runners.len(), 2);
+        assert_eq!(runners.len(), 3);
         wait_until("catch-up", || {
             shelves(&store).1.len() == 30 && loans(&store) == borrowed_events(&store)
         });
@@ -257,6 +283,7 @@ fn async_read_models_are_not_touched_inline_and_catch_up_through_runners() {
         assert_eq!(
             names,
             [
+                ("fuses_async", ProjectionMode::Async),
                 ("loans_async", ProjectionMode::Async),
                 ("shelf_async", ProjectionMode::Async),
                 ("shelf_inline", ProjectionMode::Inline)
@@ -268,7 +295,7 @@ fn async_read_models_are_not_touched_inline_and_catch_up_through_runners() {
                 ("running", Some("test"), 0)
             );
         }
-        assert_eq!(status[2].state, "current");
+        assert_eq!(status[3].state, "current");
         for r in runners {
             r.stop();
         }
@@ -343,5 +370,61 @@ fn blue_green_rebuild_keeps_serving_the_old_table_until_the_swap() {
         store.rebuild("shelf_async").unwrap();
         let (i, a) = shelves(&store);
         assert_eq!(i, a);
+    }
+}
+
+fn fuses(store: &EventStore) -> i64 {
+    fuses_async::table
+        .count()
+        .get_result(&mut *store.connection().unwrap())
+        .unwrap()
+}
+
+/// A read model's projector that panics stops the read model at that event,
+/// named in the status, and the runner resumes once it no longer panics.
+#[test]
+fn a_panicking_projector_of_an_async_read_model_is_reported_by_name() {
+    for db in TestDatabase::all() {
+        DEFUSED.store(false, Ordering::SeqCst);
+        let store = db.store();
+        let mut position_13 = 0;
+        for n in 0..20 {
+            let recorded = store
+                .append(
+                    &format!("fuse-{n}"),
+                    ExpectedVersion::NoStream,
+                    [Fuse { n }],
+                )
+                .unwrap();
+            if n == 13 {
+                position_13 = recorded[0].global_position;
+            }
+        }
+        let runners = store.start_async_read_models(options()).unwrap();
+        let status = || {
+            store
+                .projection_status()
+                .unwrap()
+                .into_iter()
+                .find(|s| s.name == "fuses_async")
+                .unwrap()
+        };
+        wait_until("the failure in status", || status().state == "failed");
+        let s = status();
+        assert_eq!(s.failed_position, Some(position_13), "{}", db.backend());
+        let error = s.last_error.unwrap();
+        assert!(
+            error.contains("burn_fuse") && error.contains("panicked: fuse 13 blew"),
+            "{error}"
+        );
+        assert_eq!(fuses(&store), 13, "the fuses before 13 are kept");
+        assert!(runners.iter().all(|r| r.is_running()));
+
+        DEFUSED.store(true, Ordering::SeqCst);
+        wait_until("recovery", || {
+            fuses(&store) == 20 && status().state == "running"
+        });
+        assert_eq!(status().last_error, None);
+        drop(runners);
     }
 }

@@ -4,7 +4,7 @@
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use es_diesel::runner::{AsyncProjection, Runner, RunnerOptions, Step};
+use es_diesel::runner::{AsyncProjection, ProjectionStatus, Runner, RunnerOptions, Step};
 use es_diesel::testing::TestDatabase;
 use es_diesel::{
     append_in, write_transaction, Backend, DbConnection, Error, Event, EventStore, ExpectedVersion,
@@ -25,25 +25,40 @@ struct Tick {
 /// application of the same event violates `applied`'s primary key.
 struct Counter {
     name: String,
+    /// Fails on the tick with this number until `fixed`.
     poison: Option<u32>,
+    /// Whether the poison panics rather than returning an error.
+    panics: bool,
+    /// How long each event takes to apply.
+    delay: Duration,
     fixed: AtomicBool,
 }
 
 impl Counter {
-    fn new(name: &str) -> Arc<Self> {
+    fn with(name: &str, poison: Option<u32>, panics: bool, delay: Duration) -> Arc<Self> {
         Arc::new(Counter {
             name: name.into(),
-            poison: None,
+            poison,
+            panics,
+            delay,
             fixed: AtomicBool::new(false),
         })
     }
 
+    fn new(name: &str) -> Arc<Self> {
+        Self::with(name, None, false, Duration::ZERO)
+    }
+
     fn poisoned(name: &str, n: u32) -> Arc<Self> {
-        Arc::new(Counter {
-            name: name.into(),
-            poison: Some(n),
-            fixed: AtomicBool::new(false),
-        })
+        Self::with(name, Some(n), false, Duration::ZERO)
+    }
+
+    fn panicking(name: &str, n: u32) -> Arc<Self> {
+        Self::with(name, Some(n), true, Duration::ZERO)
+    }
+
+    fn slow(name: &str, delay: Duration) -> Arc<Self> {
+        Self::with(name, None, false, delay)
     }
 
     fn create_tables(&self, store: &EventStore) {
@@ -73,17 +88,30 @@ impl AsyncProjection for Counter {
             position: event.global_position,
             reason: e.to_string(),
         })?;
-        if Some(tick.n) == self.poison && !self.fixed.load(Ordering::SeqCst) {
-            return Err(Error::Malformed {
-                position: event.global_position,
-                reason: format!("poison tick {}", tick.n),
-            });
-        }
+        std::thread::sleep(self.delay);
         let (p1, p2, p3) = match conn.backend() {
             Backend::Postgres => ("$1", "$2", "$3"),
             Backend::Sqlite => ("?", "?", "?"),
         };
         let n = &self.name;
+        if Some(tick.n) == self.poison && !self.fixed.load(Ordering::SeqCst) {
+            if self.panics {
+                // Written in a transaction of its own that the panic leaves
+                // open: none of it may survive.
+                conn.transaction(|c| -> QueryResult<()> {
+                    diesel::sql_query(format!(
+                        "INSERT INTO {n}_applied (global_position) VALUES ({p1})"
+                    ))
+                    .bind::<BigInt, _>(event.global_position)
+                    .execute(c)?;
+                    panic!("tick {} blew up", tick.n)
+                })?;
+            }
+            return Err(Error::Malformed {
+                position: event.global_position,
+                reason: format!("poison tick {}", tick.n),
+            });
+        }
         diesel::sql_query(format!(
             "INSERT INTO {n}_applied (global_position) VALUES ({p1})"
         ))
@@ -381,7 +409,7 @@ fn only_one_runner_is_active_and_another_takes_over_when_it_dies() {
         }
         assert_eq!(second.step().unwrap(), Step::Standby);
         // The first dies without releasing its lease (a killed process).
-        drop(first);
+        std::mem::forget(first);
         let started = Instant::now();
         wait_until("takeover", Duration::from_secs(10), || {
             second.step().unwrap();
@@ -488,5 +516,316 @@ fn a_poison_event_stops_its_projection_at_its_position_until_fixed() {
         );
         assert_equals_fold(&store, "poisoned");
         assert_equals_fold(&store, "healthy");
+    }
+}
+
+fn status_of(store: &EventStore, name: &str) -> ProjectionStatus {
+    try_status_of(store, name).unwrap_or_else(|| panic!("no status for {name}"))
+}
+
+/// `None` until a runner has started the projection.
+fn try_status_of(store: &EventStore, name: &str) -> Option<ProjectionStatus> {
+    store
+        .projection_status()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+}
+
+/// Two nodes and a projector slower than the lease per batch: the active
+/// runner keeps its lease while it works, so the other never steals it
+/// mid-batch, and status never shows a working runner as stale.
+#[test]
+fn two_runners_with_a_slow_projector_keep_making_progress() {
+    const EVENTS: u32 = 1_200;
+    const PER_EVENT: Duration = Duration::from_millis(15);
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let other_node = EventStore::open(db.url()).unwrap();
+        let counter = Counter::slow("slow", PER_EVENT);
+        counter.create_tables(&store);
+        for n in 0..EVENTS {
+            store
+                .append(&format!("s-{}", n % 7), ExpectedVersion::Any, [Tick { n }])
+                .unwrap();
+        }
+        // A full batch (500 events, 7.5 s) takes several leases.
+        let slow_options = |node: &str| RunnerOptions {
+            batch_size: 500,
+            lease: Duration::from_secs(2),
+            ..options(node)
+        };
+        let started = Instant::now();
+        let a = Runner::new(store.clone(), counter.clone(), slow_options("a")).spawn();
+        let b = Runner::new(other_node.clone(), counter.clone(), slow_options("b")).spawn();
+        // One runner alone needs EVENTS * PER_EVENT; allow three times that.
+        let deadline = PER_EVENT * EVENTS * 3;
+        let mut stale = Vec::new();
+        wait_until("both runners' work", deadline, || {
+            if let Some(s) = try_status_of(&store, "slow") {
+                if s.state == "stale" || s.lease_expired {
+                    stale.push((started.elapsed(), s.state, s.holder, s.checkpoint.position));
+                }
+            }
+            applied(&store, "slow") == i64::from(EVENTS)
+        });
+        assert!(
+            stale.is_empty(),
+            "{}: a working runner's lease ran out: {stale:?}",
+            db.backend()
+        );
+        drop((a, b));
+        assert_equals_fold(&store, "slow");
+    }
+}
+
+/// A projector that panics stops its projection at that event, like an
+/// error, and the runner thread lives on, retrying until it is fixed.
+#[test]
+fn a_panicking_projector_fails_at_its_event_and_resumes_after_a_fix() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let counter = Counter::panicking("panicky", 7);
+        counter.create_tables(&store);
+        let mut poison_position = 0;
+        for n in 0..20 {
+            let rec = store
+                .append("s", ExpectedVersion::Any, [Tick { n }])
+                .unwrap();
+            if n == 7 {
+                poison_position = rec[0].global_position;
+            }
+        }
+        let handle = Runner::new(store.clone(), counter.clone(), options("p")).spawn();
+        wait_until("the failure in status", Duration::from_secs(30), || {
+            try_status_of(&store, "panicky").is_some_and(|s| s.state == "failed")
+        });
+        let s = status_of(&store, "panicky");
+        assert_eq!(s.failed_position, Some(poison_position), "{}", db.backend());
+        let error = s.last_error.unwrap();
+        assert!(
+            error.contains("projector `panicky`")
+                && error.contains(&format!("global position {poison_position}"))
+                && error.contains("panicked: tick 7 blew up"),
+            "{error}"
+        );
+        assert_eq!(s.checkpoint.position, poison_position - 1);
+        assert_eq!(
+            applied(&store, "panicky"),
+            7,
+            "the events before the panic are kept, nothing of the panicking one"
+        );
+        assert!(handle.is_running(), "the runner thread survives the panic");
+
+        counter.fixed.store(true, Ordering::SeqCst);
+        wait_until("recovery", Duration::from_secs(30), || {
+            applied(&store, "panicky") == 20
+        });
+        wait_until("the status to clear", Duration::from_secs(30), || {
+            let s = status_of(&store, "panicky");
+            (s.state.as_str(), s.failed_position, s.last_error) == ("running", None, None)
+        });
+        handle.stop();
+        assert_equals_fold(&store, "panicky");
+    }
+}
+
+/// A row the store cannot read is a store error: recorded in status with
+/// its position instead of being retried in silence.
+#[test]
+fn a_store_error_in_the_runner_is_recorded_in_status() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let counter = Counter::new("unreadable");
+        counter.create_tables(&store);
+        for n in 0..5 {
+            store
+                .append("s", ExpectedVersion::Any, [Tick { n }])
+                .unwrap();
+        }
+        let created = match db.backend() {
+            Backend::Sqlite => "'2024-01-01 00:00:00'",
+            Backend::Postgres => "now()",
+        };
+        let mut conn = store.connection().unwrap();
+        conn.batch_execute(&format!(
+            "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) \
+             VALUES ('{}', 'bad', 1, 'Tick', 1, '{{\"n\": 99}}', '{{\"correlation_id\": \"not-a-uuid\"}}', {created})",
+            uuid::Uuid::new_v4()
+        ))
+        .unwrap();
+        drop(conn);
+        let bad_position = store.head().unwrap();
+        let mut runner = Runner::new(store.clone(), counter.clone(), options("r"));
+        let mut error = None;
+        wait_until("the unreadable row", Duration::from_secs(30), || {
+            match runner.step() {
+                Err(e) => error = Some(e),
+                Ok(step) => assert!(matches!(step, Step::Applied(_)), "{step:?}"),
+            }
+            error.is_some()
+        });
+        let error = error.unwrap().to_string();
+        assert!(
+            error.contains(&format!("global position {bad_position}")),
+            "{error}"
+        );
+        let s = status_of(&store, "unreadable");
+        assert_eq!(
+            (s.state.as_str(), s.failed_position),
+            ("failed", Some(bad_position)),
+            "{}",
+            db.backend()
+        );
+        assert_eq!(
+            (applied(&store, "unreadable"), s.checkpoint.position),
+            (5, bad_position - 1),
+            "the events before the unreadable row are applied"
+        );
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("metadata")),
+            "{:?}",
+            s.last_error
+        );
+    }
+}
+
+/// A batch size of 0 still moves: taken as 1.
+#[test]
+fn a_batch_size_of_zero_applies_one_event_at_a_time() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let counter = Counter::new("zero");
+        counter.create_tables(&store);
+        for n in 0..3 {
+            store
+                .append("s", ExpectedVersion::Any, [Tick { n }])
+                .unwrap();
+        }
+        let mut runner = Runner::new(
+            store.clone(),
+            counter.clone(),
+            RunnerOptions {
+                batch_size: 0,
+                ..options("zero")
+            },
+        );
+        wait_until("the events", Duration::from_secs(30), || {
+            let step = runner.step().unwrap();
+            assert!(
+                matches!(step, Step::Applied(0 | 1)),
+                "{}: {step:?}",
+                db.backend()
+            );
+            applied(&store, "zero") == 3
+        });
+        assert_equals_fold(&store, "zero");
+    }
+}
+
+/// A runner that dies without releasing its lease shows as stale once the
+/// lease runs out, until another runner takes over.
+#[test]
+fn a_dead_runner_shows_as_stale_until_another_takes_over() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let counter = Counter::new("dead");
+        counter.create_tables(&store);
+        store
+            .append("s", ExpectedVersion::Any, [Tick { n: 1 }])
+            .unwrap();
+        let mut first = Runner::new(store.clone(), counter.clone(), options("first"));
+        wait_until("the first runner", Duration::from_secs(30), || {
+            first.step().unwrap();
+            applied(&store, "dead") == 1
+        });
+        let s = status_of(&store, "dead");
+        assert_eq!(
+            (s.state.as_str(), s.holder.as_deref(), s.lease_expired),
+            ("running", Some("first"), false),
+            "{}",
+            db.backend()
+        );
+        assert!(s.lease_expires.is_some());
+        std::mem::forget(first);
+        wait_until("the stale status", Duration::from_secs(10), || {
+            status_of(&store, "dead").state == "stale"
+        });
+        let s = status_of(&store, "dead");
+        assert!(s.lease_expired);
+        assert_eq!(s.holder.as_deref(), Some("first"));
+        assert!(s.lease_expires.unwrap() <= chrono::Utc::now() + chrono::Duration::seconds(5));
+        let mut out = Vec::new();
+        es_diesel::cli::run(&store, es_diesel::cli::AdminCommand::Status, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.lines().any(|l| l.starts_with("dead")
+                && l.contains(" stale ")
+                && l.contains("first (lease expired at ")),
+            "{out}"
+        );
+
+        let mut second = Runner::new(store.clone(), counter.clone(), options("second"));
+        assert_eq!(second.step().unwrap(), Step::Applied(0));
+        let s = status_of(&store, "dead");
+        assert_eq!(
+            (s.state.as_str(), s.holder.as_deref(), s.lease_expired),
+            ("running", Some("second"), false)
+        );
+    }
+}
+
+/// Dropping a runner or its handle, or shutting the handle down, releases
+/// the lease: another runner takes over at once, not after the lease.
+#[test]
+fn runners_release_their_lease_on_drop_and_shutdown() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let other_node = EventStore::open(db.url()).unwrap();
+        let counter = Counter::new("released");
+        counter.create_tables(&store);
+        let long_lease = |node: &str| RunnerOptions {
+            lease: Duration::from_secs(600),
+            ..options(node)
+        };
+        let assert_released = |how: &str| {
+            let s = status_of(&store, "released");
+            assert_eq!(
+                (s.state.as_str(), s.holder.as_deref(), s.lease_expires),
+                ("stopped", None, None),
+                "{}: {how}",
+                db.backend()
+            );
+            let mut next = Runner::new(other_node.clone(), counter.clone(), long_lease("next"));
+            assert_eq!(next.step().unwrap(), Step::Applied(0), "{how}");
+            drop(next);
+        };
+
+        let mut runner = Runner::new(store.clone(), counter.clone(), long_lease("r"));
+        assert_eq!(runner.step().unwrap(), Step::Applied(0));
+        drop(runner);
+        assert_released("a dropped runner");
+
+        let wait_for_holder = |holder: &str| {
+            wait_until("the runner thread", Duration::from_secs(30), || {
+                try_status_of(&store, "released")
+                    .and_then(|s| s.holder)
+                    .as_deref()
+                    == Some(holder)
+            })
+        };
+        let handle = Runner::new(store.clone(), counter.clone(), long_lease("h1")).spawn();
+        wait_for_holder("h1");
+        drop(handle);
+        assert_released("a dropped handle");
+
+        let mut handle = Runner::new(store.clone(), counter.clone(), long_lease("h2")).spawn();
+        wait_for_holder("h2");
+        handle.shutdown();
+        assert!(!handle.is_running());
+        assert_released("a handle shut down");
+        handle.shutdown();
     }
 }

@@ -81,3 +81,88 @@ fn the_demo_runs_twice_and_the_pages_follow_the_events() {
         );
     }
 }
+
+/// `admin work` stops on SIGTERM and SIGINT: the runners finish their batch,
+/// release their leases and the process exits with success, so another
+/// worker can take over at once.
+#[cfg(unix)]
+#[test]
+fn admin_work_stops_cleanly_on_sigterm_and_sigint() {
+    use es_diesel::EventStore;
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    for db in TestDatabase::all() {
+        run(db.url(), &["register-book", "1", "Dune", "Frank Herbert"]);
+        let store = EventStore::open(db.url()).unwrap();
+        let author_stats = || {
+            store
+                .projection_status()
+                .unwrap()
+                .into_iter()
+                .find(|s| s.name == "author_stats")
+        };
+        for signal in ["TERM", "INT"] {
+            let mut worker = Command::new(env!("CARGO_BIN_EXE_library"))
+                .args(["admin", "work", "--database-url", db.url()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start the worker");
+            let mut stdout = BufReader::new(worker.stdout.take().unwrap());
+            let mut first = String::new();
+            stdout.read_line(&mut first).unwrap();
+            assert!(
+                first.contains("running the asynchronous read models"),
+                "{first}"
+            );
+            let pid = worker.id();
+            wait_until("the worker to hold author_stats", || {
+                author_stats().is_some_and(|s| {
+                    s.state == "running"
+                        && s.holder.is_some_and(|h| h.contains(&format!(":{pid}:")))
+                })
+            });
+            let sent = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            let mut exit = None;
+            wait_until("the worker to exit", || {
+                exit = worker.try_wait().unwrap();
+                exit.is_some()
+            });
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut stderr).unwrap();
+            assert!(
+                exit.unwrap().success(),
+                "{}: SIG{signal}: {:?}\n{rest}\n{stderr}",
+                db.backend(),
+                exit
+            );
+            assert!(
+                rest.contains("stopped; the read models are released"),
+                "{rest}"
+            );
+            let s = author_stats().unwrap();
+            assert_eq!(
+                (s.state.as_str(), s.holder, s.lease_expired),
+                ("stopped", None, false),
+                "{}: SIG{signal}",
+                db.backend()
+            );
+        }
+    }
+}
