@@ -191,6 +191,8 @@ BEGIN
     END IF;
     RETURN nextval('es_order_keys');
 END $$;
+-- Rows inserted by hand get a key, and are followed like any other.
+ALTER TABLE es_events ALTER COLUMN order_key SET DEFAULT es_append_key();
 CREATE FUNCTION es_follow_horizon() RETURNS bigint LANGUAGE plpgsql VOLATILE
 SET search_path FROM CURRENT AS $$
 DECLARE
