@@ -233,7 +233,16 @@ fn map_insert_error(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Error {
-    if let DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) = &err {
+    // On SQLite the insert triggers of migration 7 refuse duplicates before
+    // the unique constraints see them.
+    let duplicate = |kind: &DatabaseErrorKind, message: &str| {
+        matches!(kind, DatabaseErrorKind::UniqueViolation)
+            || message.starts_with("es_events is append-only") && message.contains("already exist")
+    };
+    if let DieselError::DatabaseError(kind, info) = &err {
+        if !duplicate(kind, info.message()) {
+            return Error::from(err);
+        }
         let on_event_id = info
             .constraint_name()
             .is_some_and(|c| c.contains("event_id"))
