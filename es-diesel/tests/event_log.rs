@@ -591,7 +591,8 @@ fn inserts_that_would_overwrite_an_event_are_refused() {
                 ]
             }
         };
-        let mut conns: Vec<(&str, Box<dyn FnMut(&str) -> diesel::QueryResult<usize>>)> = Vec::new();
+        type Execute = Box<dyn FnMut(&str) -> diesel::QueryResult<usize>>;
+        let mut conns: Vec<(&str, Execute)> = Vec::new();
         let mut pooled = store.connection().unwrap();
         conns.push((
             "store connection",
