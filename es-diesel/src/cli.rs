@@ -216,6 +216,12 @@ pub fn tail(
     out: &mut dyn Write,
 ) -> Result<()> {
     let mut conn = store.connection()?;
+    let Some(stop) = follow else {
+        for e in last_events(&mut conn, count)? {
+            let _ = writeln!(out, "{}", tail_line(&e));
+        }
+        return Ok(());
+    };
     let TailStart {
         events,
         mut checkpoint,
@@ -224,9 +230,6 @@ pub fn tail(
     for e in &events {
         let _ = writeln!(out, "{}", tail_line(e));
     }
-    let Some(stop) = follow else {
-        return Ok(());
-    };
     while !stop.load(Ordering::Relaxed) {
         let page = read_after(&mut conn, checkpoint, None, TAIL_PAGE)?;
         for f in &page {
@@ -241,6 +244,21 @@ pub fn tail(
         }
     }
     Ok(())
+}
+
+/// The last `count` events of the log, by position.
+fn last_events(conn: &mut DbConnection, count: usize) -> Result<Vec<RecordedEvent>> {
+    let mut after = (read::head(conn)? - i64::try_from(count).unwrap_or(i64::MAX)).max(0);
+    let mut events = Vec::new();
+    loop {
+        let page = read::read_all(conn, after, TAIL_PAGE)?;
+        let full = page.len() == TAIL_PAGE;
+        after = page.last().map_or(after, |e| e.global_position);
+        events.extend(page);
+        if !full {
+            return Ok(events);
+        }
+    }
 }
 
 struct TailStart {
@@ -261,73 +279,62 @@ struct Position {
 /// The last `count` events, and where a follower must start so that it
 /// returns every event committed later, whatever its position.
 ///
-/// On PostgreSQL all of it is read in one snapshot. Events of transactions
-/// older than the snapshot's oldest running one are all visible in it; the
-/// follower starts right after them, and skips the events of the younger
-/// transactions that the snapshot sees already.
+/// On PostgreSQL: first the follow horizon `h`; every event that is not
+/// visible to a later snapshot has an order key of at least `h`. Then, in
+/// one such snapshot, the last events and the events with a key of at least
+/// `h` that are visible already. The follower starts just below `h` and
+/// skips those.
 fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
     type Tm = <DbConnection as Connection>::TransactionManager;
-    let pg = match conn {
-        DbConnection::Postgres(c) => {
-            AnsiTransactionManager::begin_transaction_sql(
-                c,
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            )?;
-            true
+    let horizon = match conn {
+        DbConnection::Sqlite(_) => {
+            let events = last_events(conn, count)?;
+            let position = events
+                .last()
+                .map_or(read::head(conn)?, |e| e.global_position);
+            return Ok(TailStart {
+                events,
+                checkpoint: Checkpoint {
+                    transaction: 0,
+                    position,
+                },
+                shown: HashSet::new(),
+            });
         }
-        DbConnection::Sqlite(_) => false,
+        DbConnection::Postgres(c) => loop {
+            if let Some(h) = crate::follow::horizon(c)? {
+                break h;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        },
     };
+    if let DbConnection::Postgres(c) = conn {
+        AnsiTransactionManager::begin_transaction_sql(
+            c,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )?;
+    }
     let result = (|| {
-        let (checkpoint, shown) = if pg {
-            let xmin = diesel::sql_query(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS p",
-            )
-            .get_result::<Position>(conn)?
-            .p;
-            let shown = diesel::sql_query(
-                "SELECT global_position AS p FROM es_events \
-                 WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())",
-            )
-            .load::<Position>(conn)?;
-            let checkpoint = Checkpoint {
-                transaction: xmin - 1,
-                position: i64::MAX,
-            };
-            (checkpoint, shown.into_iter().map(|r| r.p).collect())
-        } else {
-            (Checkpoint::default(), HashSet::new())
-        };
-        let mut after = (read::head(conn)? - i64::try_from(count).unwrap_or(i64::MAX)).max(0);
-        let mut events = Vec::new();
-        loop {
-            let page = read::read_all(conn, after, TAIL_PAGE)?;
-            let full = page.len() == TAIL_PAGE;
-            after = page.last().map_or(after, |e| e.global_position);
-            events.extend(page);
-            if !full {
-                break;
-            }
-        }
-        let checkpoint = if pg {
-            checkpoint
-        } else {
-            Checkpoint {
-                transaction: 0,
-                position: after,
-            }
-        };
+        let shown =
+            diesel::sql_query("SELECT global_position AS p FROM es_events WHERE order_key >= $1")
+                .bind::<diesel::sql_types::BigInt, _>(horizon)
+                .load::<Position>(conn)?
+                .into_iter()
+                .map(|r| r.p)
+                .collect();
         Ok(TailStart {
-            events,
-            checkpoint,
+            events: last_events(conn, count)?,
+            checkpoint: Checkpoint {
+                transaction: horizon - 1,
+                position: i64::MAX,
+            },
             shown,
         })
     })();
-    if pg {
-        match &result {
-            Ok(_) => Tm::commit_transaction(conn)?,
-            Err(_) => {
-                let _ = Tm::rollback_transaction(conn);
-            }
+    match &result {
+        Ok(_) => Tm::commit_transaction(conn)?,
+        Err(_) => {
+            let _ = Tm::rollback_transaction(conn);
         }
     }
     result

@@ -579,9 +579,9 @@ fn inserts_that_would_overwrite_an_event_are_refused() {
                 let copy = |event_id: &str, target: &str| {
                     format!(
                         "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, \
-                         payload, metadata, created_at, transaction_id) \
+                         payload, metadata, created_at, order_key) \
                          SELECT {event_id}, stream_id, stream_version, event_type, event_version, \
-                         '{{\"rewritten\":1}}', metadata, created_at, transaction_id FROM es_events \
+                         '{{\"rewritten\":1}}', metadata, created_at, order_key FROM es_events \
                          WHERE global_position = {pos} ON CONFLICT {target} DO UPDATE SET payload = EXCLUDED.payload"
                     )
                 };
