@@ -182,18 +182,29 @@ pub(crate) fn append_events(
         }
         let mut expected = w.expected;
         for chunk in w.events.chunks(CHUNK) {
-            let rows = match conn {
-                DbConnection::Postgres(c) => insert_pg(c, &w.stream_id, expected, chunk)?,
-                DbConnection::Sqlite(c) => insert_sqlite(c, &w.stream_id, expected, chunk)?,
-            };
-            if rows.len() != chunk.len() {
+            let mut tries = 0;
+            let rows = loop {
+                let rows = match conn {
+                    DbConnection::Postgres(c) => insert_pg(c, &w.stream_id, expected, chunk)?,
+                    DbConnection::Sqlite(c) => insert_sqlite(c, &w.stream_id, expected, chunk)?,
+                };
+                if rows.len() == chunk.len() {
+                    break rows;
+                }
                 let actual = crate::read::stream_version(conn, &w.stream_id)?;
+                // The statement's snapshot predates a commit that satisfies
+                // the expectation (PostgreSQL): nothing was written, so the
+                // statement can run again on a newer snapshot.
+                if expected.is_satisfied_by(actual) && tries < RACE_RETRIES {
+                    tries += 1;
+                    continue;
+                }
                 return Err(Error::Conflict {
                     stream: w.stream_id.clone(),
                     expected: w.expected,
                     actual,
                 });
-            }
+            };
             let last = rows.iter().map(|r| r.stream_version).max().unwrap_or(0);
             expected = ExpectedVersion::Exact(last);
             out.extend(chunk.iter().zip(rows).map(|(ev, row)| RecordedEvent {
@@ -233,7 +244,16 @@ fn map_insert_error(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Error {
-    if let DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) = &err {
+    // On SQLite the insert triggers of migration 7 refuse duplicates before
+    // the unique constraints see them.
+    let duplicate = |kind: &DatabaseErrorKind, message: &str| {
+        matches!(kind, DatabaseErrorKind::UniqueViolation)
+            || message.starts_with("es_events is append-only") && message.contains("already exist")
+    };
+    if let DieselError::DatabaseError(kind, info) = &err {
+        if !duplicate(kind, info.message()) {
+            return Error::from(err);
+        }
         let on_event_id = info
             .constraint_name()
             .is_some_and(|c| c.contains("event_id"))

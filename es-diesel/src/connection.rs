@@ -61,10 +61,16 @@ pub enum SqliteSync {
 pub struct StoreOptions {
     /// Connections in the pool (an in-memory SQLite database always uses 1).
     pub pool_size: u32,
-    /// How long a SQLite writer waits for the write lock before failing.
+    /// How long a SQLite writer waits for the write lock before failing
+    /// (also the bound on setting up a connection to a file another process
+    /// is setting up at the same moment).
     pub busy_timeout: Duration,
     pub sqlite_sync: SqliteSync,
-    /// How long `pool.get()` waits for a free connection.
+    /// How long `pool.get()` waits for a free connection, and the bound on
+    /// opening a PostgreSQL connection (libpq's `connect_timeout`, in whole
+    /// seconds, at least 2, unless the URL sets its own): a server that
+    /// accepts the connection but never answers makes
+    /// [`EventStore::open`](crate::EventStore::open) fail instead of hang.
     pub connection_timeout: Duration,
     /// Run inline projectors on append (the default). Turn it off for a bulk
     /// load into a store whose read models you rebuild afterwards, or for a
@@ -131,7 +137,8 @@ impl Manager {
     pub(crate) fn establish(&self) -> Result<DbConnection, ConnectionError> {
         match &self.target {
             Target::Postgres(url) => {
-                let mut conn = PgConnection::establish(url)?;
+                let url = with_connect_timeout(url, self.options.connection_timeout);
+                let mut conn = PgConnection::establish(&url)?;
                 conn.batch_execute("SET client_min_messages = warning")
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Postgres(conn))
@@ -144,15 +151,69 @@ impl Manager {
                     SqliteSync::Off => "OFF",
                 };
                 let journal = if *memory { "MEMORY" } else { "WAL" };
-                conn.batch_execute(&format!(
-                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = {journal}; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;",
+                // `recursive_triggers` makes the row deletions of `INSERT OR
+                // REPLACE` fire the log's delete trigger.
+                let setup = format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = {journal}; PRAGMA synchronous = {sync}; \
+                     PRAGMA foreign_keys = ON; PRAGMA recursive_triggers = ON;",
                     self.options.busy_timeout.as_millis()
-                ))
-                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                );
+                retry_while_busy(self.options.busy_timeout, || conn.batch_execute(&setup))
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(conn))
             }
         }
     }
+}
+
+/// Runs `f` again, after short sleeps, while SQLite answers "database is
+/// locked", for up to `timeout`. Switching a new file to WAL needs an
+/// exclusive lock and fails at once, without calling the busy handler, when
+/// another connection is setting up the same file.
+fn retry_while_busy(
+    timeout: Duration,
+    mut f: impl FnMut() -> diesel::QueryResult<()>,
+) -> diesel::QueryResult<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match f() {
+            Err(diesel::result::Error::DatabaseError(_, info))
+                if is_busy(info.message()) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(message: &str) -> bool {
+    message.contains("database is locked") || message.contains("is busy")
+}
+
+/// `url` with libpq's `connect_timeout` set from `timeout`, unless the URL
+/// sets one. Without it, a server that accepts the TCP connection but never
+/// answers blocks the connecting thread for ever. libpq counts whole seconds
+/// and treats anything below 2 as 2 (and 0 as no limit).
+pub(crate) fn with_connect_timeout(url: &str, timeout: Duration) -> String {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some("connect_timeout"))
+    {
+        return url.to_owned();
+    }
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    let sep = if !url.contains('?') {
+        "?"
+    } else if url.ends_with('?') || url.ends_with('&') {
+        ""
+    } else {
+        "&"
+    };
+    format!("{url}{sep}connect_timeout={}", secs.max(2))
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -242,5 +303,40 @@ mod tests {
         ));
         assert!(parse_url("redis://h").is_err());
         assert!(parse_url("").is_err());
+    }
+
+    #[test]
+    fn connect_timeouts() {
+        let t = with_connect_timeout;
+        assert_eq!(
+            t("postgres://u@h/db", Duration::from_secs(30)),
+            "postgres://u@h/db?connect_timeout=30"
+        );
+        assert_eq!(
+            t(
+                "postgres://u@h/db?sslmode=disable",
+                Duration::from_millis(2500)
+            ),
+            "postgres://u@h/db?sslmode=disable&connect_timeout=3"
+        );
+        assert_eq!(
+            t("postgres://u@h/db?", Duration::from_millis(100)),
+            "postgres://u@h/db?connect_timeout=2"
+        );
+        assert_eq!(
+            t(
+                "postgres://u@h/db?connect_timeout=7",
+                Duration::from_secs(30)
+            ),
+            "postgres://u@h/db?connect_timeout=7"
+        );
+        assert_eq!(
+            t("postgres://u@h/db?a=1&connect_timeout=7", Duration::ZERO),
+            "postgres://u@h/db?a=1&connect_timeout=7"
+        );
+        assert_eq!(
+            t("postgres://u@h/db", Duration::ZERO),
+            "postgres://u@h/db?connect_timeout=2"
+        );
     }
 }

@@ -144,7 +144,7 @@ pub fn read_after(
 /// The order key below which no append in flight can still write (see the
 /// module documentation), or `None` when an append kept announcing itself
 /// without a published key for a while (then nothing is safe to read yet).
-fn horizon(conn: &mut diesel::PgConnection) -> Result<Option<i64>> {
+pub(crate) fn horizon(conn: &mut diesel::PgConnection) -> Result<Option<i64>> {
     #[derive(QueryableByName)]
     struct Horizon {
         #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]

@@ -223,6 +223,28 @@ BEGIN
 END $$;
 "#,
     },
+    Migration {
+        version: 7,
+        name: "no rewriting through insert conflicts",
+        // `INSERT OR REPLACE` deletes the row it conflicts with without
+        // firing delete triggers (unless `recursive_triggers` is on), and an
+        // upsert turns into an update: refuse the insert before either can
+        // happen, whatever the connection's pragmas. `NEW.global_position`
+        // is -1 here when the position is left to AUTOINCREMENT.
+        sqlite: r#"
+CREATE TRIGGER es_events_no_overwrite BEFORE INSERT ON es_events
+WHEN EXISTS (SELECT 1 FROM es_events WHERE event_id = NEW.event_id)
+BEGIN SELECT RAISE(ABORT, 'es_events is append-only: an event with this event_id already exists'); END;
+CREATE TRIGGER es_events_no_overwrite_version BEFORE INSERT ON es_events
+WHEN EXISTS (SELECT 1 FROM es_events WHERE stream_id = NEW.stream_id AND stream_version = NEW.stream_version)
+BEGIN SELECT RAISE(ABORT, 'es_events is append-only: this stream_id and stream_version already exist'); END;
+CREATE TRIGGER es_events_no_overwrite_position BEFORE INSERT ON es_events
+WHEN EXISTS (SELECT 1 FROM es_events WHERE global_position = NEW.global_position)
+BEGIN SELECT RAISE(ABORT, 'es_events is append-only: this global_position already exists'); END;
+"#,
+        // An upsert's DO UPDATE fires the UPDATE trigger of migration 1.
+        postgres: "",
+    },
 ];
 
 #[derive(QueryableByName)]
@@ -265,7 +287,10 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
                 Backend::Postgres => m.postgres,
             };
             let run = |conn: &mut DbConnection| -> QueryResult<()> {
-                conn.batch_execute(sql)?;
+                // PostgreSQL refuses an empty query string.
+                if !sql.trim().is_empty() {
+                    conn.batch_execute(sql)?;
+                }
                 let stamp = chrono::Utc::now().to_rfc3339();
                 conn.batch_execute(&format!(
                     "INSERT INTO es_schema_migrations (version, name, applied_at) VALUES ({}, {}, {})",

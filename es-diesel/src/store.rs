@@ -57,6 +57,9 @@ impl EventStore {
         Self::open_with(url, StoreOptions::default())
     }
 
+    /// [`open`](Self::open) with settings. Fails rather than waits past
+    /// [`StoreOptions::connection_timeout`] on a PostgreSQL server that does
+    /// not answer, both here and for the connections the pool opens later.
     pub fn open_with(url: &str, options: StoreOptions) -> Result<Self> {
         let target = parse_url(url)?;
         let memory = matches!(target, Target::Sqlite { memory: true, .. });

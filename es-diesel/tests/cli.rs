@@ -1,9 +1,16 @@
 //! The embedded management commands.
 
-use es_diesel::cli::{run, AdminCommand};
+use es_diesel::cli::{run, tail, AdminCommand};
 use es_diesel::testing::TestDatabase;
-use es_diesel::{projector, Event, ExpectedVersion, ReadModel, Recorded};
+use es_diesel::{
+    append_in, projector, write_transaction, Backend, Event, EventStore, ExpectedVersion,
+    ReadModel, Recorded, StreamWrite,
+};
 use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
 #[event(view = false)]
@@ -137,5 +144,170 @@ fn admin_commands_report_the_store() {
             }
         )
         .contains("has no events"));
+    }
+}
+
+/// Output shared with a `tail` running on another thread.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// How many printed events are on `shelf`.
+    fn count(&self, shelf: &str) -> usize {
+        self.text().matches(&format!("\"{shelf}\"")).count()
+    }
+
+    fn wait_for(&self, what: &str, shelves: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shelves.iter().any(|s| self.count(s) == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {shelves:?} not all printed:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn shelved_on(book_id: i64, shelf: &str) -> Shelved {
+    Shelved {
+        book_id,
+        shelf: shelf.into(),
+    }
+}
+
+fn start_tail(
+    store: &EventStore,
+    count: usize,
+    stop: &Arc<AtomicBool>,
+) -> (Shared, std::thread::JoinHandle<()>) {
+    let out = Shared::default();
+    let (store, stop, mut sink) = (store.clone(), stop.clone(), out.clone());
+    let handle = std::thread::spawn(move || tail(&store, count, Some(&stop), &mut sink).unwrap());
+    (out, handle)
+}
+
+/// `tail -f` prints every event once, including one whose transaction
+/// commits after an event with a higher position (PostgreSQL), also when it
+/// starts while that transaction is open.
+#[test]
+fn tail_follow_prints_late_commits_once() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store
+            .append(
+                "shelf-0",
+                ExpectedVersion::NoStream,
+                [shelved_on(100, "start")],
+            )
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (early, early_tail) = start_tail(&store, 1, &stop);
+        early.wait_for("before any write", &["start"]);
+
+        // On PostgreSQL "held" gets the lower position but commits last.
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let writer = if db.backend() == Backend::Postgres {
+            let store = store.clone();
+            let writer = std::thread::spawn(move || {
+                let mut conn = store.connection().unwrap();
+                write_transaction(&mut conn, |c| {
+                    let mut w = StreamWrite::new("shelf-1", ExpectedVersion::NoStream);
+                    w.push(&shelved_on(101, "held"))?;
+                    let recorded = append_in(c, &[w])?;
+                    held_tx.send(recorded[0].global_position).unwrap();
+                    go_rx.recv().unwrap();
+                    Ok::<_, es_diesel::Error>(())
+                })
+                .unwrap();
+            });
+            Some(writer)
+        } else {
+            store
+                .append(
+                    "shelf-1",
+                    ExpectedVersion::NoStream,
+                    [shelved_on(101, "held")],
+                )
+                .unwrap();
+            held_tx.send(store.head().unwrap()).unwrap();
+            None
+        };
+        let held = held_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let after = store
+            .append(
+                "shelf-2",
+                ExpectedVersion::NoStream,
+                [shelved_on(102, "after")],
+            )
+            .unwrap();
+        assert!(after[0].global_position > held);
+
+        let (late, late_tail) = start_tail(&store, 1, &stop);
+        late.wait_for("started while held was open", &["after"]);
+        // Lets the early tail poll a few times while "held" is still open.
+        std::thread::sleep(Duration::from_millis(500));
+        go_tx.send(()).ok();
+        if let Some(writer) = writer {
+            writer.join().unwrap();
+        }
+        store
+            .append(
+                "shelf-3",
+                ExpectedVersion::NoStream,
+                [shelved_on(103, "last")],
+            )
+            .unwrap();
+        // Followers print in one order, so once "last" is out nothing else
+        // is still to come.
+        early.wait_for(
+            &format!("{}, early tail", db.backend()),
+            &["held", "after", "last"],
+        );
+        // On SQLite "held" had committed before the late tail started, and
+        // is not among its last 1 event.
+        let postgres = db.backend() == Backend::Postgres;
+        let late_shelves: &[&str] = if postgres {
+            &["held", "after", "last"]
+        } else {
+            &["after", "last"]
+        };
+        late.wait_for(&format!("{}, late tail", db.backend()), late_shelves);
+        stop.store(true, Ordering::Relaxed);
+        early_tail.join().unwrap();
+        late_tail.join().unwrap();
+        for shelf in ["start", "held", "after", "last"] {
+            assert_eq!(
+                early.count(shelf),
+                1,
+                "{}: {shelf}:\n{}",
+                db.backend(),
+                early.text()
+            );
+            let expected = usize::from(late_shelves.contains(&shelf));
+            assert_eq!(
+                late.count(shelf),
+                expected,
+                "{}: {shelf}:\n{}",
+                db.backend(),
+                late.text()
+            );
+        }
     }
 }

@@ -518,6 +518,135 @@ fn the_database_refuses_updates_and_deletes() {
     }
 }
 
+/// `INSERT OR REPLACE` deletes the row it conflicts with, and an upsert
+/// updates it: neither may rewrite a logged event, on a store connection or
+/// on a plain one that lacks the store's pragmas.
+#[test]
+fn inserts_that_would_overwrite_an_event_are_refused() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        for book in 1..=2 {
+            store
+                .append(
+                    &format!("book-{book}"),
+                    ExpectedVersion::NoStream,
+                    [registered(book)],
+                )
+                .unwrap();
+        }
+        let before = store.read_all(0, 10).unwrap();
+        let (pos, id) = (before[0].global_position, before[0].event_id);
+        let statements: Vec<String> = match db.backend() {
+            es_diesel::Backend::Sqlite => {
+                let fresh = || uuid::Uuid::new_v4().to_string();
+                let rows = [
+                    // Same event id, elsewhere.
+                    ("NULL".to_owned(), id.to_string(), "other", 1),
+                    // Same stream and version.
+                    ("NULL".to_owned(), fresh(), "book-1", 1),
+                    // Same position.
+                    (pos.to_string(), fresh(), "other", 1),
+                ];
+                let mut out = Vec::new();
+                for (position, event_id, stream, version) in rows {
+                    let insert = |verb: &str| {
+                        format!(
+                            "{verb} es_events (global_position, event_id, stream_id, stream_version, event_type, \
+                             event_version, payload, metadata, created_at) VALUES ({position}, '{event_id}', \
+                             '{stream}', {version}, 'BookRegistered', 1, '{{\"rewritten\":1}}', '{{}}', '2000-01-01 00:00:00')"
+                        )
+                    };
+                    out.push(insert("INSERT OR REPLACE INTO"));
+                    out.push(insert("REPLACE INTO"));
+                    for target in [
+                        "(event_id)",
+                        "(stream_id, stream_version)",
+                        "(global_position)",
+                    ] {
+                        out.push(format!(
+                            "{} ON CONFLICT {target} DO UPDATE SET payload = excluded.payload",
+                            insert("INSERT INTO")
+                        ));
+                    }
+                    out.push(format!(
+                        "{} ON CONFLICT DO UPDATE SET payload = excluded.payload",
+                        insert("INSERT INTO")
+                    ));
+                }
+                out
+            }
+            es_diesel::Backend::Postgres => {
+                let copy = |event_id: &str, target: &str| {
+                    format!(
+                        "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, \
+                         payload, metadata, created_at, order_key) \
+                         SELECT {event_id}, stream_id, stream_version, event_type, event_version, \
+                         '{{\"rewritten\":1}}', metadata, created_at, order_key FROM es_events \
+                         WHERE global_position = {pos} ON CONFLICT {target} DO UPDATE SET payload = EXCLUDED.payload"
+                    )
+                };
+                vec![
+                    copy("event_id", "(event_id)"),
+                    copy("gen_random_uuid()", "(md5(stream_id), stream_version)"),
+                ]
+            }
+        };
+        type Execute = Box<dyn FnMut(&str) -> diesel::QueryResult<usize>>;
+        let mut conns: Vec<(&str, Execute)> = Vec::new();
+        let mut pooled = store.connection().unwrap();
+        conns.push((
+            "store connection",
+            Box::new(move |sql| diesel::sql_query(sql).execute(&mut *pooled)),
+        ));
+        if db.backend() == es_diesel::Backend::Sqlite {
+            let mut plain = diesel::SqliteConnection::establish(db.url()).unwrap();
+            #[derive(QueryableByName)]
+            struct Pragma {
+                #[diesel(sql_type = diesel::sql_types::Integer)]
+                recursive_triggers: i32,
+            }
+            let pragma = diesel::sql_query("PRAGMA recursive_triggers")
+                .get_result::<Pragma>(&mut plain)
+                .unwrap();
+            assert_eq!(pragma.recursive_triggers, 0);
+            conns.push((
+                "plain connection",
+                Box::new(move |sql| diesel::sql_query(sql).execute(&mut plain)),
+            ));
+        }
+        for (which, execute) in &mut conns {
+            for sql in &statements {
+                let err = execute(sql).expect_err(&format!(
+                    "{}, {which}: a logged event was rewritten by: {sql}",
+                    db.backend()
+                ));
+                assert!(
+                    err.to_string().contains("append-only"),
+                    "{}, {which}: {sql}: {err}",
+                    db.backend()
+                );
+            }
+        }
+        drop(conns);
+        let after = store.read_all(0, 10).unwrap();
+        let key = |e: &es_diesel::RecordedEvent| {
+            (
+                e.global_position,
+                e.event_id,
+                e.stream_id.clone(),
+                e.stream_version,
+                e.payload().to_string(),
+            )
+        };
+        assert_eq!(
+            after.iter().map(key).collect::<Vec<_>>(),
+            before.iter().map(key).collect::<Vec<_>>(),
+            "{}",
+            db.backend()
+        );
+    }
+}
+
 #[test]
 fn duplicate_event_ids_are_refused_and_write_nothing() {
     for db in TestDatabase::all() {

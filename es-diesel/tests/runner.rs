@@ -388,8 +388,14 @@ fn only_one_runner_is_active_and_another_takes_over_when_it_dies() {
                 .append("s", ExpectedVersion::Any, [Tick { n }])
                 .unwrap();
         }
-        let mut first = Runner::new(store.clone(), counter.clone(), options("first"));
-        let mut second = Runner::new(other_node.clone(), counter.clone(), options("second"));
+        // A lease long enough that a loaded machine does not let it lapse
+        // between two steps of the first runner.
+        let leased = |node: &str| RunnerOptions {
+            lease: Duration::from_secs(2),
+            ..options(node)
+        };
+        let mut first = Runner::new(store.clone(), counter.clone(), leased("first"));
+        let mut second = Runner::new(other_node.clone(), counter.clone(), leased("second"));
         // On PostgreSQL, transactions of other tests may hold the horizon back
         // for a moment, so a step may see part of the log only.
         wait_until("the first runner", Duration::from_secs(30), || {
