@@ -1,0 +1,750 @@
+//! Rebuilds while the application goes on: two rebuilds of one read model
+//! at once, a rebuild behind a transaction still writing to the log, appends
+//! during a rebuild and during the build `migrate` runs.
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use es_diesel::runner::{async_read_models, ProjectionMode, Step};
+use es_diesel::testing::TestDatabase;
+use es_diesel::{
+    append_in, projector, write_transaction, Backend, DbConnection, Error, Event, EventStore,
+    ExpectedVersion, ReadModel, RebuildOptions, RebuildReport, Recorded, SqliteSync, StoreOptions,
+    StreamWrite,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+/// One more touch of an item; `n` is unique and grows along each stream.
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct ItemTouched {
+    item: i64,
+    n: i64,
+}
+
+/// No read model handles it.
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct Unrelated {
+    note: String,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct Tick {
+    n: i64,
+}
+
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "tally", primary_key = item, index(last))]
+struct Tally {
+    item: i64,
+    touches: i32,
+    last: i64,
+}
+
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "tally_async", primary_key = item, mode = async)]
+struct TallyAsync {
+    item: i64,
+    touches: i32,
+    last: i64,
+}
+
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "ticks", primary_key = n)]
+struct Ticks {
+    n: i64,
+}
+
+fn touch(row: Option<Tally>, e: &ItemTouched) -> Tally {
+    let mut r = row.unwrap_or(Tally {
+        item: e.item,
+        touches: 0,
+        last: 0,
+    });
+    r.touches += 1;
+    r.last = e.n;
+    r
+}
+
+#[projector(on = ItemTouched, key = item)]
+fn tally(e: &Recorded<ItemTouched>, row: &mut Option<Tally>) {
+    *row = Some(touch(row.take(), e));
+}
+
+#[projector(on = ItemTouched, key = item)]
+fn tally_async(e: &Recorded<ItemTouched>, row: &mut Option<TallyAsync>) {
+    let before = row.take().map(|r| Tally {
+        item: r.item,
+        touches: r.touches,
+        last: r.last,
+    });
+    let r = touch(before, e);
+    *row = Some(TallyAsync {
+        item: r.item,
+        touches: r.touches,
+        last: r.last,
+    });
+}
+
+/// The tick whose projection blocks until [`RELEASE`] (0: none).
+static GATE: AtomicI64 = AtomicI64::new(0);
+static REACHED: AtomicBool = AtomicBool::new(false);
+static RELEASE: AtomicBool = AtomicBool::new(false);
+
+#[projector(on = Tick, read_model = Ticks)]
+fn tick(e: &Recorded<Tick>, conn: &mut DbConnection) -> QueryResult<()> {
+    if GATE.load(Ordering::SeqCst) == e.n {
+        REACHED.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !RELEASE.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    diesel::insert_into(ticks::table)
+        .values(Ticks { n: e.n })
+        .execute(conn)?;
+    Ok(())
+}
+
+static SEQ: AtomicI64 = AtomicI64::new(1);
+
+fn next_n() -> i64 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `events` touches spread over `items` items, 500 per transaction.
+fn load(store: &EventStore, items: i64, events: usize) {
+    let mut left = events;
+    while left > 0 {
+        let per_item = (500 / items as usize).max(1);
+        let mut writes = Vec::new();
+        for item in 1..=items {
+            if left == 0 {
+                break;
+            }
+            let mut w = StreamWrite::new(format!("item-{item}"), ExpectedVersion::Any);
+            for _ in 0..per_item.min(left) {
+                w.push(&ItemTouched { item, n: next_n() }).unwrap();
+                left -= 1;
+            }
+            writes.push(w);
+        }
+        store.append_streams(&writes).unwrap();
+    }
+}
+
+fn touch_item(store: &EventStore, item: i64) -> es_diesel::Result<()> {
+    store
+        .append(
+            &format!("item-{item}"),
+            ExpectedVersion::Any,
+            [ItemTouched { item, n: next_n() }],
+        )
+        .map(drop)
+}
+
+/// The read model as folded from the log.
+fn expected(store: &EventStore) -> Vec<Tally> {
+    let mut rows: BTreeMap<i64, Tally> = BTreeMap::new();
+    for ev in store.iter_types(&["ItemTouched"], 0, 5_000) {
+        let e = ev.unwrap().decode::<ItemTouched>().unwrap();
+        let before = rows.remove(&e.item);
+        rows.insert(e.item, touch(before, &e));
+    }
+    rows.into_values().collect()
+}
+
+fn table(store: &EventStore, name: &str) -> Vec<Tally> {
+    let mut conn = store.connection().unwrap();
+    match name {
+        "tally" => tally::table
+            .order(tally::item)
+            .load::<Tally>(&mut *conn)
+            .unwrap(),
+        "tally_async" => tally_async::table
+            .order(tally_async::item)
+            .load::<TallyAsync>(&mut *conn)
+            .unwrap()
+            .into_iter()
+            .map(|r| Tally {
+                item: r.item,
+                touches: r.touches,
+                last: r.last,
+            })
+            .collect(),
+        other => panic!("no table {other}"),
+    }
+}
+
+/// Runs the runner of `tally_async` until it has applied the whole log.
+fn catch_up(store: &EventStore) {
+    let projection = async_read_models()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name() == "tally_async")
+        .unwrap();
+    let mut runner = store.runner(projection);
+    assert!(wait_until("the runner", Duration::from_secs(60), || {
+        matches!(runner.step(), Ok(Step::Applied(0)))
+            && table(store, "tally_async") == expected(store)
+    }));
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Shadow schemas of this store's schema still in the database (PostgreSQL).
+fn shadow_schemas(store: &EventStore) -> i64 {
+    if store.backend() != Backend::Postgres {
+        return 0;
+    }
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM pg_namespace \
+         WHERE left(nspname, length(current_schema() || '_es_shadow_')) = current_schema() || '_es_shadow_'",
+    )
+    .get_result::<Count>(&mut *store.connection().unwrap())
+    .unwrap()
+    .n
+}
+
+fn claim_released(store: &EventStore, name: &str) -> bool {
+    diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM es_read_models WHERE name = '{name}' AND rebuild_holder IS NULL"
+    ))
+    .get_result::<Count>(&mut *store.connection().unwrap())
+    .unwrap()
+    .n == 1
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            eprintln!("timed out waiting for {what}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+fn fast(db: &TestDatabase) -> EventStore {
+    db.store_with(StoreOptions {
+        sqlite_sync: SqliteSync::Off,
+        ..StoreOptions::default()
+    })
+}
+
+/// Two rebuilds of one read model start together. The first to claim it
+/// pauses after its first batch until the other has returned: the other must
+/// be refused with `RebuildInProgress` (without it both would build at once,
+/// and the second would drop the first's shadow table, into whose name the
+/// first would then write the live table).
+#[test]
+fn two_rebuilds_of_one_read_model_at_once() {
+    for db in TestDatabase::all() {
+        let store = fast(&db);
+        load(&store, 40, 3_000);
+        for name in ["tally", "tally_async"] {
+            let barrier = Arc::new(Barrier::new(2));
+            let in_progress: Arc<[AtomicBool; 2]> =
+                Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let returned: Arc<[AtomicBool; 2]> =
+                Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let overlap = Arc::new(AtomicBool::new(false));
+            let threads: Vec<_> = (0..2)
+                .map(|me| {
+                    let (store, barrier, in_progress, returned, overlap) = (
+                        store.clone(),
+                        barrier.clone(),
+                        in_progress.clone(),
+                        returned.clone(),
+                        overlap.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let mut first = true;
+                        let result = store.rebuild_with(
+                            name,
+                            &RebuildOptions {
+                                batch_size: 200,
+                                ..Default::default()
+                            },
+                            |_| {
+                                if !std::mem::take(&mut first) {
+                                    return;
+                                }
+                                in_progress[me].store(true, Ordering::SeqCst);
+                                if in_progress[1 - me].load(Ordering::SeqCst) {
+                                    overlap.store(true, Ordering::SeqCst);
+                                }
+                                wait_until(
+                                    "the other rebuild to return",
+                                    Duration::from_secs(20),
+                                    || returned[1 - me].load(Ordering::SeqCst),
+                                );
+                            },
+                        );
+                        returned[me].store(true, Ordering::SeqCst);
+                        result
+                    })
+                })
+                .collect();
+            let results: Vec<es_diesel::Result<RebuildReport>> =
+                threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert!(
+                !overlap.load(Ordering::SeqCst),
+                "{}: two rebuilds of {name} ran at once",
+                db.backend()
+            );
+            let ok: Vec<&RebuildReport> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(ok.len(), 1, "{}: {name}: {results:?}", db.backend());
+            assert_eq!(ok[0].events + ok[0].pending, 3_000);
+            let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+            match refused {
+                Error::RebuildInProgress { read_model, holder } => {
+                    assert_eq!(read_model, name);
+                    assert!(holder.starts_with("rebuild "), "{holder}");
+                    let text = refused.to_string();
+                    assert!(
+                        text.contains(name) && text.contains("already being rebuilt"),
+                        "{text}"
+                    );
+                }
+                other => panic!(
+                    "{}: expected RebuildInProgress, got {other:?}",
+                    db.backend()
+                ),
+            }
+            if ok[0].pending > 0 {
+                // Another transaction on the server held the horizon back.
+                catch_up(&store);
+            }
+            assert_eq!(
+                table(&store, name),
+                expected(&store),
+                "{}: {name}",
+                db.backend()
+            );
+            assert_eq!(shadow_schemas(&store), 0, "no shadow schema left behind");
+            assert!(claim_released(&store, name));
+            // Released: the next rebuild goes ahead and gives the same table.
+            if store.rebuild(name).unwrap().pending > 0 {
+                catch_up(&store);
+            }
+            assert_eq!(table(&store, name), expected(&store));
+        }
+    }
+}
+
+/// `migrate` waits for a rebuild in progress rather than failing or
+/// building a second time.
+#[test]
+fn migrate_waits_for_a_rebuild_in_progress() {
+    for db in TestDatabase::all() {
+        let store = fast(&db);
+        load(&store, 20, 1_000);
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let go = Arc::new(AtomicBool::new(false));
+        let rebuild = {
+            let (store, go) = (store.clone(), go.clone());
+            std::thread::spawn(move || {
+                let mut first = true;
+                store.rebuild_with(
+                    "tally",
+                    &RebuildOptions {
+                        batch_size: 100,
+                        ..Default::default()
+                    },
+                    |_| {
+                        if std::mem::take(&mut first) {
+                            paused_tx.send(()).unwrap();
+                            wait_until("go", Duration::from_secs(30), || go.load(Ordering::SeqCst));
+                        }
+                    },
+                )
+            })
+        };
+        paused_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        // As if a migrate of another process had re-created the table.
+        diesel::sql_query("UPDATE es_read_models SET rebuilt_at = NULL WHERE name = 'tally'")
+            .execute(&mut *store.connection().unwrap())
+            .unwrap();
+        let migrated = Arc::new(AtomicBool::new(false));
+        let migrate = {
+            let (store, migrated) = (store.clone(), migrated.clone());
+            std::thread::spawn(move || {
+                let r = store.migrate();
+                migrated.store(true, Ordering::SeqCst);
+                r
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !migrated.load(Ordering::SeqCst),
+            "{}: migrate returned while a rebuild of tally was in progress",
+            db.backend()
+        );
+        go.store(true, Ordering::SeqCst);
+        let report = rebuild.join().unwrap().unwrap();
+        assert_eq!(report.events, 1_000);
+        migrate.join().unwrap().unwrap();
+        assert_eq!(table(&store, "tally"), expected(&store));
+        assert!(claim_released(&store, "tally"));
+    }
+}
+
+/// A failed rebuild (here: a panic in the progress callback) leaves no
+/// shadow and releases its claim.
+#[test]
+fn a_failed_rebuild_leaves_nothing_behind() {
+    for db in TestDatabase::all() {
+        let store = fast(&db);
+        load(&store, 10, 600);
+        let before = table(&store, "tally");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.rebuild_with(
+                "tally",
+                &RebuildOptions {
+                    batch_size: 100,
+                    ..Default::default()
+                },
+                |_| panic!("progress bar broke"),
+            )
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(shadow_schemas(&store), 0);
+        assert!(claim_released(&store, "tally"));
+        assert_eq!(
+            table(&store, "tally"),
+            before,
+            "the live table is untouched"
+        );
+        store.rebuild("tally").unwrap();
+        assert_eq!(table(&store, "tally"), expected(&store));
+    }
+}
+
+/// A transaction that has appended to the log but not committed holds the
+/// follower horizon back on PostgreSQL. An asynchronous rebuild cannot
+/// include the events committed behind it: it must say how many, leave them
+/// to the runner (whose lag shows them), and not claim completeness. An
+/// inline rebuild must include them all.
+#[test]
+fn a_rebuild_behind_an_open_log_writer_says_what_it_left_out() {
+    for db in TestDatabase::all() {
+        let store = fast(&db);
+        load(&store, 30, 1_500);
+        let held = (db.backend() == Backend::Postgres).then(|| {
+            let (appended_tx, appended_rx) = mpsc::channel();
+            let (commit_tx, commit_rx) = mpsc::channel::<()>();
+            let store = store.clone();
+            let t = std::thread::spawn(move || {
+                let mut conn = store.connection().unwrap();
+                write_transaction(&mut conn, |c| -> es_diesel::Result<()> {
+                    let mut w = StreamWrite::new("held", ExpectedVersion::Any);
+                    w.push(&Unrelated {
+                        note: "left open".into(),
+                    })?;
+                    append_in(c, &[w])?;
+                    appended_tx.send(()).unwrap();
+                    commit_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+                    Ok(())
+                })
+                .unwrap();
+            });
+            appended_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            (t, commit_tx)
+        });
+        // Committed by other connections after the open transaction began.
+        for i in 0..40 {
+            touch_item(&store, 1 + i % 7).unwrap();
+        }
+        let behind = if held.is_some() { 40 } else { 0 };
+
+        let report = store.rebuild("tally_async").unwrap();
+        // Other transactions on a shared server may hold the horizon further back.
+        assert_eq!(report.events + report.pending, 1_540, "{}", db.backend());
+        assert!(
+            report.pending >= behind,
+            "{}: the async rebuild counts what it could not include: {report:?}",
+            db.backend()
+        );
+        let status = store.projection_status().unwrap();
+        let s = status.iter().find(|s| s.name == "tally_async").unwrap();
+        assert_eq!(
+            (s.mode, s.lag),
+            (ProjectionMode::Async, report.pending as i64)
+        );
+        assert_ne!(s.state, "rebuilding");
+
+        let report = store.rebuild("tally").unwrap();
+        assert_eq!(
+            (report.events, report.pending),
+            (1_540, 0),
+            "{}: the inline rebuild includes every committed event",
+            db.backend()
+        );
+        assert_eq!(table(&store, "tally"), expected(&store));
+        assert_eq!(shadow_schemas(&store), 0, "no shadow schema left behind");
+
+        if let Some((t, commit)) = held {
+            commit.send(()).unwrap();
+            t.join().unwrap();
+        }
+        catch_up(&store);
+        let status = store.projection_status().unwrap();
+        assert_eq!(
+            status.iter().find(|s| s.name == "tally_async").unwrap().lag,
+            0
+        );
+    }
+}
+
+/// `TestDatabase` drops the shadow schemas of rebuilds that did not finish,
+/// and a rebuild drops those of its read model's earlier rebuilds.
+#[test]
+fn shadow_schemas_of_interrupted_rebuilds_are_dropped() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = fast(&db);
+    load(&store, 5, 100);
+    let schema: String = diesel::sql_query("SELECT current_schema() AS name")
+        .get_result::<Name>(&mut *store.connection().unwrap())
+        .unwrap()
+        .name;
+    let create = |token: &str, table: &str| {
+        store
+            .connection()
+            .unwrap()
+            .batch_execute(&format!(
+                "CREATE SCHEMA \"{schema}_es_shadow_{token}\"; CREATE TABLE \"{schema}_es_shadow_{token}\".\"{table}\" (x int)"
+            ))
+            .unwrap();
+    };
+    create("0000dead", "tally");
+    create("0000beef", "ticks");
+    assert_eq!(shadow_schemas(&store), 2);
+    store.rebuild("tally").unwrap();
+    assert_eq!(
+        shadow_schemas(&store),
+        1,
+        "the stale shadow of tally is gone"
+    );
+    let url = std::env::var(es_diesel::testing::POSTGRES_URL_VAR).unwrap();
+    drop(store);
+    drop(db);
+    let mut admin = diesel::PgConnection::establish(&url).unwrap();
+    let left = diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM pg_namespace WHERE left(nspname, {}) = '{schema}'",
+        schema.len()
+    ))
+    .get_result::<Count>(&mut admin)
+    .unwrap()
+    .n;
+    assert_eq!(
+        left, 0,
+        "TestDatabase dropped {schema} and its shadow schemas"
+    );
+}
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// Appends that the rebuilt read model handles go on during a rebuild over
+/// tens of thousands of events, with a short busy timeout on SQLite: no
+/// append waits for the whole rebuild, none fails, and the table ends up
+/// as a fresh rebuild gives it.
+#[test]
+fn appends_go_on_during_a_rebuild() {
+    for db in TestDatabase::all() {
+        let events = match db.backend() {
+            Backend::Sqlite => 30_000,
+            Backend::Postgres => 12_000,
+        };
+        {
+            let loader = db.store_with(StoreOptions {
+                sqlite_sync: SqliteSync::Off,
+                inline_projectors: false,
+                ..StoreOptions::default()
+            });
+            load(&loader, 200, events);
+        }
+        let store = db.store_with(StoreOptions {
+            busy_timeout: Duration::from_millis(250),
+            sqlite_sync: SqliteSync::Normal,
+            ..StoreOptions::default()
+        });
+        store.rebuild("tally").unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let appended = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let appender = {
+            let (store, stop, appended, failures) = (
+                store.clone(),
+                stop.clone(),
+                appended.clone(),
+                failures.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut item = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    item = item % 200 + 1;
+                    match touch_item(&store, item) {
+                        Ok(()) => {
+                            appended.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            })
+        };
+        let mut batches = 0;
+        let mut stalled = 0;
+        let report = store
+            .rebuild_with(
+                "tally",
+                &RebuildOptions {
+                    batch_size: 500,
+                    ..Default::default()
+                },
+                |_| {
+                    batches += 1;
+                    if batches <= 3 {
+                        let before = appended.load(Ordering::SeqCst);
+                        if !wait_until(
+                            "appends during the rebuild",
+                            Duration::from_secs(10),
+                            || appended.load(Ordering::SeqCst) >= before + 3,
+                        ) {
+                            stalled += 1;
+                        }
+                    }
+                },
+            )
+            .unwrap();
+        let during = appended.load(Ordering::SeqCst);
+        assert!(wait_until(
+            "appends after the rebuild",
+            Duration::from_secs(10),
+            || { appended.load(Ordering::SeqCst) >= during + 20 }
+        ));
+        stop.store(true, Ordering::SeqCst);
+        appender.join().unwrap();
+        assert_eq!(
+            stalled,
+            0,
+            "{}: appends stalled during the rebuild",
+            db.backend()
+        );
+        assert!(
+            failures.lock().unwrap().is_empty(),
+            "{}: appends failed during the rebuild: {:?}",
+            db.backend(),
+            failures.lock().unwrap().first()
+        );
+        assert!(batches > 10, "built in batches");
+        assert!(report.events >= events as u64);
+        let live = table(&store, "tally");
+        assert_eq!(
+            live,
+            expected(&store),
+            "{}: the rebuilt table took every append",
+            db.backend()
+        );
+        store.rebuild("tally").unwrap();
+        assert_eq!(
+            table(&store, "tally"),
+            live,
+            "a fresh rebuild gives the same table"
+        );
+    }
+}
+
+/// `migrate` commits its schema changes before it builds a re-created read
+/// model, so appends go on while it builds. The build is held at one event
+/// while the test appends and looks.
+#[test]
+fn migrate_builds_after_committing_its_schema_changes() {
+    for db in TestDatabase::all() {
+        let store = db.store_with(StoreOptions {
+            busy_timeout: Duration::from_millis(250),
+            ..StoreOptions::default()
+        });
+        for n in 1..=20 {
+            store
+                .append("ticks", ExpectedVersion::Any, [Tick { n }])
+                .unwrap();
+        }
+        // As if the struct had changed shape.
+        diesel::sql_query("UPDATE es_read_models SET fingerprint = 'v0-old' WHERE name = 'ticks'")
+            .execute(&mut *store.connection().unwrap())
+            .unwrap();
+        REACHED.store(false, Ordering::SeqCst);
+        RELEASE.store(false, Ordering::SeqCst);
+        GATE.store(10, Ordering::SeqCst);
+        let migrate = {
+            let store = store.clone();
+            std::thread::spawn(move || store.migrate())
+        };
+        let reached = wait_until(
+            "the build to reach tick 10",
+            Duration::from_secs(30),
+            || REACHED.load(Ordering::SeqCst),
+        );
+        let committed = reached
+            && diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM es_read_models WHERE name = 'ticks' AND fingerprint <> 'v0-old'",
+            )
+            .get_result::<Count>(&mut *store.connection().unwrap())
+            .map(|c| c.n == 1)
+            .unwrap_or(false);
+        let appended = reached && {
+            let (done_tx, done_rx) = mpsc::channel();
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let r = store.append("ticks", ExpectedVersion::Any, [Tick { n: 1000 }]);
+                let _ = done_tx.send(r.map(drop));
+            });
+            matches!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())))
+        };
+        RELEASE.store(true, Ordering::SeqCst);
+        GATE.store(0, Ordering::SeqCst);
+        migrate.join().unwrap().unwrap();
+        assert!(reached, "{}: migrate rebuilt ticks", db.backend());
+        assert!(
+            committed,
+            "{}: the new fingerprint was committed before the build",
+            db.backend()
+        );
+        assert!(
+            appended,
+            "{}: an append went through while migrate was building",
+            db.backend()
+        );
+        let mut conn = store.connection().unwrap();
+        let ns: Vec<i64> = ticks::table
+            .select(ticks::n)
+            .order(ticks::n)
+            .load(&mut *conn)
+            .unwrap();
+        let mut want: Vec<i64> = (1..=20).collect();
+        want.push(1000);
+        assert_eq!(ns, want, "{}", db.backend());
+        assert!(claim_released(&store, "ticks"));
+        assert_eq!(shadow_schemas(&store), 0);
+    }
+}
