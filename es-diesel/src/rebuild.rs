@@ -202,6 +202,30 @@ impl Claim {
         let lease = lease_ms();
         let mut told = false;
         loop {
+            // Looked at before trying: a rebuild that is swapping holds the
+            // row locked, and an UPDATE would wait for it to finish.
+            match current_holder(conn, name)? {
+                None => {
+                    return Err(Error::NotMigrated {
+                        read_model: name.to_owned(),
+                    })
+                }
+                Some(Some(other)) if wait => {
+                    if !told {
+                        tracing::info!(read_model = name, holder = %other, "waiting for another rebuild of the read model");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Some(Some(other)) => {
+                    return Err(Error::RebuildInProgress {
+                        read_model: name.to_owned(),
+                        holder: other,
+                    })
+                }
+                Some(None) => {}
+            }
             let taken = write_transaction(conn, |c| -> Result<usize> {
                 Ok(diesel::sql_query(sql(
                     backend,
@@ -221,28 +245,6 @@ impl Claim {
                     holder,
                     renewed: Instant::now(),
                 });
-            }
-            match current_holder(conn, name)? {
-                None => {
-                    return Err(Error::NotMigrated {
-                        read_model: name.to_owned(),
-                    })
-                }
-                // Released in between: try again.
-                Some(None) => continue,
-                Some(Some(other)) if wait => {
-                    if !told {
-                        tracing::info!(read_model = name, holder = %other, "waiting for another rebuild of the read model");
-                        told = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Some(Some(other)) => {
-                    return Err(Error::RebuildInProgress {
-                        read_model: name.to_owned(),
-                        holder: other,
-                    })
-                }
             }
         }
     }
@@ -336,11 +338,17 @@ fn lease_ms() -> i64 {
     i64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// `None`: no such row; `Some(None)`: nobody holds the claim.
+/// `None`: no such row; `Some(None)`: nobody holds the claim (or its lease
+/// ran out).
 fn current_holder(conn: &mut DbConnection, name: &str) -> Result<Option<Option<String>>> {
+    let backend = conn.backend();
     Ok(diesel::sql_query(sql(
-        conn.backend(),
-        "SELECT rebuild_holder FROM es_read_models WHERE name = ?",
+        backend,
+        &format!(
+            "SELECT CASE WHEN rebuild_expires_ms < {} THEN NULL ELSE rebuild_holder END AS rebuild_holder \
+             FROM es_read_models WHERE name = ?",
+            now_ms_sql(backend)
+        ),
     ))
     .bind::<Text, _>(name)
     .get_result::<Holder>(conn)
