@@ -108,6 +108,10 @@ impl EventStore {
     /// second one fails at once with [`Error::RebuildInProgress`], having
     /// changed nothing ([`migrate`](Self::migrate) waits instead).
     ///
+    /// On PostgreSQL the shadow table lives in a schema created for the
+    /// rebuild (`<schema>_es_shadow_<token>`, dropped by the swap), so the
+    /// database user needs the CREATE privilege on the database.
+    ///
     /// `name` is the table name given in `#[read_model(table = "..")]`.
     pub fn rebuild(&self, name: &str) -> Result<RebuildReport> {
         self.rebuild_with(name, &RebuildOptions::default(), |_| {})
@@ -361,11 +365,10 @@ fn current_holder(conn: &mut DbConnection, name: &str) -> Result<Option<Option<S
 fn rebuild_claimed(
     conn: &mut DbConnection,
     entry: &'static ReadModelEntry,
-    claim: Claim,
+    mut claim: Claim,
     options: &RebuildOptions,
     progress: &mut dyn FnMut(&RebuildProgress),
 ) -> Result<RebuildReport> {
-    let mut claim = claim;
     let mut shadow = None;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let s = shadow.insert(Shadow::prepare(conn, entry, claim.token())?);
