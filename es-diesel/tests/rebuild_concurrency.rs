@@ -830,3 +830,22 @@ fn migrate_builds_after_committing_its_schema_changes() {
         assert_eq!(shadow_schemas(&store), 0);
     }
 }
+
+/// A read model registered after the last `migrate` has no table to
+/// rebuild: the rebuild says so.
+#[test]
+fn a_rebuild_before_migrate_is_refused() {
+    let _serial = serial();
+    for db in TestDatabase::all() {
+        let store = fast(&db);
+        diesel::sql_query("DELETE FROM es_read_models WHERE name = 'tally'")
+            .execute(&mut *store.connection().unwrap())
+            .unwrap();
+        match store.rebuild("tally") {
+            Err(Error::NotMigrated { read_model }) => assert_eq!(read_model, "tally"),
+            other => panic!("{}: expected NotMigrated, got {other:?}", db.backend()),
+        }
+        store.migrate().unwrap();
+        store.rebuild("tally").unwrap();
+    }
+}
