@@ -189,6 +189,15 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                     report.read_model, report.events, report.rows, report.elapsed
                 ),
             );
+            if report.pending > 0 {
+                w(
+                    out,
+                    format!(
+                        "{} committed events wait behind a transaction still writing to the log; the runner of {} applies them when it ends",
+                        report.pending, report.read_model
+                    ),
+                );
+            }
         }
         AdminCommand::Tail { count, follow } => {
             // Followed until the process is interrupted.

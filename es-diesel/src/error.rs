@@ -88,6 +88,15 @@ pub enum Error {
         source: diesel::result::Error,
     },
 
+    /// Another rebuild of this read model is running, in this process or
+    /// another one; nothing was changed. Wait for it to finish.
+    #[error("read model `{read_model}` is already being rebuilt by {holder}; this rebuild changed nothing: wait for that one to finish (a rebuild whose process died releases it within a minute)")]
+    RebuildInProgress { read_model: String, holder: String },
+
+    /// The read model is registered but its table is not in the database yet.
+    #[error("read model `{read_model}` is not in this database yet: run migrate first")]
+    NotMigrated { read_model: String },
+
     #[error("database error: {0}")]
     Database(diesel::result::Error),
 

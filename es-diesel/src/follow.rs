@@ -85,24 +85,7 @@ pub fn read_after(
             let Some(horizon) = horizon(c)? else {
                 return Ok(Vec::new());
             };
-            let filter = if types.is_some() {
-                "AND event_type = ANY(?)"
-            } else {
-                ""
-            };
-            let sql = format!(
-                "SELECT {PG_COLUMNS}, order_key FROM es_events \
-                 WHERE (order_key, global_position) > (?, ?) AND order_key < ? {filter} \
-                 ORDER BY order_key, global_position LIMIT ?"
-            );
-            let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 5)
-                .bind(Bind::BigInt(after.transaction))
-                .bind(Bind::BigInt(after.position))
-                .bind(Bind::BigInt(horizon));
-            if let Some(types) = types {
-                q.push(Bind::TextArray(types));
-            }
-            q.bind(Bind::BigInt(limit)).load(c)?
+            load_pg(c, after, types, Some(horizon), limit)?
         }
         DbConnection::Sqlite(c) => {
             let filter = match types {
@@ -127,10 +110,49 @@ pub fn read_after(
             q.bind(Bind::BigInt(limit)).load(c)?
         }
     };
+    into_followed(rows)
+}
+
+/// PostgreSQL: events after `after` in follow order, below `horizon` if given.
+fn load_pg(
+    c: &mut diesel::PgConnection,
+    after: Checkpoint,
+    types: Option<&[&str]>,
+    horizon: Option<i64>,
+    limit: i64,
+) -> Result<Vec<(EventTuple, i64)>> {
+    let below = if horizon.is_some() {
+        "AND order_key < ?"
+    } else {
+        ""
+    };
+    let filter = if types.is_some() {
+        "AND event_type = ANY(?)"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {PG_COLUMNS}, order_key FROM es_events \
+         WHERE (order_key, global_position) > (?, ?) {below} {filter} \
+         ORDER BY order_key, global_position LIMIT ?"
+    );
+    let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 5)
+        .bind(Bind::BigInt(after.transaction))
+        .bind(Bind::BigInt(after.position));
+    if let Some(h) = horizon {
+        q.push(Bind::BigInt(h));
+    }
+    if let Some(types) = types {
+        q.push(Bind::TextArray(types));
+    }
+    Ok(q.bind(Bind::BigInt(limit)).load(c)?)
+}
+
+fn into_followed(rows: Vec<(EventTuple, i64)>) -> Result<Vec<Followed>> {
     rows.into_iter()
-        .map(|(row, tx)| {
+        .map(|(row, key)| {
             let checkpoint = Checkpoint {
-                transaction: tx,
+                transaction: key,
                 position: row.0,
             };
             Ok(Followed {
@@ -139,6 +161,53 @@ pub fn read_after(
             })
         })
         .collect()
+}
+
+/// Up to `limit` events of `types` after `after` in follow order that are
+/// visible now, with no regard for the horizon: complete only when every
+/// append that could still sort before them is excluded otherwise (a
+/// rebuild that holds the table such appends' projectors must write to).
+/// On SQLite the same as [`read_after`].
+pub(crate) fn read_visible_after(
+    conn: &mut DbConnection,
+    after: Checkpoint,
+    types: &[&str],
+    limit: usize,
+) -> Result<Vec<Followed>> {
+    match conn {
+        DbConnection::Postgres(c) => {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            into_followed(load_pg(c, after, Some(types), None, limit)?)
+        }
+        DbConnection::Sqlite(_) => read_after(conn, after, Some(types), limit),
+    }
+}
+
+/// How many events of `types` after `after` are visible now but beyond the
+/// horizon (PostgreSQL; always 0 on SQLite, whose horizon is the head).
+pub(crate) fn count_visible_after(
+    conn: &mut DbConnection,
+    after: Checkpoint,
+    types: &[&str],
+) -> Result<u64> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let DbConnection::Postgres(c) = conn else {
+        return Ok(0);
+    };
+    let n = Stmt::<Pg>::new(
+        "SELECT COUNT(*) AS n FROM es_events \
+         WHERE (order_key, global_position) > (?, ?) AND event_type = ANY(?)",
+    )
+    .bind(Bind::BigInt(after.transaction))
+    .bind(Bind::BigInt(after.position))
+    .bind(Bind::TextArray(types))
+    .get_result::<Count>(c)?
+    .n;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// The order key below which no append in flight can still write (see the

@@ -245,6 +245,19 @@ BEGIN SELECT RAISE(ABORT, 'es_events is append-only: this global_position alread
         // An upsert's DO UPDATE fires the UPDATE trigger of migration 1.
         postgres: "",
     },
+    Migration {
+        version: 8,
+        name: "exclusive rebuilds",
+        sqlite: r#"
+ALTER TABLE es_read_models ADD COLUMN rebuild_holder TEXT;
+ALTER TABLE es_read_models ADD COLUMN rebuild_expires_ms INTEGER;
+"#,
+        postgres: r#"
+ALTER TABLE es_read_models
+    ADD COLUMN rebuild_holder TEXT,
+    ADD COLUMN rebuild_expires_ms BIGINT;
+"#,
+    },
 ];
 
 #[derive(QueryableByName)]
@@ -259,8 +272,14 @@ struct Count {
     n: i64,
 }
 
-/// Applies pending migrations and (re)creates the typed event views.
+/// Applies pending migrations, (re)creates the typed event views and the
+/// tables of read models, then builds the inline read models that need it.
 /// Safe to call from many processes at once.
+///
+/// The schema changes commit in one transaction; the builds run after it,
+/// each as a [rebuild](crate::EventStore::rebuild) in short transactions, so
+/// that appends go on meanwhile. A build that another process is running is
+/// waited for.
 pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
     write_transaction(conn, |conn| {
         let backend = conn.backend();
@@ -310,7 +329,8 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
             create_view(conn, view)?;
         }
         sync_read_models(conn)
-    })
+    })?;
+    crate::rebuild::build_pending(conn)
 }
 
 #[derive(QueryableByName)]
@@ -319,11 +339,17 @@ struct Stored {
     fingerprint: String,
 }
 
-/// Creates each registered read model's table, and drops and rebuilds from
-/// the log every one whose fingerprint (its DDL) differs from the stored one.
+/// Creates each registered read model's table, and drops and re-creates
+/// every one whose fingerprint (its DDL) differs from the stored one.
+///
+/// An asynchronous one is then built by its runner from the start of the
+/// log; an inline one is left with `rebuilt_at` NULL, which tells
+/// [`crate::rebuild::build_pending`] to build it after this transaction,
+/// unless the log holds no event it handles.
 fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
     let backend = conn.backend();
-    for entry in &crate::projection::registry()?.read_models {
+    let reg = crate::projection::registry()?;
+    for entry in &reg.read_models {
         let schema = entry.schema;
         let fingerprint = schema.fingerprint(backend);
         let stored = diesel::sql_query(format!(
@@ -354,16 +380,21 @@ fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
             conn.batch_execute(stmt)?;
         }
         let ddl_text = ddl.join(";\n");
+        // The new table is empty; it stays so until built, even as inline
+        // projectors of concurrent appends write to it after this commits.
+        let built = !schema.asynchronous
+            && !any_event_of(conn, &crate::projection::handled_types(reg, schema.name))?;
+        let rebuilt_at = if built { "CURRENT_TIMESTAMP" } else { "NULL" };
         let record = if stored.is_some() {
             format!(
-                "UPDATE es_read_models SET fingerprint = {}, ddl = {} WHERE name = {}",
+                "UPDATE es_read_models SET fingerprint = {}, ddl = {}, rebuilt_at = {rebuilt_at} WHERE name = {}",
                 quote_literal(&fingerprint),
                 quote_literal(&ddl_text),
                 quote_literal(schema.name)
             )
         } else {
             format!(
-                "INSERT INTO es_read_models (name, fingerprint, ddl) VALUES ({}, {}, {})",
+                "INSERT INTO es_read_models (name, fingerprint, ddl, rebuilt_at) VALUES ({}, {}, {}, {rebuilt_at})",
                 quote_literal(schema.name),
                 quote_literal(&fingerprint),
                 quote_literal(&ddl_text)
@@ -380,22 +411,28 @@ fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
             ))
             .bind::<Text, _>(schema.name)
             .execute(conn)?;
-            continue;
         }
-        let report = crate::rebuild::rebuild_in(
-            conn,
-            entry,
-            &crate::rebuild::RebuildOptions::default(),
-            &mut |_| {},
-        )?;
-        tracing::info!(
-            read_model = schema.name,
-            events = report.events,
-            rows = report.rows,
-            "rebuilt read model from the log"
-        );
     }
     Ok(())
+}
+
+/// Whether the log holds any committed event of `types`.
+fn any_event_of(conn: &mut DbConnection, types: &[&str]) -> Result<bool> {
+    if types.is_empty() {
+        return Ok(false);
+    }
+    let text = crate::runner::sql(
+        conn.backend(),
+        &format!(
+            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM es_events WHERE event_type IN ({}) LIMIT 1) t",
+            vec!["?"; types.len()].join(", ")
+        ),
+    );
+    let mut q = diesel::sql_query(text).into_boxed();
+    for t in types {
+        q = q.bind::<Text, _>(*t);
+    }
+    Ok(q.get_result::<Count>(conn)?.n > 0)
 }
 
 /// The newest schema version this code knows, and the one the database has.

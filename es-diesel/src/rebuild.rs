@@ -1,22 +1,28 @@
-//! Rebuilding a read model ("performing a full scan"): empty its table and
-//! replay, in global order, the event types its projectors handle.
+//! Rebuilding a read model ("performing a full scan"): replay, in follow
+//! order, the event types its projectors handle into a shadow table, then
+//! swap it in.
 
 use crate::connection::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
-use crate::migrations::{quote_ident, quote_literal};
+use crate::follow::{count_visible_after, read_visible_after};
+use crate::follow::{read_after, Checkpoint};
+use crate::migrations::quote_ident;
 use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
+use crate::runner::{ensure_checkpoint_row, now_ms_sql, sql};
+use crate::shadow::Shadow;
 use crate::{read, EventStore};
-use diesel::connection::SimpleConnection;
+use diesel::connection::TransactionManager;
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Nullable, Text};
 use es_core::RecordedEvent;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 /// Settings of [`EventStore::rebuild_with`].
 #[derive(Clone, Debug)]
 pub struct RebuildOptions {
-    /// Events read and folded per step.
+    /// Events read and folded per step; each step is one short transaction.
     pub batch_size: usize,
     /// Row-level results are kept in memory across steps and written once;
     /// when more rows than this are held, they are written out and dropped.
@@ -52,6 +58,13 @@ pub struct RebuildReport {
     pub read_model: &'static str,
     /// Events replayed.
     pub events: u64,
+    /// Committed events the rebuild could not include yet: on PostgreSQL,
+    /// events of an asynchronous read model committed behind a transaction
+    /// that was still writing to the log (see [`crate::follow`]). The
+    /// read model's runner applies them once that transaction ends; until
+    /// then they show in its lag. Always 0 for inline read models and on
+    /// SQLite.
+    pub pending: u64,
     /// Rows in the table afterwards.
     pub rows: i64,
     pub elapsed: Duration,
@@ -63,15 +76,42 @@ struct Count {
     n: i64,
 }
 
+#[derive(QueryableByName)]
+struct Holder {
+    #[diesel(sql_type = Nullable<Text>)]
+    rebuild_holder: Option<String>,
+}
+
 impl EventStore {
-    /// Empties the read model's table and replays every event its
-    /// projectors handle, in one transaction: readers see the old rows until
-    /// it commits, and appends that feed this read model wait for it.
+    /// Rebuilds the read model from the log ("performing a full scan")
+    /// while the application goes on: readers see the current table and
+    /// appends keep running until the new version replaces it whole.
     ///
-    /// An asynchronous read model (`mode = async`) is rebuilt blue/green
-    /// instead: into a shadow table, batch by batch, while the live table
-    /// keeps serving and appends go on; then the shadow replaces it in one
-    /// transaction and its runner continues from the shadow's checkpoint.
+    /// The new version is built in a shadow table private to this rebuild,
+    /// in batches of short transactions (on SQLite they do not even take the
+    /// database's write lock). Then one short transaction locks the live
+    /// table, applies the events committed since the last batch and swaps
+    /// the shadow in:
+    ///
+    /// * inline read model: the new table holds every event committed before
+    ///   that transaction; appends waiting for it apply their inline
+    ///   projectors to the new table afterwards.
+    /// * asynchronous read model (`mode = async`): its runner is paused for
+    ///   that transaction and continues from the shadow's checkpoint. On
+    ///   PostgreSQL a rebuild, like a runner, only takes events up to the
+    ///   follower horizon: events committed behind a transaction still
+    ///   writing to the log are left to the runner, counted in
+    ///   [`RebuildReport::pending`] and logged as a warning, and show as lag
+    ///   in [`projection_status`](Self::projection_status). The rebuild does
+    ///   not wait for them.
+    ///
+    /// One rebuild of a read model runs at a time, across processes: a
+    /// second one fails at once with [`Error::RebuildInProgress`], having
+    /// changed nothing ([`migrate`](Self::migrate) waits instead).
+    ///
+    /// On PostgreSQL the shadow table lives in a schema created for the
+    /// rebuild (`<schema>_es_shadow_<token>`, dropped by the swap), so the
+    /// database user needs the CREATE privilege on the database.
     ///
     /// `name` is the table name given in `#[read_model(table = "..")]`.
     pub fn rebuild(&self, name: &str) -> Result<RebuildReport> {
@@ -97,75 +137,448 @@ impl EventStore {
                     .collect(),
             })?;
         let mut conn = self.connection()?;
-        if entry.schema.asynchronous {
-            return crate::shadow::rebuild_blue_green(&mut conn, entry, options, &mut progress);
-        }
-        write_transaction(&mut conn, |c| rebuild_in(c, entry, options, &mut progress))
+        let claim = Claim::acquire(&mut conn, entry.schema.name, false)?;
+        rebuild_claimed(&mut conn, entry, claim, options, &mut progress)
     }
 }
 
-/// Rebuilds `entry` on `conn`, which must be inside a write transaction.
-pub(crate) fn rebuild_in(
+/// Builds the inline read models that `migrate` created or re-created
+/// (`rebuilt_at` NULL), each once, whichever process gets to it first.
+pub(crate) fn build_pending(conn: &mut DbConnection) -> Result<()> {
+    let reg = registry()?;
+    for entry in reg.read_models.iter().filter(|m| !m.schema.asynchronous) {
+        let name = entry.schema.name;
+        if !needs_build(conn, name)? {
+            continue;
+        }
+        let claim = Claim::acquire(conn, name, true)?;
+        if !needs_build(conn, name)? {
+            claim.release(conn);
+            continue;
+        }
+        let report = rebuild_claimed(conn, entry, claim, &RebuildOptions::default(), &mut |_| {})?;
+        tracing::info!(
+            read_model = name,
+            events = report.events,
+            rows = report.rows,
+            "built read model from the log"
+        );
+    }
+    Ok(())
+}
+
+fn needs_build(conn: &mut DbConnection, name: &str) -> Result<bool> {
+    Ok(diesel::sql_query(sql(
+        conn.backend(),
+        "SELECT COUNT(*) AS n FROM es_read_models WHERE name = ? AND rebuilt_at IS NULL",
+    ))
+    .bind::<Text, _>(name)
+    .get_result::<Count>(conn)?
+    .n > 0)
+}
+
+/// How long a rebuild's claim lasts without renewal: a rebuild whose
+/// process died blocks others this long at most.
+const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
+/// The right to rebuild one read model, held in its `es_read_models` row
+/// (holder and expiry by the database clock), so it works across processes
+/// on every backend. Renewed between batches; checked in the final
+/// transaction, so a rebuild that lost it (it stalled past the lease and
+/// another took over) cannot swap.
+pub(crate) struct Claim {
+    name: &'static str,
+    holder: String,
+    renewed: Instant,
+}
+
+impl Claim {
+    /// Takes the claim, or fails with [`Error::RebuildInProgress`]; with
+    /// `wait`, polls until the holder releases it or its lease runs out.
+    pub(crate) fn acquire(conn: &mut DbConnection, name: &'static str, wait: bool) -> Result<Self> {
+        let backend = conn.backend();
+        let now = now_ms_sql(backend);
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".to_owned());
+        let holder = format!(
+            "rebuild {} on {host}:{}",
+            uuid::Uuid::new_v4().simple(),
+            std::process::id()
+        );
+        let lease = lease_ms();
+        let mut told = false;
+        loop {
+            // Looked at before trying: a rebuild that is swapping holds the
+            // row locked, and an UPDATE would wait for it to finish.
+            match current_holder(conn, name)? {
+                None => {
+                    return Err(Error::NotMigrated {
+                        read_model: name.to_owned(),
+                    })
+                }
+                Some(Some(other)) if wait => {
+                    if !told {
+                        tracing::info!(read_model = name, holder = %other, "waiting for another rebuild of the read model");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Some(Some(other)) => {
+                    return Err(Error::RebuildInProgress {
+                        read_model: name.to_owned(),
+                        holder: other,
+                    })
+                }
+                Some(None) => {}
+            }
+            let taken = write_transaction(conn, |c| -> Result<usize> {
+                Ok(diesel::sql_query(sql(
+                    backend,
+                    &format!(
+                        "UPDATE es_read_models SET rebuild_holder = ?, rebuild_expires_ms = {now} + ? \
+                         WHERE name = ? AND (rebuild_holder IS NULL OR rebuild_expires_ms < {now})"
+                    ),
+                ))
+                .bind::<Text, _>(&holder)
+                .bind::<BigInt, _>(lease)
+                .bind::<Text, _>(name)
+                .execute(c)?)
+            })?;
+            if taken == 1 {
+                return Ok(Claim {
+                    name,
+                    holder,
+                    renewed: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Unique to this rebuild.
+    fn token(&self) -> &str {
+        self.holder
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or(&self.holder)
+    }
+
+    /// Extends the lease when a quarter of it has passed, outside any
+    /// transaction.
+    fn renew(&mut self, conn: &mut DbConnection) -> Result<()> {
+        if self.renewed.elapsed() < CLAIM_LEASE / 4 {
+            return Ok(());
+        }
+        write_transaction(conn, |c| self.extend(c))?;
+        self.renewed = Instant::now();
+        Ok(())
+    }
+
+    /// Extends the lease now, failing if another rebuild holds the claim.
+    fn extend(&self, conn: &mut DbConnection) -> Result<()> {
+        let backend = conn.backend();
+        let kept = diesel::sql_query(sql(
+            backend,
+            &format!(
+                "UPDATE es_read_models SET rebuild_expires_ms = {} + ? WHERE name = ? AND rebuild_holder = ?",
+                now_ms_sql(backend)
+            ),
+        ))
+        .bind::<BigInt, _>(lease_ms())
+        .bind::<Text, _>(self.name)
+        .bind::<Text, _>(&self.holder)
+        .execute(conn)?;
+        if kept == 1 {
+            Ok(())
+        } else {
+            Err(self.lost(conn))
+        }
+    }
+
+    /// In the final transaction: gives the claim up and records the rebuild.
+    fn finish(&self, conn: &mut DbConnection) -> Result<()> {
+        let done = diesel::sql_query(sql(
+            conn.backend(),
+            "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL, \
+             rebuilt_at = CURRENT_TIMESTAMP WHERE name = ? AND rebuild_holder = ?",
+        ))
+        .bind::<Text, _>(self.name)
+        .bind::<Text, _>(&self.holder)
+        .execute(conn)?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(self.lost(conn))
+        }
+    }
+
+    /// Gives the claim up after a failure, outside any transaction.
+    fn release(&self, conn: &mut DbConnection) {
+        let released = diesel::sql_query(sql(
+            conn.backend(),
+            "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL \
+             WHERE name = ? AND rebuild_holder = ?",
+        ))
+        .bind::<Text, _>(self.name)
+        .bind::<Text, _>(&self.holder)
+        .execute(conn);
+        if let Err(e) = released {
+            tracing::warn!(read_model = self.name, error = %e, "could not release the claim of a failed rebuild; it expires by itself");
+        }
+    }
+
+    fn lost(&self, conn: &mut DbConnection) -> Error {
+        let holder = match current_holder(conn, self.name) {
+            Ok(Some(Some(h))) => h,
+            _ => "another rebuild".to_owned(),
+        };
+        tracing::warn!(read_model = self.name, holder = %holder, "a rebuild lost its claim to another one and stops");
+        Error::RebuildInProgress {
+            read_model: self.name.to_owned(),
+            holder,
+        }
+    }
+}
+
+fn lease_ms() -> i64 {
+    i64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// `None`: no such row; `Some(None)`: nobody holds the claim (or its lease
+/// ran out).
+fn current_holder(conn: &mut DbConnection, name: &str) -> Result<Option<Option<String>>> {
+    let backend = conn.backend();
+    Ok(diesel::sql_query(sql(
+        backend,
+        &format!(
+            "SELECT CASE WHEN rebuild_expires_ms < {} THEN NULL ELSE rebuild_holder END AS rebuild_holder \
+             FROM es_read_models WHERE name = ?",
+            now_ms_sql(backend)
+        ),
+    ))
+    .bind::<Text, _>(name)
+    .get_result::<Holder>(conn)
+    .optional()?
+    .map(|h| h.rebuild_holder))
+}
+
+/// Rebuilds `entry` under `claim`; on failure (or a panic, e.g. in
+/// `progress`) drops the shadow and releases the claim.
+fn rebuild_claimed(
     conn: &mut DbConnection,
     entry: &'static ReadModelEntry,
+    mut claim: Claim,
+    options: &RebuildOptions,
+    progress: &mut dyn FnMut(&RebuildProgress),
+) -> Result<RebuildReport> {
+    let mut shadow = None;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let s = shadow.insert(Shadow::prepare(conn, entry, claim.token())?);
+        build_and_swap(conn, entry, s, &mut claim, options, progress)
+    }));
+    let failure = match outcome {
+        Ok(Ok(report)) => return Ok(report),
+        Ok(Err(error)) => Ok(error),
+        Err(panic) => Err(panic),
+    };
+    roll_back_open(conn);
+    if let Some(s) = &shadow {
+        s.discard(conn);
+    }
+    claim.release(conn);
+    match failure {
+        Ok(error) => Err(error),
+        Err(panic) => resume_unwind(panic),
+    }
+}
+
+/// After a panic inside a transaction the connection is still in it.
+fn roll_back_open(conn: &mut DbConnection) {
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    while matches!(
+        Tm::transaction_manager_status_mut(conn).transaction_depth(),
+        Ok(Some(_))
+    ) {
+        if Tm::rollback_transaction(conn).is_err() {
+            break;
+        }
+    }
+}
+
+/// One step of the build: only the shadow is written, so on SQLite a
+/// deferred transaction (a read snapshot; a TEMP table needs no lock on the
+/// database) lets appends go on.
+fn build_step<T>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T>,
+) -> Result<T> {
+    match conn.backend() {
+        Backend::Sqlite => conn.transaction(f),
+        Backend::Postgres => write_transaction(conn, f),
+    }
+}
+
+fn build_and_swap(
+    conn: &mut DbConnection,
+    entry: &'static ReadModelEntry,
+    shadow: &Shadow,
+    claim: &mut Claim,
     options: &RebuildOptions,
     progress: &mut dyn FnMut(&RebuildProgress),
 ) -> Result<RebuildReport> {
     let started = Instant::now();
-    let reg = registry()?;
     let name = entry.schema.name;
-    let table = quote_ident(name);
-    if conn.backend() == Backend::Postgres {
-        // Blocks inline projectors of this table (their writes and their
-        // SELECT .. FOR UPDATE) until the rebuild commits; readers go on.
-        conn.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))?;
-    }
-    conn.batch_execute(&format!("DELETE FROM {table}"))?;
-
-    let types = handled_types(reg, name);
-    let head = read::head(conn)?;
+    let asynchronous = entry.schema.asynchronous;
+    let backend = conn.backend();
+    let types = handled_types(registry()?, name);
     let batch_size = options.batch_size.max(1);
+    let head = read::head(conn)?;
     let mut rows = (entry.new_rows)();
-    // The table was just emptied.
+    // The shadow starts empty, and nothing but this rebuild writes to it.
     let mut only_in_memory = true;
-    let mut state = Progress {
-        events: 0,
-        position: 0,
-    };
+    let mut checkpoint = Checkpoint::default();
+    let mut events = 0u64;
+
     loop {
-        let batch = read::read_types(conn, &types, state.position, batch_size)?;
-        let Some(last) = batch.last() else { break };
-        let last_position = last.global_position;
-        let full = rows.len() >= options.max_rows_in_memory;
-        project_batch(conn, name, rows.as_mut(), &batch, full, &mut only_in_memory)?;
-        state.events += batch.len() as u64;
-        state.position = last_position;
+        claim.renew(conn)?;
+        let n = build_step(conn, |c| -> Result<usize> {
+            if !shadow.enter(c)? {
+                return Err(claim.lost(c));
+            }
+            let batch = read_after(c, checkpoint, Some(&types), batch_size)?;
+            let Some(last) = batch.last().map(|f| f.checkpoint) else {
+                return Ok(0);
+            };
+            let recorded: Vec<RecordedEvent> = batch.into_iter().map(|f| f.event).collect();
+            let flush = rows.len() >= options.max_rows_in_memory;
+            project_batch(
+                c,
+                name,
+                rows.as_mut(),
+                &recorded,
+                flush,
+                &mut only_in_memory,
+            )?;
+            checkpoint = last;
+            Ok(recorded.len())
+        })?;
+        if n == 0 {
+            break;
+        }
+        events += n as u64;
         progress(&RebuildProgress {
             read_model: name,
-            events: state.events,
-            position: state.position,
+            events,
+            position: checkpoint.position,
             head,
         });
-        if batch.len() < batch_size {
+        if n < batch_size {
             break;
         }
     }
-    if !rows.is_empty() {
-        rows.flush(conn)?;
+
+    let rebuilder = claim.holder.clone();
+    let built = events;
+    let (rows_after, pending) = write_transaction(conn, |c| -> Result<(i64, u64)> {
+        shadow.lock_live(c)?;
+        claim.extend(c)?;
+        if asynchronous {
+            // The runner's next batch fails its checkpoint guard and rolls
+            // back; afterwards it continues from the shadow's checkpoint.
+            ensure_checkpoint_row(c, name)?;
+            diesel::sql_query(sql(
+                backend,
+                &format!(
+                    "UPDATE es_checkpoints SET holder = ?, lease_expires_ms = {} + 600000, state = 'rebuilding' \
+                     WHERE projection = ?",
+                    now_ms_sql(backend)
+                ),
+            ))
+            .bind::<Text, _>(&rebuilder)
+            .bind::<Text, _>(name)
+            .execute(c)?;
+        }
+        if !shadow.enter(c)? {
+            return Err(claim.lost(c));
+        }
+        loop {
+            // An inline read model must include every committed event: the
+            // writers that could still precede them in follow order hold the
+            // live table, so the lock waited for them to commit. A runner
+            // needs a checkpoint with nothing missing before it: only events
+            // up to the horizon.
+            let batch = if asynchronous {
+                read_after(c, checkpoint, Some(&types), batch_size)?
+            } else {
+                read_visible_after(c, checkpoint, &types, batch_size)?
+            };
+            let Some(last) = batch.last().map(|f| f.checkpoint) else {
+                break;
+            };
+            let recorded: Vec<RecordedEvent> = batch.into_iter().map(|f| f.event).collect();
+            let flush = rows.len() >= options.max_rows_in_memory;
+            project_batch(
+                c,
+                name,
+                rows.as_mut(),
+                &recorded,
+                flush,
+                &mut only_in_memory,
+            )?;
+            events += recorded.len() as u64;
+            checkpoint = last;
+        }
+        if !rows.is_empty() {
+            rows.flush(c)?;
+        }
+        let pending = if asynchronous {
+            count_visible_after(c, checkpoint, &types)?
+        } else {
+            0
+        };
+        shadow.swap(c)?;
+        if asynchronous {
+            diesel::sql_query(sql(
+                backend,
+                "UPDATE es_checkpoints SET position = ?, transaction_id = ?, holder = NULL, lease_expires_ms = NULL, \
+                 state = 'idle', last_error = NULL, failed_position = NULL, updated_at = CURRENT_TIMESTAMP \
+                 WHERE projection = ?",
+            ))
+            .bind::<BigInt, _>(checkpoint.position)
+            .bind::<BigInt, _>(checkpoint.transaction)
+            .bind::<Text, _>(name)
+            .execute(c)?;
+        }
+        claim.finish(c)?;
+        let rows_after =
+            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {}", quote_ident(name)))
+                .get_result::<Count>(c)?
+                .n;
+        Ok((rows_after, pending))
+    })?;
+    if events > built {
+        progress(&RebuildProgress {
+            read_model: name,
+            events,
+            position: checkpoint.position,
+            head,
+        });
     }
-    conn.batch_execute(&format!(
-        "UPDATE es_read_models SET rebuilt_at = CURRENT_TIMESTAMP WHERE name = {}",
-        quote_literal(name)
-    ))?;
-    let count = diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table}"))
-        .get_result::<Count>(conn)?;
     let report = RebuildReport {
         read_model: name,
-        events: state.events,
-        rows: count.n,
+        events,
+        pending,
+        rows: rows_after,
         elapsed: started.elapsed(),
     };
-    tracing::info!(read_model = name, events = report.events, rows = report.rows, elapsed = ?report.elapsed, "rebuilt read model");
+    if pending > 0 {
+        tracing::warn!(
+            read_model = name,
+            pending,
+            checkpoint = %checkpoint,
+            "rebuilt read model without {pending} committed events that wait behind a transaction still writing to the log; its runner applies them when that transaction ends"
+        );
+    }
+    tracing::info!(read_model = name, events, pending, rows = rows_after, elapsed = ?report.elapsed, "rebuilt read model");
     Ok(report)
 }
 
@@ -210,11 +623,6 @@ pub(crate) fn project_batch(
         *only_in_memory = false;
     }
     Ok(())
-}
-
-struct Progress {
-    events: u64,
-    position: i64,
 }
 
 /// Folds the row-level events of `segment` into rows loaded in one query

@@ -129,6 +129,12 @@ impl EventStore {
 
     /// Creates or upgrades the store's tables and the typed event views.
     /// Idempotent, and safe to run from several processes at once.
+    ///
+    /// Read models it creates or re-creates (their shape changed) are built
+    /// from the log after the schema changes commit: inline ones by a
+    /// [rebuild](Self::rebuild) before it returns (appends go on meanwhile;
+    /// a rebuild already in progress is waited for), asynchronous ones by
+    /// their runners.
     pub fn migrate(&self) -> Result<()> {
         let mut conn = self.connection()?;
         migrations::migrate(&mut conn)
