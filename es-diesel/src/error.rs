@@ -56,7 +56,8 @@ pub enum Error {
         source: es_core::BoxError,
     },
 
-    /// Projectors or read models are registered twice (or feed no table).
+    /// Projectors or read models are registered twice (or feed no table),
+    /// or two Rust types store events or typed views under one name.
     #[error("invalid registry of projectors: {0}")]
     Registry(#[from] crate::projection::RegistryError),
 
