@@ -35,7 +35,10 @@ pub enum EncodeError {
     },
     /// The payload nests arrays and objects deeper than can be read back.
     #[error("event `{event_type}` cannot be stored: its payload nests arrays and objects {depth} levels deep; at most {max} levels can be read back", max = crate::json::MAX_DEPTH)]
-    TooDeep { event_type: &'static str, depth: usize },
+    TooDeep {
+        event_type: &'static str,
+        depth: usize,
+    },
     /// The metadata cannot be stored or read back.
     #[error("event `{event_type}` cannot be stored: {source}")]
     Metadata {

@@ -138,7 +138,11 @@ pub fn name_clashes() -> Vec<NameClash> {
     let mut clashes = Vec::new();
     let types = registered_event_types();
     for group in types.chunk_by(|a, b| a.name == b.name) {
-        let owners: Vec<_> = group.iter().filter(|r| !r.copy).map(|r| r.rust_type).collect();
+        let owners: Vec<_> = group
+            .iter()
+            .filter(|r| !r.copy)
+            .map(|r| r.rust_type)
+            .collect();
         if owners.len() > 1 {
             clashes.push(NameClash {
                 kind: "event type",

@@ -55,7 +55,9 @@ pub enum MetadataError {
         found: String,
     },
     /// A reserved key is set both as the named field and in `fields`.
-    #[error("metadata key `{key}` is given twice, as Metadata::{key}(..) and in `fields`; keep one")]
+    #[error(
+        "metadata key `{key}` is given twice, as Metadata::{key}(..) and in `fields`; keep one"
+    )]
     DuplicateKey { key: &'static str },
     /// A NUL character, which PostgreSQL cannot store in JSON.
     #[error("metadata has a NUL character (\\u0000) at `{path}`, which PostgreSQL cannot store in JSON; remove it")]
@@ -339,6 +341,9 @@ mod tests {
         let id = Uuid::now_v7();
         let twice = format!(r#"{{"actor":"ann","actor":"bob","causation_id":"{id}"}}"#);
         let m = Metadata::from_json(&twice).unwrap();
-        assert_eq!((m.actor.as_deref(), m.causation_id), (Some("bob"), Some(id)));
+        assert_eq!(
+            (m.actor.as_deref(), m.causation_id),
+            (Some("bob"), Some(id))
+        );
     }
 }

@@ -247,12 +247,17 @@ impl<'a> StructModel<'a> {
             };
             let serde = serde_items(field);
             let serde_flag = |flag: &str| serde.iter().any(|(k, _)| k == flag);
-            let custom = ["skip", "skip_serializing", "serialize_with", "with", "flatten"]
-                .into_iter()
-                .any(serde_flag);
-            let json_key = serde_rename(field).unwrap_or_else(|| {
-                ident.to_string().trim_start_matches("r#").to_owned()
-            });
+            let custom = [
+                "skip",
+                "skip_serializing",
+                "serialize_with",
+                "with",
+                "flatten",
+            ]
+            .into_iter()
+            .any(serde_flag);
+            let json_key = serde_rename(field)
+                .unwrap_or_else(|| ident.to_string().trim_start_matches("r#").to_owned());
             if !custom {
                 if let Some(is_option) = float_field(&field.ty) {
                     floats.push((ident.clone(), json_key.clone(), is_option));
@@ -407,7 +412,11 @@ impl<'a> StructModel<'a> {
             out.extend(unique_marker("event_named", name, ident));
         }
         if let Some(view) = &self.view {
-            out.extend(unique_marker("event_view_named", &view.ident.to_string(), ident));
+            out.extend(unique_marker(
+                "event_view_named",
+                &view.ident.to_string(),
+                ident,
+            ));
             out.extend(view.expand(name, *version, ident, krate));
         }
         out
@@ -440,15 +449,15 @@ fn unique_marker(what: &str, name: &str, span_of: &syn::Ident) -> TokenStream {
 /// Whether a field type is `f32`/`f64` (`Some(false)`) or an `Option` of one.
 fn float_field(ty: &syn::Type) -> Option<bool> {
     let is_float = |ty: &syn::Type| match ty {
-        syn::Type::Path(p) if p.qself.is_none() => {
-            p.path.is_ident("f32") || p.path.is_ident("f64")
-        }
+        syn::Type::Path(p) if p.qself.is_none() => p.path.is_ident("f32") || p.path.is_ident("f64"),
         _ => false,
     };
     if is_float(ty) {
         return Some(false);
     }
-    option_inner(ty).filter(|inner| is_float(inner)).map(|_| true)
+    option_inner(ty)
+        .filter(|inner| is_float(inner))
+        .map(|_| true)
 }
 
 impl View {
