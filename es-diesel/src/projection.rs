@@ -116,7 +116,8 @@ pub struct ProjectorInfo {
 /// Two registrations with one name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Duplicate {
-    /// "projector", "read model", "event type" or "event view".
+    /// "projector", "read model", "event type", "event view", or "view and
+    /// table" (a typed view named like a read model's table).
     pub kind: &'static str,
     pub name: String,
     /// Every registration: `file:line` of projectors, the Rust type and
@@ -148,6 +149,12 @@ fn describe_registry(duplicates: &[Duplicate], orphans: &[(String, String)]) -> 
                 d.name,
                 d.locations.len(),
                 d.locations.join(", ")
+            ),
+            "view and table" => format!(
+                "the typed view of {} and the read model `{}` are both named `{}`; rename one with #[event(view = \"..\")] or #[read_model(table = \"..\")]",
+                d.locations[0],
+                d.locations[1],
+                d.name
             ),
             _ => format!(
                 "{} `{}` is registered {} times (at {}); give each a distinct name",
@@ -219,6 +226,15 @@ impl Registry {
             name: c.name.to_owned(),
             locations: c.rust_types.iter().map(|t| (*t).to_owned()).collect(),
         }));
+        for view in es_core::view::event_views() {
+            if let Some(m) = read_models.iter().find(|m| m.schema.name == view.name) {
+                duplicates.push(Duplicate {
+                    kind: "view and table",
+                    name: view.name.to_owned(),
+                    locations: vec![view.rust_type.to_owned(), m.schema.rust_type.to_owned()],
+                });
+            }
+        }
         let tables: HashSet<&str> = read_models.iter().map(|m| m.schema.name).collect();
         let orphans: Vec<(String, String)> = projectors
             .iter()
