@@ -1,13 +1,72 @@
 /// A boxed error from user code (projectors, upcasters).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// An event could not be serialized.
+/// An event cannot be written to the log. Nothing was written.
+///
+/// Everything the store accepts can be read back on every backend, so what
+/// one backend would refuse, or what this code could not read again, is
+/// refused here for all of them.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serialize event `{event_type}` to JSON: {source}")]
-pub struct EncodeError {
-    pub event_type: &'static str,
-    #[source]
-    pub source: serde_json::Error,
+#[non_exhaustive]
+pub enum EncodeError {
+    /// serde_json refused the value.
+    #[error("cannot serialize event `{event_type}` to JSON: {source}")]
+    Json {
+        event_type: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A string or key of the payload holds a NUL character, which
+    /// PostgreSQL cannot store in JSON.
+    #[error("event `{event_type}` cannot be stored: its payload has a NUL character (\\u0000) at `{path}`, which PostgreSQL cannot store in JSON; remove it, or encode the field (e.g. base64) before storing it")]
+    Nul {
+        event_type: &'static str,
+        /// JSON path of the string or key, e.g. `$.title` or `$.lines[2].text`.
+        path: String,
+    },
+    /// A float field holds NaN or an infinity: JSON has no such number, so
+    /// it would be written as `null` and could not be read back.
+    #[error("event `{event_type}` cannot be stored: field `{path}` is {value}, which JSON cannot represent (it would be stored as null and fail to decode); store an Option or a finite value")]
+    NonFinite {
+        event_type: &'static str,
+        /// JSON path of the field, e.g. `$.price`.
+        path: &'static str,
+        value: f64,
+    },
+    /// The payload nests arrays and objects deeper than can be read back.
+    #[error("event `{event_type}` cannot be stored: its payload nests arrays and objects {depth} levels deep; at most {max} levels can be read back", max = crate::json::MAX_DEPTH)]
+    TooDeep {
+        event_type: &'static str,
+        depth: usize,
+    },
+    /// The metadata cannot be stored or read back.
+    #[error("event `{event_type}` cannot be stored: {source}")]
+    Metadata {
+        event_type: &'static str,
+        #[source]
+        source: crate::MetadataError,
+    },
+}
+
+impl EncodeError {
+    /// The stored type name of the refused event.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            EncodeError::Json { event_type, .. }
+            | EncodeError::Nul { event_type, .. }
+            | EncodeError::NonFinite { event_type, .. }
+            | EncodeError::TooDeep { event_type, .. }
+            | EncodeError::Metadata { event_type, .. } => event_type,
+        }
+    }
+
+    /// Checks the JSON text of `event_type`'s payload.
+    pub(crate) fn check_payload(event_type: &'static str, payload: &str) -> Result<(), Self> {
+        crate::json::check_text(payload).map_err(|problem| match problem {
+            crate::json::Problem::Nul { path } => EncodeError::Nul { event_type, path },
+            crate::json::Problem::TooDeep { depth } => EncodeError::TooDeep { event_type, depth },
+        })
+    }
 }
 
 /// A stored payload could not be turned into the requested Rust type.

@@ -28,11 +28,19 @@ pub struct ViewColumn {
 
 /// A SQL view selecting one event type's rows with one column per field, plus
 /// `global_position`, `stream_id`, `stream_version` and `created_at`.
+///
+/// It shows only the rows stored at `event_version`, the struct's current
+/// version: older rows may lack fields or hold them in another type, and
+/// their upcasters run in Rust, not in SQL. Read those through the store.
 #[derive(Debug)]
 pub struct EventView {
     /// SQL name of the view (and of the generated Diesel `table!` module).
     pub name: &'static str,
     pub event_type: &'static str,
+    /// The only stored version the view shows.
+    pub event_version: u16,
+    /// `crate::module::Type` of the event struct.
+    pub rust_type: &'static str,
     pub columns: &'static [ViewColumn],
 }
 

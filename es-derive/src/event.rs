@@ -67,6 +67,7 @@ pub fn derive_inner(input: &DeriveInput) -> syn::Result<TokenStream> {
 
 struct ContainerAttrs {
     name: Option<(String, LitStr)>,
+    copy: Option<syn::Path>,
     version: Option<u16>,
     view: Option<ViewSetting>,
     krate: Option<syn::Path>,
@@ -82,6 +83,7 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
     let mut version = Once::new("version");
     let mut view = Once::new("view");
     let mut krate = Once::new("crate");
+    let mut copy = Once::new("copy");
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("event")) {
         let res = attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("name") {
@@ -119,6 +121,8 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
                     }
                 };
                 view.set(&meta, setting)
+            } else if meta.path.is_ident("copy") {
+                copy.set(&meta, meta.path.clone())
             } else if meta.path.is_ident("crate") {
                 let value = meta.value()?;
                 let path: syn::Path = if value.peek(LitStr) {
@@ -129,7 +133,7 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
                 krate.set(&meta, path)
             } else {
                 Err(meta.error(format!(
-                    "unknown event attribute `{}`; expected one of: name = \"..\", version = N, view = \"..\" | false, crate = path",
+                    "unknown event attribute `{}`; expected one of: name = \"..\", version = N, view = \"..\" | false, copy, crate = path",
                     path_text(&meta.path)
                 )))
             }
@@ -140,6 +144,7 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
     }
     ContainerAttrs {
         name: name.get(),
+        copy: copy.get(),
         version: version.get(),
         view: view.get(),
         krate: krate.get(),
@@ -169,7 +174,10 @@ struct StructModel<'a> {
     name: String,
     version: u16,
     krate: syn::Path,
+    copy: bool,
     view: Option<View>,
+    /// Float fields written as JSON numbers: (field, JSON key, is an Option).
+    floats: Vec<(syn::Ident, String, bool)>,
 }
 
 struct View {
@@ -222,6 +230,7 @@ impl<'a> StructModel<'a> {
             ),
         };
         let mut columns = Vec::new();
+        let mut floats = Vec::new();
         if view_enabled {
             if let Some(rename_all) = serde_container_rename_all(input) {
                 errors.spanned(rename_all, "the typed view cannot follow #[serde(rename_all)]; rename fields one by one with #[serde(rename = \"..\")], or turn the view off with #[event(view = false)]");
@@ -236,6 +245,24 @@ impl<'a> StructModel<'a> {
                     continue;
                 }
             };
+            let serde = serde_items(field);
+            let serde_flag = |flag: &str| serde.iter().any(|(k, _)| k == flag);
+            let custom = [
+                "skip",
+                "skip_serializing",
+                "serialize_with",
+                "with",
+                "flatten",
+            ]
+            .into_iter()
+            .any(serde_flag);
+            let json_key = serde_rename(field)
+                .unwrap_or_else(|| ident.to_string().trim_start_matches("r#").to_owned());
+            if !custom {
+                if let Some(is_option) = float_field(&field.ty) {
+                    floats.push((ident.clone(), json_key.clone(), is_option));
+                }
+            }
             if !view_enabled {
                 continue;
             }
@@ -252,17 +279,27 @@ impl<'a> StructModel<'a> {
                 errors.spanned(&ident, format!("field `{column_name}` collides with the view's envelope column of the same name; rename the field, or turn the view off with #[event(view = false)]"));
                 continue;
             }
-            let json_key = serde_rename(field).unwrap_or_else(|| column_name.to_owned());
             let (kind, nullable) = if json {
                 ("Json", is_option(&field.ty))
             } else {
+                let ty = &field.ty;
+                let ty_text = quote!(#ty).to_string().replace(' ', "");
                 match column_kind(&field.ty) {
-                    Some(k) => k,
-                    None => {
-                        let ty = &field.ty;
+                    Ok(k) => k,
+                    Err(Unmapped::TooWide(int)) => {
+                        let instead = if int.ends_with("128") {
+                            "no SQL integer column holds 128-bit values; store the number as a `String`"
+                        } else {
+                            "its values above i64::MAX do not fit the view's BIGINT column and would break every query on the view; use `i64` (or `u32`)"
+                        };
                         errors.spanned(ty, format!(
-                            "field `{column_name}` of type `{}` has no column type in the typed view `{view_ident}`; mark the field #[event(json)] to expose it as JSON text, or turn the view off with #[event(view = false)]",
-                            quote!(#ty).to_string().replace(' ', "")
+                            "field `{column_name}` of type `{ty_text}` cannot be a column of the typed view `{view_ident}`: {instead}, mark the field #[event(json)] to expose it as JSON text, or turn the view off with #[event(view = false)]"
+                        ));
+                        continue;
+                    }
+                    Err(Unmapped::Other) => {
+                        errors.spanned(ty, format!(
+                            "field `{column_name}` of type `{ty_text}` has no column type in the typed view `{view_ident}`; mark the field #[event(json)] to expose it as JSON text, or turn the view off with #[event(view = false)]"
                         ));
                         continue;
                     }
@@ -281,10 +318,12 @@ impl<'a> StructModel<'a> {
             name,
             version: attrs.version.unwrap_or(1),
             krate: attrs.krate.unwrap_or_else(default_crate),
+            copy: attrs.copy.is_some(),
             view: view_enabled.then_some(View {
                 ident: view_ident,
                 columns,
             }),
+            floats,
         })
     }
 
@@ -294,9 +333,38 @@ impl<'a> StructModel<'a> {
             name,
             version,
             krate,
+            copy,
             ..
         } = self;
+        let finite_checks = self.floats.iter().map(|(field, key, is_option)| {
+            let path = format!("$.{key}");
+            let value = if *is_option {
+                quote!(self.#field)
+            } else {
+                quote!(::core::option::Option::Some(self.#field))
+            };
+            quote! {
+                if let ::core::option::Option::Some(value) = #value {
+                    if !value.is_finite() {
+                        return ::core::result::Result::Err(#krate::EncodeError::NonFinite {
+                            event_type: #name,
+                            path: #path,
+                            value: value as f64,
+                        });
+                    }
+                }
+            }
+        });
         let mut out = quote! {
+            #krate::__private::inventory::submit! {
+                #krate::__private::EventRegistration {
+                    name: #name,
+                    version: #version,
+                    rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+                    copy: #copy,
+                }
+            }
+
             const _: () = {
                 #[automatically_derived]
                 impl #krate::Event for #ident {
@@ -313,8 +381,9 @@ impl<'a> StructModel<'a> {
                     }
 
                     fn encode(&self) -> ::core::result::Result<::std::string::String, #krate::EncodeError> {
+                        #(#finite_checks)*
                         #krate::__private::serde_json::to_string(self)
-                            .map_err(|source| #krate::EncodeError { event_type: #name, source })
+                            .map_err(|source| #krate::EncodeError::Json { event_type: #name, source })
                     }
 
                     fn decode(
@@ -339,15 +408,66 @@ impl<'a> StructModel<'a> {
                 }
             };
         };
+        if !copy {
+            out.extend(unique_marker("event_named", name, ident));
+        }
         if let Some(view) = &self.view {
-            out.extend(view.expand(name, krate));
+            out.extend(unique_marker(
+                "event_view_named",
+                &view.ident.to_string(),
+                ident,
+            ));
+            out.extend(view.expand(name, *version, ident, krate));
         }
         out
     }
 }
 
+/// A macro exported at the crate root under a name made of `what` and
+/// `name`: a second event struct of the crate with the same name fails to
+/// compile with "the name `__es_event_named_X` is defined multiple times",
+/// pointing at both. (Types of different crates are compared by `migrate`.)
+fn unique_marker(what: &str, name: &str, span_of: &syn::Ident) -> TokenStream {
+    let mut mangled = String::new();
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            mangled.push(c);
+        } else {
+            mangled.push_str(&format!("_u{:x}_", c as u32));
+        }
+    }
+    let marker = format_ident!("__es_{}_{}", what, mangled, span = span_of.span());
+    quote::quote_spanned! {span_of.span()=>
+        const _: () = {
+            #[doc(hidden)]
+            #[macro_export]
+            macro_rules! #marker { () => {} }
+        };
+    }
+}
+
+/// Whether a field type is `f32`/`f64` (`Some(false)`) or an `Option` of one.
+fn float_field(ty: &syn::Type) -> Option<bool> {
+    let is_float = |ty: &syn::Type| match ty {
+        syn::Type::Path(p) if p.qself.is_none() => p.path.is_ident("f32") || p.path.is_ident("f64"),
+        _ => false,
+    };
+    if is_float(ty) {
+        return Some(false);
+    }
+    option_inner(ty)
+        .filter(|inner| is_float(inner))
+        .map(|_| true)
+}
+
 impl View {
-    fn expand(&self, event_type: &str, krate: &syn::Path) -> TokenStream {
+    fn expand(
+        &self,
+        event_type: &str,
+        version: u16,
+        rust_ident: &syn::Ident,
+        krate: &syn::Path,
+    ) -> TokenStream {
         let view = &self.ident;
         let view_name = view.to_string();
         let descriptors = self.columns.iter().map(|c| {
@@ -379,13 +499,15 @@ impl View {
             }
         });
         let doc = format!(
-            "Typed view `{view_name}` over the log: one row per `{event_type}` event. Created by the store's `migrate`."
+            "Typed view `{view_name}` over the log: one row per `{event_type}` event stored at version {version} (older versions are read through the store, which upcasts them). Created by the store's `migrate`."
         );
         quote! {
             #krate::__private::inventory::submit! {
                 #krate::__private::EventView {
                     name: #view_name,
                     event_type: #event_type,
+                    event_version: #version,
+                    rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#rust_ident)),
                     columns: &[#(#descriptors),*],
                 }
             }
@@ -511,32 +633,48 @@ fn option_inner(ty: &syn::Type) -> Option<&syn::Type> {
     }
 }
 
+/// Why a field type has no view column.
+enum Unmapped {
+    /// An integer wider than BIGINT: `u64`, `usize`, `u128`, `i128`.
+    TooWide(&'static str),
+    Other,
+}
+
 /// The view column type of a field type, and whether it is nullable.
-fn column_kind(ty: &syn::Type) -> Option<(&'static str, bool)> {
+fn column_kind(ty: &syn::Type) -> Result<(&'static str, bool), Unmapped> {
     if let Some(inner) = option_inner(ty) {
-        return column_kind(inner)
-            .filter(|(_, nullable)| !nullable)
-            .map(|(k, _)| (k, true));
+        return match column_kind(inner)? {
+            (_, true) => Err(Unmapped::Other),
+            (k, false) => Ok((k, true)),
+        };
     }
-    let syn::Type::Path(p) = ty else { return None };
+    let syn::Type::Path(p) = ty else {
+        return Err(Unmapped::Other);
+    };
     if p.qself.is_some() {
-        return None;
+        return Err(Unmapped::Other);
     }
-    let seg = p.path.segments.last()?;
+    let Some(seg) = p.path.segments.last() else {
+        return Err(Unmapped::Other);
+    };
     if !seg.arguments.is_empty() {
-        return None;
+        return Err(Unmapped::Other);
     }
     let kind = match seg.ident.to_string().as_str() {
         "i8" | "u8" | "i16" => "SmallInt",
         "u16" | "i32" => "Integer",
-        "u32" | "i64" | "u64" | "isize" | "usize" => "BigInt",
+        "u32" | "i64" | "isize" => "BigInt",
+        "u64" => return Err(Unmapped::TooWide("u64")),
+        "usize" => return Err(Unmapped::TooWide("usize")),
+        "u128" => return Err(Unmapped::TooWide("u128")),
+        "i128" => return Err(Unmapped::TooWide("i128")),
         "f32" => "Float",
         "f64" => "Double",
         "bool" => "Bool",
         "String" | "char" | "Uuid" => "Text",
-        _ => return None,
+        _ => return Err(Unmapped::Other),
     };
-    Some((kind, false))
+    Ok((kind, false))
 }
 
 struct EnumModel<'a> {
@@ -552,8 +690,8 @@ impl<'a> EnumModel<'a> {
         if let Some((_, lit)) = &attrs.name {
             errors.spanned(lit, "`name` belongs on each event struct, not on the enum that groups them; remove it here");
         }
-        if attrs.version.is_some() || attrs.view.is_some() {
-            errors.spanned(&input.ident, "`version` and `view` belong on each event struct, not on the enum that groups them; remove them here");
+        if attrs.version.is_some() || attrs.view.is_some() || attrs.copy.is_some() {
+            errors.spanned(&input.ident, "`version`, `view` and `copy` belong on each event struct, not on the enum that groups them; remove them here");
         }
         if !input.generics.params.is_empty() {
             errors.spanned(&input.generics, "an event enum cannot be generic");

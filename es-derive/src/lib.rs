@@ -13,9 +13,23 @@ use proc_macro::TokenStream;
 /// of one aggregate) storable in the log.
 ///
 /// Struct attributes: `#[event(name = "BookBorrowed", version = 2,
-/// view = "book_borrowed" | view = false, crate = es_core)]`.
+/// view = "book_borrowed" | view = false, copy, crate = es_core)]`.
 /// Field attribute: `#[event(json)]` exposes a nested value as JSON text in
 /// the typed view.
+///
+/// Each stored name belongs to one Rust type: a second struct with the same
+/// name is a compile error in the same crate, and refused by the store's
+/// registry (appends, `migrate`) across crates, naming both types. `copy`
+/// marks a struct that reads events another type owns (the part a consumer
+/// crate needs, or an old version kept to write test logs); it may share
+/// the owner's name. An enum only groups its variants' names.
+///
+/// The typed view shows the rows stored at the struct's current `version`
+/// only (older rows are upcast in Rust, through the store). Its columns are
+/// the fields of types i8, u8, i16, u16, i32, u32, i64, f32, f64, bool,
+/// String, char, Uuid, an `Option` of one, or `#[event(json)]` fields;
+/// `u64`, `usize`, `u128` and `i128` are refused since BIGINT cannot hold
+/// all their values.
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);

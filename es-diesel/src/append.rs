@@ -152,6 +152,9 @@ pub(crate) fn append_events(
 ) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
+        for ev in &w.events {
+            ev.check()?;
+        }
     }
     // An ambiguous registry refuses before anything is inserted.
     crate::projection::registry()?;

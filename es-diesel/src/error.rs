@@ -56,8 +56,9 @@ pub enum Error {
         source: es_core::BoxError,
     },
 
-    /// Projectors or read models are registered twice (or feed no table).
-    #[error("invalid registry of projectors: {0}")]
+    /// Projectors or read models are registered twice (or feed no table),
+    /// or two Rust types store events or typed views under one name.
+    #[error("invalid registry of events, projectors and read models: {0}")]
     Registry(#[from] crate::projection::RegistryError),
 
     /// [`check_projectors`](crate::check_projectors) found event types no

@@ -138,8 +138,9 @@ pub use store::{EventStore, LogIter, PooledConnection};
 /// The `Event` trait and its derive.
 pub use es_core::Event;
 pub use es_core::{
-    fold, harness, upcast, validate_stream_id, view, Aggregate, BoxError, DecodeError, EncodeError,
-    EventType, ExpectedVersion, Metadata, NewEvent, Payload, Recorded, RecordedEvent, Snapshots,
+    fold, harness, name_clashes, registered_event_types, upcast, validate_stream_id, view,
+    Aggregate, BoxError, DecodeError, EncodeError, EventRegistration, EventType, ExpectedVersion,
+    Metadata, MetadataError, NameClash, NewEvent, Payload, Recorded, RecordedEvent, Snapshots,
     StreamIdError,
 };
 /// `#[projector(on = .., ..)]`: see the crate documentation.

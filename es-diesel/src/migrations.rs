@@ -281,6 +281,9 @@ struct Count {
 /// that appends go on meanwhile. A build that another process is running is
 /// waited for.
 pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
+    // Two event types or views with one name, among others, refuse before
+    // anything is created.
+    crate::projection::registry()?;
     write_transaction(conn, |conn| {
         let backend = conn.backend();
         if backend == Backend::Postgres {
@@ -488,10 +491,14 @@ fn create_view(conn: &mut DbConnection, view: &EventView) -> Result<()> {
         cols.push(format!("{expr} AS {}", quote_ident(c.name)));
     }
     let name = quote_ident(view.name);
+    // Rows of other versions may lack a field or hold it in another type,
+    // which would make every query on the view fail.
     let sql = format!(
-        "DROP VIEW IF EXISTS {name}; CREATE VIEW {name} AS SELECT {} FROM es_events e WHERE e.event_type = {}",
+        "DROP VIEW IF EXISTS {name}; CREATE VIEW {name} AS SELECT {} FROM es_events e \
+         WHERE e.event_type = {} AND e.event_version = {}",
         cols.join(", "),
-        quote_literal(view.event_type)
+        quote_literal(view.event_type),
+        view.event_version
     );
     conn.batch_execute(&sql)?;
     Ok(())

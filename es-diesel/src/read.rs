@@ -59,7 +59,7 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
         Metadata::default()
     } else {
         Metadata::from_json(&metadata)
-            .map_err(|e| malformed(format!("metadata is not valid metadata JSON: {e}")))?
+            .map_err(|e| malformed(format!("metadata is not a JSON object: {e}")))?
     };
     let event_version = u16::try_from(event_version)
         .ok()

@@ -429,7 +429,7 @@ mod reshaped {
 
     /// `BookBorrowed` as a later, incompatible build of the code sees it.
     #[derive(Event, Serialize, Deserialize, Debug)]
-    #[event(name = "BookBorrowed", view = false)]
+    #[event(name = "BookBorrowed", view = false, copy)]
     pub struct BookBorrowed {
         pub isbn: String,
     }

@@ -15,21 +15,21 @@ mod v1 {
     use super::*;
 
     #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
-    #[event(view = false)]
+    #[event(view = false, copy)]
     pub struct BookRegistered {
         pub book_id: String,
         pub title: String,
     }
 
     #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
-    #[event(view = false)]
+    #[event(view = false, copy)]
     pub struct BookBorrowed {
         pub book_id: String,
         pub user_id: String,
     }
 
     #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
-    #[event(view = false)]
+    #[event(view = false, copy)]
     pub struct BookReturned {
         pub book_id: String,
         pub user_id: String,

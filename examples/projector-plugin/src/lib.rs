@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// The part of `BookRegistered` this crate reads.
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[event(name = "BookRegistered", view = false)]
+#[event(name = "BookRegistered", view = false, copy)]
 pub struct BookRegistered {
     pub book_id: i64,
     pub author: String,
