@@ -656,7 +656,7 @@ fn a_store_error_in_the_runner_is_recorded_in_status() {
         let mut conn = store.connection().unwrap();
         conn.batch_execute(&format!(
             "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) \
-             VALUES ('{}', 'bad', 1, 'Tick', 1, '{{\"n\": 99}}', '{{\"correlation_id\": \"not-a-uuid\"}}', {created})",
+             VALUES ('{}', 'bad', 1, 'Tick', 1, '{{\"n\": 99}}', '[\"not an object\"]', {created})",
             uuid::Uuid::new_v4()
         ))
         .unwrap();
