@@ -200,6 +200,9 @@ pub(crate) fn project_batch(
                     // A SQL projector may read rows the batch still holds in memory.
                     fold_segment(conn, rows, &mut segment, true, only_in_memory)?;
                     apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+                    // It may have written rows the batch does not hold: from
+                    // now on, rows are looked up before they are folded.
+                    *only_in_memory = false;
                 }
             }
         }
