@@ -140,11 +140,18 @@ fn relative_links_of_the_documents_resolve() {
         let text = std::fs::read_to_string(doc).unwrap();
         for link in relative_links(&text) {
             if !doc.parent().unwrap().join(&link).exists() {
-                broken.push(format!("{}: {link}", doc.strip_prefix(&root).unwrap().display()));
+                broken.push(format!(
+                    "{}: {link}",
+                    doc.strip_prefix(&root).unwrap().display()
+                ));
             }
         }
     }
-    assert!(broken.is_empty(), "broken links:\n  {}", broken.join("\n  "));
+    assert!(
+        broken.is_empty(),
+        "broken links:\n  {}",
+        broken.join("\n  ")
+    );
     for name in ["WORKLOAD.md", "expected.py"] {
         assert!(root.join("es-bench").join(name).exists(), "es-bench/{name}");
     }

@@ -437,7 +437,10 @@ mod tests {
 
     #[test]
     fn the_rebuild_bar_fits_80_columns_with_a_whole_rate_and_an_eta() {
-        for name in ["book_list", "a_read_model_with_a_very_long_table_name_indeed"] {
+        for name in [
+            "book_list",
+            "a_read_model_with_a_very_long_table_name_indeed",
+        ] {
             let term = Term80::default();
             let bar = rebuild_bar(
                 name,
@@ -459,10 +462,18 @@ mod tests {
                     "{} columns: {line:?}",
                     line.chars().count()
                 );
-                assert!(line.contains("/1,001,100 ") && line.contains(" eta "), "{line:?}");
+                assert!(
+                    line.contains("/1,001,100 ") && line.contains(" eta "),
+                    "{line:?}"
+                );
                 let rate = line.split_whitespace().find(|w| w.ends_with("/s")).unwrap();
                 assert!(
-                    !rate.contains('.') && rate.trim_end_matches("/s").replace(',', "").parse::<u64>().is_ok(),
+                    !rate.contains('.')
+                        && rate
+                            .trim_end_matches("/s")
+                            .replace(',', "")
+                            .parse::<u64>()
+                            .is_ok(),
                     "rate {rate:?} in {line:?}"
                 );
             }

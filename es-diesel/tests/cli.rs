@@ -2,7 +2,9 @@
 
 use es_diesel::cli::{run, AdminCommand};
 use es_diesel::testing::TestDatabase;
-use es_diesel::{projector, Error, Event, EventStore, ExpectedVersion, ReadModel, Recorded, StoreOptions};
+use es_diesel::{
+    projector, Error, Event, EventStore, ExpectedVersion, ReadModel, Recorded, StoreOptions,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
@@ -179,7 +181,10 @@ fn json_output_of_status_stream_and_tail() {
             (&"inline".into(), &"current".into(), &0.into()),
             "{shelves}"
         );
-        let counts = projections.iter().find(|p| p["name"] == "shelf_counts").unwrap();
+        let counts = projections
+            .iter()
+            .find(|p| p["name"] == "shelf_counts")
+            .unwrap();
         assert_eq!(
             (&counts["mode"], &counts["state"], &counts["lag"]),
             (&"async".into(), &"idle".into(), &3.into()),
@@ -197,7 +202,10 @@ fn json_output_of_status_stream_and_tail() {
         assert_eq!(stream[0]["stream_id"], "book-2");
         assert_eq!(stream[0]["stream_version"], 1);
         assert_eq!(stream[0]["event_type"], "Shelved");
-        assert_eq!(stream[0]["payload"]["shelf"], "sf", "payload is JSON, not text");
+        assert_eq!(
+            stream[0]["payload"]["shelf"], "sf",
+            "payload is JSON, not text"
+        );
 
         let tail = json_lines(&output(
             &store,
@@ -300,6 +308,8 @@ fn check_migrated_lists_each_missing_piece() {
     }
 }
 
+/// Registered for its typed view only.
+#[allow(dead_code)]
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
 struct ShelvedWithView {
     book_id: i64,

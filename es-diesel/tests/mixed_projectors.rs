@@ -80,7 +80,11 @@ fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() 
         let store = db.store();
         for a in 1..=3 {
             store
-                .append(&format!("a-{a}"), ExpectedVersion::NoStream, [Opened { account: a }])
+                .append(
+                    &format!("a-{a}"),
+                    ExpectedVersion::NoStream,
+                    [Opened { account: a }],
+                )
                 .unwrap();
         }
         for a in [2, 3, 2] {
@@ -112,11 +116,30 @@ fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() 
         assert_eq!(rows(), expected, "{}: inline", db.backend());
         for batch_size in [1, 2, 100] {
             store
-                .rebuild_with("accounts", &es_diesel::RebuildOptions { batch_size, ..Default::default() }, |_| {})
+                .rebuild_with(
+                    "accounts",
+                    &es_diesel::RebuildOptions {
+                        batch_size,
+                        ..Default::default()
+                    },
+                    |_| {},
+                )
                 .unwrap_or_else(|e| panic!("{}: rebuild: {e}", db.backend()));
-            assert_eq!(rows(), expected, "{}: rebuilt by {batch_size}", db.backend());
+            assert_eq!(
+                rows(),
+                expected,
+                "{}: rebuilt by {batch_size}",
+                db.backend()
+            );
             store
-                .rebuild_with("accounts_async", &es_diesel::RebuildOptions { batch_size, ..Default::default() }, |_| {})
+                .rebuild_with(
+                    "accounts_async",
+                    &es_diesel::RebuildOptions {
+                        batch_size,
+                        ..Default::default()
+                    },
+                    |_| {},
+                )
                 .unwrap_or_else(|e| panic!("{}: blue/green rebuild: {e}", db.backend()));
             let async_rows: Vec<(i64, Option<String>, i64)> = accounts_async::table
                 .order(accounts_async::account)
@@ -125,7 +148,12 @@ fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() 
                 .into_iter()
                 .map(|r| (r.account, r.name, r.events))
                 .collect();
-            assert_eq!(async_rows, expected, "{}: blue/green by {batch_size}", db.backend());
+            assert_eq!(
+                async_rows,
+                expected,
+                "{}: blue/green by {batch_size}",
+                db.backend()
+            );
         }
     }
 }

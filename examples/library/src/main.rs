@@ -452,9 +452,9 @@ fn demo(store: &EventStore, database_url: &str) -> AppResult {
         }
     }
     say!(
-        "\nCommands are checked against the rules before anything is written; \
-         these three break them,\nso they are refused and leave no event \
-         (on their own they exit with status 1):"
+        "\nThe rules are checked before anything is written. These three commands \
+         break them,\nso they are refused and leave no event (run alone, they \
+         exit with status 1):"
     );
     shown(borrow(store, 3, 99))?;
     shown(give_back(store, 3, 7))?;
@@ -523,7 +523,10 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Demo);
     // Only these may create the database; every other command needs one
     // that exists and is migrated, and says so otherwise.
-    let creates = matches!(command, Command::Demo | Command::Admin(AdminCommand::Migrate));
+    let creates = matches!(
+        command,
+        Command::Demo | Command::Admin(AdminCommand::Migrate)
+    );
     let result = (|| -> AppResult {
         let options = StoreOptions {
             create_if_missing: creates,

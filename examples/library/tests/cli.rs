@@ -67,15 +67,32 @@ fn refusals_exit_1_on_stderr_usage_errors_2_store_errors_3() {
                 &["borrow", "1", "8"][..],
                 "refused: book 1 is already borrowed by user 8",
             ),
-            (&["borrow", "9", "8"], "refused: book 9 is not in the catalogue"),
-            (&["borrow", "1", "42"], "refused: user 42 has no library card"),
-            (&["return", "1", "42"], "refused: book 1 is not borrowed by user 42"),
+            (
+                &["borrow", "9", "8"],
+                "refused: book 9 is not in the catalogue",
+            ),
+            (
+                &["borrow", "1", "42"],
+                "refused: user 42 has no library card",
+            ),
+            (
+                &["return", "1", "42"],
+                "refused: book 1 is not borrowed by user 42",
+            ),
             (&["login", "42"], "refused: user 42 has no library card"),
-            (&["register-user", "8", "Ann"], "refused: user 8 already has a library card"),
+            (
+                &["register-user", "8", "Ann"],
+                "refused: user 8 already has a library card",
+            ),
             (&["view", "9"], "book 9 is not in the catalogue"),
         ] {
             let out = output(url, args);
-            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out.stderr));
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{args:?}: {}",
+                text(&out.stderr)
+            );
             assert_eq!(text(&out.stderr).trim(), reason, "{args:?}");
             assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
         }
@@ -90,7 +107,10 @@ fn refusals_exit_1_on_stderr_usage_errors_2_store_errors_3() {
         "{err}"
     );
     let help = ok("library.db", &["--help"]);
-    assert!(help.contains("Exit status:") && help.contains("  3  "), "{help}");
+    assert!(
+        help.contains("Exit status:") && help.contains("  3  "),
+        "{help}"
+    );
     assert!(ok("library.db", &["--version"]).starts_with("library 0."));
 }
 
@@ -135,7 +155,12 @@ fn a_closed_pipe_ends_every_command_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("demo.db");
     let out = closed_stdout(fresh.to_str().unwrap(), &["demo"]);
-    assert!(out.status.success(), "{:?}\n{}", out.status, text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 struct Reaper(Child);
@@ -189,7 +214,10 @@ fn tail_follow_stops_when_its_reader_goes_away() {
         };
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut tail.0.stderr.take().unwrap(), &mut stderr).unwrap();
-        assert!(status.success() && stderr.is_empty(), "{status:?}\n{stderr}");
+        assert!(
+            status.success() && stderr.is_empty(),
+            "{status:?}\n{stderr}"
+        );
     }
 }
 
@@ -228,7 +256,11 @@ fn only_demo_and_admin_migrate_create_or_migrate_a_database() {
         if db.backend() == Backend::Sqlite {
             EventStore::open(db.url()).unwrap(); // an empty file
         }
-        for args in [&["list"][..], &["register-user", "1", "Ann"], &["admin", "status"]] {
+        for args in [
+            &["list"][..],
+            &["register-user", "1", "Ann"],
+            &["admin", "status"],
+        ] {
             let err = fails(db.url(), args, 3);
             assert!(
                 err.contains("is not migrated")
@@ -237,7 +269,10 @@ fn only_demo_and_admin_migrate_create_or_migrate_a_database() {
                 "{args:?}: {err}"
             );
         }
-        assert!(EventStore::open(db.url()).unwrap().check_migrated().is_err());
+        assert!(EventStore::open(db.url())
+            .unwrap()
+            .check_migrated()
+            .is_err());
         ok(db.url(), &["admin", "migrate"]);
         ok(db.url(), &["register-user", "1", "Ann"]);
     }
@@ -291,10 +326,17 @@ fn a_read_only_postgres_role_can_list_and_view() {
     assert!(ok(&reader_url, &["list"]).contains("Dune"));
     assert!(ok(&reader_url, &["view", "1", "--json"]).contains("\"Dune\""));
     assert!(ok(&reader_url, &["admin", "status"]).contains("book_list"));
-    let err = fails(&reader_url, &["register-book", "2", "Kindred", "Octavia E. Butler"], 3);
+    let err = fails(
+        &reader_url,
+        &["register-book", "2", "Kindred", "Octavia E. Butler"],
+        3,
+    );
     assert!(err.contains("permission denied"), "{err}");
     let err = fails(&reader_url, &["admin", "migrate"], 3);
-    assert!(err.contains("permission denied") || err.contains("must be owner"), "{err}");
+    assert!(
+        err.contains("permission denied") || err.contains("must be owner"),
+        "{err}"
+    );
 }
 
 /// Every read model after an import and a run of commands, against what a
@@ -307,7 +349,15 @@ fn read_models_match_the_hand_computed_state_before_and_after_rebuilds() {
         ok(url, &["import-legacy"]); // 102 comes in lent to reader 7, who has no card yet
         ok(url, &["register-book", "1", "Dune", "Frank Herbert"]);
         ok(url, &["register-book", "2", "Kindred", "Octavia E. Butler"]);
-        ok(url, &["register-book", "3", "Parable of the Sower", "Octavia E. Butler"]);
+        ok(
+            url,
+            &[
+                "register-book",
+                "3",
+                "Parable of the Sower",
+                "Octavia E. Butler",
+            ],
+        );
         ok(url, &["register-user", "7", "Ada"]);
         ok(url, &["register-user", "8", "Grace"]);
         ok(url, &["login", "8"]);
@@ -343,7 +393,12 @@ fn read_models_match_the_hand_computed_state_before_and_after_rebuilds() {
         ];
         let check = |when: &str| {
             let list: Value = serde_json::from_str(&ok(url, &["list", "--json"])).unwrap();
-            assert_eq!(list["books"], expected_books, "{}: book_list {when}", db.backend());
+            assert_eq!(
+                list["books"],
+                expected_books,
+                "{}: book_list {when}",
+                db.backend()
+            );
             let readers: Vec<(i64, &str, i64, bool)> = list["readers"]
                 .as_array()
                 .unwrap()
@@ -357,13 +412,23 @@ fn read_models_match_the_hand_computed_state_before_and_after_rebuilds() {
                     )
                 })
                 .collect();
-            assert_eq!(readers, expected_readers, "{}: readers {when}", db.backend());
+            assert_eq!(
+                readers,
+                expected_readers,
+                "{}: readers {when}",
+                db.backend()
+            );
             let view: Value = serde_json::from_str(&ok(url, &["view", "102", "--json"])).unwrap();
             let loans: Vec<(i64, bool)> = view["loans"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|l| (l["user_id"].as_i64().unwrap(), l["imported"].as_bool().unwrap()))
+                .map(|l| {
+                    (
+                        l["user_id"].as_i64().unwrap(),
+                        l["imported"].as_bool().unwrap(),
+                    )
+                })
                 .collect();
             assert_eq!(loans, [(7, true), (8, false)], "{when}: {view}");
             assert_eq!(view["book"]["times_borrowed"], 2);
@@ -409,7 +474,8 @@ fn author_stats(url: &str) -> Vec<(String, i64, i64)> {
 #[test]
 fn json_of_admin_status_stream_and_tail_from_the_app() {
     for db in migrated() {
-        let status: Value = serde_json::from_str(&ok(db.url(), &["admin", "status", "--json"])).unwrap();
+        let status: Value =
+            serde_json::from_str(&ok(db.url(), &["admin", "status", "--json"])).unwrap();
         assert!(status["head"].as_i64().unwrap() >= 3, "{status}");
         let names: Vec<&str> = status["projections"]
             .as_array()
