@@ -1,4 +1,4 @@
-//! `es-bench`: the `library` workload (`shared/bench/WORKLOAD.md`) run
+//! `es-bench`: the `library` workload (`es-bench/WORKLOAD.md`) run
 //! through the framework's public API and as hand-written Diesel, on
 //! SQLite and PostgreSQL, with events/s and peak RSS per phase.
 //!
@@ -8,7 +8,7 @@
 //! runs the timed phase, checks nothing itself and reports its wall time
 //! and final state on stdout. The parent reaps that child with `wait4` and
 //! takes its `ru_maxrss` as the phase's peak RSS, compares the state with
-//! the reference (`workload::expected`, a port of `expected.py`) and stops
+//! the reference (`workload::expected`, a port of `es-bench/expected.py`) and stops
 //! with an error on any mismatch.
 
 mod child;

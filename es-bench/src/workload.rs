@@ -1,6 +1,6 @@
-//! The `library` workload of `shared/bench/WORKLOAD.md`, without a database:
+//! The `library` workload of `es-bench/WORKLOAD.md`, without a database:
 //! the command stream, the log it must produce, and the final state that
-//! every run is checked against (a port of `expected.py`).
+//! every run is checked against (a port of `es-bench/expected.py`).
 
 use serde::{Deserialize, Serialize};
 
@@ -192,7 +192,7 @@ impl std::fmt::Display for State {
     }
 }
 
-/// The state after `n` commands, read model included (`expected.py n`).
+/// The state after `n` commands, read model included (`python3 es-bench/expected.py n`).
 pub fn expected(n: u64) -> State {
     let mut borrowed_by = vec![None::<i64>; BOOKS as usize + 1];
     let mut borrowed_events = 0;
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn splitmix64_matches_the_reference_sequence() {
-        // First outputs of splitmix64 seeded with 42 (as computed by expected.py's nxt()).
+        // First outputs of splitmix64 seeded with 42 (as computed by es-bench/expected.py's nxt()).
         let mut rng = SplitMix64::new(42);
         assert_eq!(rng.next_u64(), 0xBDD7_3226_2FEB_6E95);
         assert_eq!(rng.next_u64(), 0x28EF_E333_B266_F103);

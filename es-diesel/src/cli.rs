@@ -16,7 +16,8 @@
 //! # fn main() -> es_diesel::Result<()> {
 //! let store = es_diesel::EventStore::open("library.db")?;
 //! match Command::parse() {
-//!     Command::Admin(cmd) => es_diesel::cli::run(&store, cmd, &mut std::io::stdout())?,
+//!     // `cli::stdout()` exits quietly when a pipe's reader goes away.
+//!     Command::Admin(cmd) => es_diesel::cli::run(&store, cmd, &mut es_diesel::cli::stdout())?,
 //! }
 //! # Ok(()) }
 //! ```
@@ -28,7 +29,7 @@ use crate::{projection, read, EventStore, Result};
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::prelude::*;
 use es_core::RecordedEvent;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,17 +40,26 @@ use std::time::Duration;
 const TAIL_PAGE: usize = 500;
 
 /// The store's management commands.
+///
+/// Every command but `migrate` and `projectors` first checks, reading only,
+/// that the database is migrated ([`EventStore::check_migrated`]): none of
+/// them changes the schema, so they run as a role that may only read and
+/// write rows.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum AdminCommand {
     /// Create or upgrade the store's tables, views and read models.
     Migrate,
     /// Each projection's mode, checkpoint, lag and state.
-    Status,
+    Status {
+        /// One JSON object: the log head and every projection's status.
+        #[arg(long)]
+        json: bool,
+    },
     /// The registered read models and the projectors feeding them.
     Projectors,
     /// Rebuild a read model from the log ("performing a full scan").
     Rebuild {
-        /// The read model's table name.
+        /// The read model's table name (see `projectors`).
         name: String,
         /// Events per batch.
         #[arg(long, default_value_t = 2_000)]
@@ -61,14 +71,114 @@ pub enum AdminCommand {
         /// How many events to show first.
         #[arg(short = 'n', long, default_value_t = 20)]
         count: usize,
+        /// Keep printing events as they are appended, until interrupted or
+        /// until the output is closed.
         #[arg(short, long)]
         follow: bool,
+        /// One JSON object per line and event.
+        #[arg(long)]
+        json: bool,
     },
     /// Print one stream's events.
-    Stream { stream_id: String },
+    Stream {
+        /// The stream's id, e.g. `book-3`.
+        stream_id: String,
+        /// One JSON object per line and event.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the asynchronous read models' runners until Ctrl-C or SIGTERM;
     /// then they finish their batch and release their leases.
     Work,
+}
+
+/// Standard output for commands run in a terminal or a pipeline. When its
+/// reader goes away (`| head -5`), the process exits at once, quietly and
+/// with status 0, as Unix tools do, instead of failing on a broken pipe.
+/// Other write errors are returned.
+pub fn stdout() -> Stdout {
+    Stdout(std::io::stdout())
+}
+
+/// See [`stdout`].
+pub struct Stdout(std::io::Stdout);
+
+fn quiet_on_broken_pipe<T>(result: std::io::Result<T>) -> std::io::Result<T> {
+    if let Err(e) = &result {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+    result
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        quiet_on_broken_pipe(self.0.write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        quiet_on_broken_pipe(self.0.lock().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        quiet_on_broken_pipe(self.0.flush())
+    }
+}
+
+/// An event as one JSON object (its payload and metadata as JSON values).
+fn event_json(e: &RecordedEvent) -> serde_json::Value {
+    let payload = serde_json::from_str::<serde_json::Value>(e.payload())
+        .unwrap_or_else(|_| serde_json::Value::String(e.payload().to_owned()));
+    serde_json::json!({
+        "global_position": e.global_position,
+        "stream_id": e.stream_id,
+        "stream_version": e.stream_version,
+        "event_type": e.event_type,
+        "event_version": e.event_version,
+        "event_id": e.event_id,
+        "created_at": e.created_at,
+        "metadata": e.metadata,
+        "payload": payload,
+    })
+}
+
+/// An event as one line of `tail` output.
+fn event_line(e: &RecordedEvent, json: bool) -> String {
+    if json {
+        return event_json(e).to_string();
+    }
+    format!(
+        "#{:<6} {} {:<16} v{:<4} {:<20} {}",
+        e.global_position,
+        e.created_at.format("%Y-%m-%d %H:%M:%S"),
+        e.stream_id,
+        e.stream_version,
+        e.event_type,
+        e.payload()
+    )
+}
+
+/// The rebuild's progress bar: one line that fits the terminal (80 columns
+/// and fewer), with a whole-number rate and the time left. Drawn only when
+/// `target` is a terminal; [`ProgressDrawTarget::stderr`] hides itself
+/// otherwise.
+fn rebuild_bar(name: &str, len: u64, target: ProgressDrawTarget) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{wide_bar}] {human_pos}/{human_len} {rate} eta {eta}")
+            .expect("a valid template")
+            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{}/s", HumanCount(s.per_sec().round() as u64));
+            })
+            .progress_chars("=> "),
+    );
+    let mut label: String = name.chars().take(24).collect();
+    if label.len() < name.len() {
+        label.push('…');
+    }
+    bar.set_message(label);
+    bar
 }
 
 /// The first SIGINT or SIGTERM sets `stop`, so that runners finish their
@@ -94,6 +204,9 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
     let w = |out: &mut dyn Write, line: String| {
         let _ = writeln!(out, "{line}");
     };
+    if !matches!(command, AdminCommand::Migrate | AdminCommand::Projectors) {
+        store.check_migrated()?;
+    }
     match command {
         AdminCommand::Migrate => {
             store.migrate()?;
@@ -103,7 +216,36 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                 format!("store schema: {applied} migrations applied (latest {latest})"),
             );
         }
-        AdminCommand::Status => {
+        AdminCommand::Status { json: true } => {
+            let head = store.head()?;
+            let projections: Vec<serde_json::Value> = store
+                .projection_status()?
+                .into_iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "name": s.name,
+                        "mode": match s.mode {
+                            ProjectionMode::Inline => "inline",
+                            ProjectionMode::Async => "async",
+                        },
+                        "position": s.checkpoint.position,
+                        "order_key": s.checkpoint.transaction,
+                        "lag": s.lag,
+                        "state": s.state,
+                        "holder": s.holder,
+                        "lease_expires": s.lease_expires,
+                        "lease_expired": s.lease_expired,
+                        "last_error": s.last_error,
+                        "failed_position": s.failed_position,
+                    })
+                })
+                .collect();
+            w(
+                out,
+                serde_json::json!({ "head": head, "projections": projections }).to_string(),
+            );
+        }
+        AdminCommand::Status { json: false } => {
             w(out, format!("log head: position {}", store.head()?));
             w(
                 out,
@@ -161,15 +303,11 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
             }
         }
         AdminCommand::Rebuild { name, batch_size } => {
-            let bar = ProgressBar::new(store.head()?.max(1) as u64);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {pos}/{len} positions, {per_sec}, eta {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
+            let bar = rebuild_bar(
+                &name,
+                store.head()?.max(1) as u64,
+                ProgressDrawTarget::stderr(),
             );
-            bar.set_message(format!("rebuilding {name}"));
             let report = store.rebuild_with(
                 &name,
                 &crate::RebuildOptions {
@@ -182,11 +320,16 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                 },
             )?;
             bar.finish_and_clear();
+            let rate = report.events as f64 / report.elapsed.as_secs_f64().max(1e-9);
             w(
                 out,
                 format!(
-                    "rebuilt {}: {} events replayed, {} rows, in {:.2?}",
-                    report.read_model, report.events, report.rows, report.elapsed
+                    "rebuilt {}: {} events replayed, {} rows, in {:.2?} ({} events/s)",
+                    report.read_model,
+                    report.events,
+                    report.rows,
+                    report.elapsed,
+                    HumanCount(rate.round() as u64)
                 ),
             );
             if report.pending > 0 {
@@ -199,17 +342,25 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                 );
             }
         }
-        AdminCommand::Tail { count, follow } => {
-            // Followed until the process is interrupted.
+        AdminCommand::Tail {
+            count,
+            follow,
+            json,
+        } => {
+            // Followed until the process is interrupted or its reader goes away.
             let never = AtomicBool::new(false);
-            tail(store, count, follow.then_some(&never), out)?;
+            tail(store, count, json, follow.then_some(&never), out)?;
         }
-        AdminCommand::Stream { stream_id } => {
+        AdminCommand::Stream { stream_id, json } => {
             let mut from = 1;
             loop {
                 let page = store.read_stream(&stream_id, from, 500)?;
                 for e in &page {
                     from = e.stream_version + 1;
+                    if json {
+                        w(out, event_json(e).to_string());
+                        continue;
+                    }
                     w(
                         out,
                         format!(
@@ -225,7 +376,7 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                     break;
                 }
             }
-            if from == 1 {
+            if from == 1 && !json {
                 w(out, format!("stream `{stream_id}` has no events"));
             }
         }
@@ -254,16 +405,23 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
 /// Following goes through [`read_after`], not [`EventStore::read_all`]: on
 /// PostgreSQL an event may commit after one with a higher position, and a
 /// position-based tail would skip it. Each event is printed once.
+/// Stops, quietly, when `out` can no longer be written (its reader went
+/// away). `json`: one JSON object per line.
 pub fn tail(
     store: &EventStore,
     count: usize,
+    json: bool,
     follow: Option<&AtomicBool>,
     out: &mut dyn Write,
 ) -> Result<()> {
     let mut conn = store.connection()?;
+    let print =
+        |out: &mut dyn Write, e: &RecordedEvent| writeln!(out, "{}", event_line(e, json)).is_ok();
     let Some(stop) = follow else {
         for e in last_events(&mut conn, count)? {
-            let _ = writeln!(out, "{}", tail_line(&e));
+            if !print(out, &e) {
+                break;
+            }
         }
         return Ok(());
     };
@@ -273,17 +431,21 @@ pub fn tail(
         mut shown,
     } = tail_start(&mut conn, count)?;
     for e in &events {
-        let _ = writeln!(out, "{}", tail_line(e));
+        if !print(out, e) {
+            return Ok(());
+        }
     }
     while !stop.load(Ordering::Relaxed) {
         let page = read_after(&mut conn, checkpoint, None, TAIL_PAGE)?;
         for f in &page {
             checkpoint = f.checkpoint;
-            if !shown.remove(&f.event.global_position) {
-                let _ = writeln!(out, "{}", tail_line(&f.event));
+            if !shown.remove(&f.event.global_position) && !print(out, &f.event) {
+                return Ok(());
             }
         }
-        let _ = out.flush();
+        if out.flush().is_err() {
+            return Ok(());
+        }
         if page.len() < TAIL_PAGE {
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -385,14 +547,92 @@ fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
     result
 }
 
-fn tail_line(e: &RecordedEvent) -> String {
-    format!(
-        "#{:<6} {} {:<16} v{:<4} {:<20} {}",
-        e.global_position,
-        e.created_at.format("%Y-%m-%d %H:%M:%S"),
-        e.stream_id,
-        e.stream_version,
-        e.event_type,
-        e.payload()
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An 80-column terminal that records what is drawn.
+    #[derive(Debug, Default, Clone)]
+    struct Term80(Arc<Mutex<String>>);
+
+    impl indicatif::TermLike for Term80 {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            let mut all = self.0.lock().unwrap();
+            all.push_str(s);
+            all.push('\n');
+            Ok(())
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.0.lock().unwrap().push('\n');
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_rebuild_bar_fits_80_columns_with_a_whole_rate_and_an_eta() {
+        for name in [
+            "book_list",
+            "a_read_model_with_a_very_long_table_name_indeed",
+        ] {
+            let term = Term80::default();
+            let bar = rebuild_bar(
+                name,
+                1_001_100,
+                ProgressDrawTarget::term_like(Box::new(term.clone())),
+            );
+            for pos in [1, 250_000, 500_000] {
+                std::thread::sleep(Duration::from_millis(60));
+                bar.set_position(pos);
+                bar.tick();
+            }
+            bar.abandon();
+            let drawn = term.0.lock().unwrap().clone();
+            let lines: Vec<&str> = drawn.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert!(!lines.is_empty(), "nothing drawn");
+            for line in &lines {
+                assert!(
+                    line.chars().count() <= 80,
+                    "{} columns: {line:?}",
+                    line.chars().count()
+                );
+                assert!(
+                    line.contains("/1,001,100 ") && line.contains(" eta "),
+                    "{line:?}"
+                );
+                let rate = line.split_whitespace().find(|w| w.ends_with("/s")).unwrap();
+                assert!(
+                    !rate.contains('.')
+                        && rate
+                            .trim_end_matches("/s")
+                            .replace(',', "")
+                            .parse::<u64>()
+                            .is_ok(),
+                    "rate {rate:?} in {line:?}"
+                );
+            }
+        }
+    }
 }

@@ -76,6 +76,11 @@ pub struct StoreOptions {
     /// load into a store whose read models you rebuild afterwards, or for a
     /// process that only writes events while another keeps the read models.
     pub inline_projectors: bool,
+    /// Create the SQLite file when it does not exist (the default). Off, a
+    /// missing file is [`Error::DatabaseNotFound`](crate::Error::DatabaseNotFound)
+    /// instead of a new empty database: a command that only reads or appends
+    /// should not conjure up a store because of a mistyped path.
+    pub create_if_missing: bool,
 }
 
 impl Default for StoreOptions {
@@ -86,6 +91,7 @@ impl Default for StoreOptions {
             sqlite_sync: SqliteSync::Full,
             connection_timeout: Duration::from_secs(30),
             inline_projectors: true,
+            create_if_missing: true,
         }
     }
 }
@@ -95,6 +101,56 @@ impl Default for StoreOptions {
 pub(crate) enum Target {
     Postgres(String),
     Sqlite { path: String, memory: bool },
+}
+
+impl Target {
+    /// The file a SQLite target opens, if it is one (not `:memory:`).
+    pub(crate) fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        let Target::Sqlite {
+            path,
+            memory: false,
+        } = self
+        else {
+            return None;
+        };
+        let Some(uri) = path.strip_prefix("file:") else {
+            return Some(path.into());
+        };
+        // A SQLite URI: file:name?query, file:///abs/path, file://localhost/abs/path.
+        let uri = uri.split(['?', '#']).next().unwrap_or("");
+        let file = match uri.strip_prefix("//") {
+            Some(rest) => &rest[rest.find('/').unwrap_or(rest.len())..],
+            None => uri,
+        };
+        Some(file.into())
+    }
+}
+
+/// Where the store is, for messages: the SQLite file, or the PostgreSQL
+/// database and host (never the password).
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Sqlite { memory: true, .. } => f.write_str("the in-memory SQLite database"),
+            Target::Sqlite { .. } => {
+                let file = self.sqlite_file().unwrap_or_default();
+                write!(f, "the SQLite database `{}`", file.display())
+            }
+            Target::Postgres(url) => {
+                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let authority = authority.split('?').next().unwrap_or("");
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                let host = if host.is_empty() { "localhost" } else { host };
+                let db = path.split('?').next().unwrap_or("");
+                if db.is_empty() {
+                    write!(f, "the PostgreSQL server at {host}")
+                } else {
+                    write!(f, "the PostgreSQL database `{db}` at {host}")
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectionError> {
@@ -134,7 +190,13 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// A new connection; errors name the database they are about.
     pub(crate) fn establish(&self) -> Result<DbConnection, ConnectionError> {
+        self.connect_to_target()
+            .map_err(|e| ConnectionError::BadConnection(format!("{}: {e}", self.target)))
+    }
+
+    fn connect_to_target(&self) -> Result<DbConnection, ConnectionError> {
         match &self.target {
             Target::Postgres(url) => {
                 let url = with_connect_timeout(url, self.options.connection_timeout);
@@ -302,6 +364,23 @@ mod tests {
             Target::Sqlite { memory: true, .. }
         ));
         assert!(parse_url("redis://h").is_err());
+        assert_eq!(
+            parse_url("sqlite://file:///tmp/x.db?mode=rwc")
+                .unwrap()
+                .sqlite_file(),
+            Some("/tmp/x.db".into())
+        );
+        assert_eq!(parse_url(":memory:").unwrap().sqlite_file(), None);
+        assert_eq!(
+            parse_url("postgres://ann:secret@db.example:5433/books?sslmode=require")
+                .unwrap()
+                .to_string(),
+            "the PostgreSQL database `books` at db.example:5433"
+        );
+        assert_eq!(
+            parse_url("data/library.db").unwrap().to_string(),
+            "the SQLite database `data/library.db`"
+        );
         assert!(parse_url("").is_err());
     }
 

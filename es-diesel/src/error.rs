@@ -96,10 +96,25 @@ pub enum Error {
 
     /// The read model is registered but its table is not in the database yet.
     #[error("read model `{read_model}` is not in this database yet: run migrate first")]
-    NotMigrated { read_model: String },
+    ReadModelNotMigrated { read_model: String },
 
     #[error("database error: {0}")]
     Database(diesel::result::Error),
+
+    /// The SQLite file does not exist, and the store was opened without
+    /// [`StoreOptions::create_if_missing`](crate::StoreOptions::create_if_missing).
+    #[error("the SQLite database `{path}` does not exist; create it with `admin migrate`, or check the path")]
+    DatabaseNotFound { path: String },
+
+    /// [`EventStore::check_migrated`](crate::EventStore::check_migrated)
+    /// found tables or views missing or out of date.
+    #[error("{database} is not migrated: {}; run `admin migrate` (EventStore::migrate) first", .missing.join(", "))]
+    NotMigrated {
+        /// Where the store is (see [`EventStore::location`](crate::EventStore::location)).
+        database: String,
+        /// What `migrate` would create or change.
+        missing: Vec<String>,
+    },
 
     #[error("cannot connect to the database: {0}")]
     Connection(#[from] diesel::ConnectionError),

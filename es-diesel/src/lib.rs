@@ -103,6 +103,19 @@
 #[doc = include_str!("../../README.md")]
 struct ReadmeExamples;
 
+/// The examples of the guides in `docs/`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/concepts.md")]
+struct ConceptsExamples;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/your-first-model.md")]
+struct YourFirstModelExamples;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/production-postgres.md")]
+struct ProductionPostgresExamples;
+
 mod aggregate;
 mod append;
 pub mod cli;

@@ -438,6 +438,72 @@ fn any_event_of(conn: &mut DbConnection, types: &[&str]) -> Result<bool> {
     Ok(q.get_result::<Count>(conn)?.n > 0)
 }
 
+#[derive(QueryableByName)]
+struct StoredReadModel {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    fingerprint: String,
+}
+
+/// Whether a table or view of this name is visible to the connection (on
+/// PostgreSQL, through its `search_path`, as queries see it).
+fn relation_exists(conn: &mut DbConnection, name: &str) -> Result<bool> {
+    let sql = match conn.backend() {
+        Backend::Sqlite => format!(
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type IN ('table', 'view') AND name = {}",
+            quote_literal(name)
+        ),
+        Backend::Postgres => format!(
+            "SELECT CASE WHEN to_regclass({}) IS NULL THEN 0 ELSE 1 END::bigint AS n",
+            quote_literal(&quote_ident(name))
+        ),
+    };
+    Ok(diesel::sql_query(sql).get_result::<Count>(conn)?.n > 0)
+}
+
+/// What [`migrate`] would still create or change, read without writing:
+/// store migrations not applied, read models missing or of another shape,
+/// event views missing. Empty when the database is up to date.
+pub(crate) fn missing(conn: &mut DbConnection) -> Result<Vec<String>> {
+    if !relation_exists(conn, "es_schema_migrations")? {
+        return Ok(vec!["the store's tables (no migration has run)".to_owned()]);
+    }
+    let backend = conn.backend();
+    let mut missing = Vec::new();
+    let applied: Vec<i32> = diesel::sql_query("SELECT version FROM es_schema_migrations")
+        .load::<Applied>(conn)?
+        .into_iter()
+        .map(|a| a.version)
+        .collect();
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        missing.push(format!("store migration {} ({})", m.version, m.name));
+    }
+    let stored = if applied.contains(&2) {
+        diesel::sql_query("SELECT name, fingerprint FROM es_read_models")
+            .load::<StoredReadModel>(conn)?
+    } else {
+        Vec::new()
+    };
+    for entry in &crate::projection::registry()?.read_models {
+        let schema = entry.schema;
+        match stored.iter().find(|s| s.name == schema.name) {
+            None => missing.push(format!("read model `{}`", schema.name)),
+            Some(s) if s.fingerprint != schema.fingerprint(backend) => missing.push(format!(
+                "read model `{}` in its current shape (its struct changed)",
+                schema.name
+            )),
+            Some(_) => {}
+        }
+    }
+    for view in event_views() {
+        if !relation_exists(conn, view.name)? {
+            missing.push(format!("event view `{}`", view.name));
+        }
+    }
+    Ok(missing)
+}
+
 /// The newest schema version this code knows, and the one the database has.
 pub(crate) fn schema_versions(conn: &mut DbConnection) -> Result<(i32, i64)> {
     let latest = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);

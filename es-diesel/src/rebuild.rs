@@ -211,7 +211,7 @@ impl Claim {
             // row locked, and an UPDATE would wait for it to finish.
             match current_holder(conn, name)? {
                 None => {
-                    return Err(Error::NotMigrated {
+                    return Err(Error::ReadModelNotMigrated {
                         read_model: name.to_owned(),
                     })
                 }
@@ -613,6 +613,9 @@ pub(crate) fn project_batch(
                     // A SQL projector may read rows the batch still holds in memory.
                     fold_segment(conn, rows, &mut segment, true, only_in_memory)?;
                     apply(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
+                    // It may have written rows the batch does not hold: from
+                    // now on, rows are looked up before they are folded.
+                    *only_in_memory = false;
                 }
             }
         }

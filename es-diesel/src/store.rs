@@ -60,8 +60,18 @@ impl EventStore {
     /// [`open`](Self::open) with settings. Fails rather than waits past
     /// [`StoreOptions::connection_timeout`] on a PostgreSQL server that does
     /// not answer, both here and for the connections the pool opens later.
+    /// With [`StoreOptions::create_if_missing`] off, a SQLite file that does
+    /// not exist is [`Error::DatabaseNotFound`] rather than a new empty
+    /// database.
     pub fn open_with(url: &str, options: StoreOptions) -> Result<Self> {
         let target = parse_url(url)?;
+        if let Some(file) = target.sqlite_file() {
+            if !options.create_if_missing && !file.exists() {
+                return Err(Error::DatabaseNotFound {
+                    path: file.display().to_string(),
+                });
+            }
+        }
         let memory = matches!(target, Target::Sqlite { memory: true, .. });
         let (backend, size) = match &target {
             Target::Postgres(_) => (Backend::Postgres, options.pool_size.max(1)),
@@ -106,6 +116,12 @@ impl EventStore {
         self.backend
     }
 
+    /// Where the store is, for messages: "the SQLite database `library.db`",
+    /// "the PostgreSQL database `app` at db.example:5432" (never a password).
+    pub fn location(&self) -> String {
+        self.manager.target.to_string()
+    }
+
     /// Whether appending `writes` runs any inline projector.
     pub(crate) fn projects(&self, writes: &[StreamWrite]) -> Result<bool> {
         Ok(self.inline_projectors
@@ -138,6 +154,24 @@ impl EventStore {
     pub fn migrate(&self) -> Result<()> {
         let mut conn = self.connection()?;
         migrations::migrate(&mut conn)
+    }
+
+    /// Checks, reading only, that [`migrate`](Self::migrate) has nothing
+    /// left to do: the store's migrations are applied and every registered
+    /// read model and event view exists in its current shape. Otherwise
+    /// [`Error::NotMigrated`] lists what is missing. Commands that should not
+    /// change the schema (or run as a role that may not) call this instead of
+    /// `migrate`.
+    pub fn check_migrated(&self) -> Result<()> {
+        let missing = migrations::missing(&mut *self.connection()?)?;
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotMigrated {
+                database: self.location(),
+                missing,
+            })
+        }
     }
 
     /// The newest schema version this code knows and the number of

@@ -3,8 +3,8 @@
 use es_diesel::cli::{run, tail, AdminCommand};
 use es_diesel::testing::TestDatabase;
 use es_diesel::{
-    append_in, projector, write_transaction, Backend, Event, EventStore, ExpectedVersion,
-    ReadModel, Recorded, StreamWrite,
+    append_in, projector, write_transaction, Backend, Error, Event, EventStore, ExpectedVersion,
+    ReadModel, Recorded, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -74,7 +74,7 @@ fn admin_commands_report_the_store() {
                 .unwrap();
         }
         assert!(output(&store, AdminCommand::Migrate).contains("migrations applied"));
-        let status = output(&store, AdminCommand::Status);
+        let status = output(&store, AdminCommand::Status { json: false });
         assert!(status.contains("log head: position 5"), "{status}");
         assert!(
             status
@@ -120,6 +120,7 @@ fn admin_commands_report_the_store() {
             AdminCommand::Tail {
                 count: 2,
                 follow: false,
+                json: false,
             },
         );
         assert_eq!(tail.lines().count(), 2, "{tail}");
@@ -131,6 +132,7 @@ fn admin_commands_report_the_store() {
             &store,
             AdminCommand::Stream {
                 stream_id: "book-2".into(),
+                json: false,
             },
         );
         assert!(
@@ -140,7 +142,8 @@ fn admin_commands_report_the_store() {
         assert!(output(
             &store,
             AdminCommand::Stream {
-                stream_id: "nope".into()
+                stream_id: "nope".into(),
+                json: false,
             }
         )
         .contains("has no events"));
@@ -198,7 +201,8 @@ fn start_tail(
 ) -> (Shared, std::thread::JoinHandle<()>) {
     let out = Shared::default();
     let (store, stop, mut sink) = (store.clone(), stop.clone(), out.clone());
-    let handle = std::thread::spawn(move || tail(&store, count, Some(&stop), &mut sink).unwrap());
+    let handle =
+        std::thread::spawn(move || tail(&store, count, false, Some(&stop), &mut sink).unwrap());
     (out, handle)
 }
 
@@ -310,4 +314,221 @@ fn tail_follow_prints_late_commits_once() {
             );
         }
     }
+}
+
+fn shelve(store: &EventStore, id: i64, shelf: &str) {
+    store
+        .append(
+            &format!("book-{id}"),
+            ExpectedVersion::NoStream,
+            [Shelved {
+                book_id: id,
+                shelf: shelf.into(),
+            }],
+        )
+        .unwrap();
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn json_output_of_status_stream_and_tail() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        for id in 1..=3 {
+            shelve(&store, id, "sf");
+        }
+        let status = json_lines(&output(&store, AdminCommand::Status { json: true }));
+        assert_eq!(status.len(), 1, "{status:?}");
+        assert_eq!(status[0]["head"], 3);
+        let projections = status[0]["projections"].as_array().unwrap();
+        let shelves = projections.iter().find(|p| p["name"] == "shelves").unwrap();
+        assert_eq!(
+            (&shelves["mode"], &shelves["state"], &shelves["lag"]),
+            (&"inline".into(), &"current".into(), &0.into()),
+            "{shelves}"
+        );
+        let counts = projections
+            .iter()
+            .find(|p| p["name"] == "shelf_counts")
+            .unwrap();
+        assert_eq!(
+            (&counts["mode"], &counts["state"], &counts["lag"]),
+            (&"async".into(), &"idle".into(), &3.into()),
+            "{counts}"
+        );
+
+        let stream = json_lines(&output(
+            &store,
+            AdminCommand::Stream {
+                stream_id: "book-2".into(),
+                json: true,
+            },
+        ));
+        assert_eq!(stream.len(), 1);
+        assert_eq!(stream[0]["stream_id"], "book-2");
+        assert_eq!(stream[0]["stream_version"], 1);
+        assert_eq!(stream[0]["event_type"], "Shelved");
+        assert_eq!(
+            stream[0]["payload"]["shelf"], "sf",
+            "payload is JSON, not text"
+        );
+
+        let tail = json_lines(&output(
+            &store,
+            AdminCommand::Tail {
+                count: 2,
+                follow: false,
+                json: true,
+            },
+        ));
+        let positions: Vec<i64> = tail
+            .iter()
+            .map(|e| e["global_position"].as_i64().unwrap())
+            .collect();
+        assert_eq!(positions, [2, 3], "{tail:?}");
+        assert_eq!(tail[1]["payload"]["book_id"], 3);
+    }
+}
+
+/// Commands other than `migrate` refuse an unmigrated database, say what is
+/// missing, and change nothing; `migrate` then makes them work.
+#[test]
+fn admin_commands_on_an_unmigrated_database_say_to_migrate() {
+    for db in TestDatabase::all() {
+        let store = EventStore::open(db.url()).unwrap();
+        let commands = [
+            AdminCommand::Status { json: false },
+            AdminCommand::Tail {
+                count: 5,
+                follow: false,
+                json: false,
+            },
+            AdminCommand::Stream {
+                stream_id: "book-1".into(),
+                json: true,
+            },
+            AdminCommand::Rebuild {
+                name: "shelves".into(),
+                batch_size: 10,
+            },
+        ];
+        for cmd in commands.clone() {
+            let mut out = Vec::new();
+            let err = run(&store, cmd.clone(), &mut out).unwrap_err();
+            assert!(matches!(err, Error::NotMigrated { .. }), "{cmd:?}: {err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("no migration has run") && text.contains("admin migrate"),
+                "{text}"
+            );
+            assert!(out.is_empty());
+        }
+        let err = store.check_migrated().unwrap_err();
+        match db.backend() {
+            es_diesel::Backend::Sqlite => assert!(err.to_string().contains(db.url()), "{err}"),
+            es_diesel::Backend::Postgres => assert!(
+                err.to_string().starts_with("the PostgreSQL database `"),
+                "{err}"
+            ),
+        }
+        // Still nothing created.
+        assert!(store.check_migrated().is_err());
+
+        assert!(output(&store, AdminCommand::Migrate).contains("migrations applied"));
+        store.check_migrated().unwrap();
+        for cmd in commands {
+            let mut out = Vec::new();
+            run(&store, cmd.clone(), &mut out).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        }
+    }
+}
+
+/// A database migrated by older code (a migration not applied, a read
+/// model missing or of another shape, an event view missing) is not
+/// migrated either, and the error lists each.
+#[test]
+fn check_migrated_lists_each_missing_piece() {
+    use diesel::connection::SimpleConnection;
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store.check_migrated().unwrap();
+        let mut conn = store.connection().unwrap();
+        conn.batch_execute(
+            "DELETE FROM es_schema_migrations WHERE version = 3;
+             DELETE FROM es_read_models WHERE name = 'shelves';
+             UPDATE es_read_models SET fingerprint = 'old' WHERE name = 'shelf_counts';
+             DROP VIEW shelved_with_view;",
+        )
+        .unwrap();
+        drop(conn);
+        let err = store.check_migrated().unwrap_err().to_string();
+        for piece in [
+            "store migration 3 (aggregate snapshots)",
+            "read model `shelves`",
+            "read model `shelf_counts` in its current shape",
+            "event view `shelved_with_view`",
+        ] {
+            assert!(err.contains(piece), "{piece}: {err}");
+        }
+        assert!(!err.contains("store migration 2"), "{err}");
+    }
+}
+
+/// Registered for its typed view only.
+#[allow(dead_code)]
+#[derive(Event, Serialize, Deserialize, Debug, Clone)]
+struct ShelvedWithView {
+    book_id: i64,
+}
+
+#[test]
+fn a_missing_sqlite_file_is_an_error_naming_it_unless_creating_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such.db");
+    let url = path.to_str().unwrap();
+    let no_create = StoreOptions {
+        create_if_missing: false,
+        ..StoreOptions::default()
+    };
+    let err = EventStore::open_with(url, no_create.clone()).unwrap_err();
+    assert!(matches!(err, Error::DatabaseNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains(url), "{err}");
+    assert!(!path.exists(), "nothing created");
+    let err = EventStore::open_with(&format!("sqlite://{url}"), no_create.clone()).unwrap_err();
+    assert!(err.to_string().contains(url), "{err}");
+
+    // A file in a missing folder cannot be created: the error names it.
+    let nested = dir.path().join("nowhere/x.db");
+    let err = EventStore::open(nested.to_str().unwrap()).unwrap_err();
+    assert!(err.to_string().contains(nested.to_str().unwrap()), "{err}");
+
+    let store = EventStore::open(url).unwrap();
+    store.migrate().unwrap();
+    drop(store);
+    let store = EventStore::open_with(url, no_create).unwrap();
+    store.check_migrated().unwrap();
+    // In-memory databases have no file to miss.
+    EventStore::open_with(
+        ":memory:",
+        StoreOptions {
+            create_if_missing: false,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn connection_errors_name_the_host() {
+    let err = EventStore::open("postgres://nobody:secret@127.0.0.1:1/nothing").unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("`nothing` at 127.0.0.1:1") && !text.contains("secret"),
+        "{text}"
+    );
 }

@@ -842,7 +842,7 @@ fn a_rebuild_before_migrate_is_refused() {
             .execute(&mut *store.connection().unwrap())
             .unwrap();
         match store.rebuild("tally") {
-            Err(Error::NotMigrated { read_model }) => assert_eq!(read_model, "tally"),
+            Err(Error::ReadModelNotMigrated { read_model }) => assert_eq!(read_model, "tally"),
             other => panic!("{}: expected NotMigrated, got {other:?}", db.backend()),
         }
         store.migrate().unwrap();

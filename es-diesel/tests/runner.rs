@@ -764,7 +764,12 @@ fn a_dead_runner_shows_as_stale_until_another_takes_over() {
         assert_eq!(s.holder.as_deref(), Some("first"));
         assert!(s.lease_expires.unwrap() <= chrono::Utc::now() + chrono::Duration::seconds(5));
         let mut out = Vec::new();
-        es_diesel::cli::run(&store, es_diesel::cli::AdminCommand::Status, &mut out).unwrap();
+        es_diesel::cli::run(
+            &store,
+            es_diesel::cli::AdminCommand::Status { json: false },
+            &mut out,
+        )
+        .unwrap();
         let out = String::from_utf8(out).unwrap();
         assert!(
             out.lines().any(|l| l.starts_with("dead")

@@ -10,15 +10,40 @@ use clap::{Parser, Subcommand};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use domain::*;
+use es_diesel::cli::AdminCommand;
 use es_diesel::runner::RunnerOptions;
-use es_diesel::{EventStore, ExecuteError, ExecuteOptions, ImportOptions, ImportRow, Metadata};
+use es_diesel::serde_json::json;
+use es_diesel::{
+    EventStore, ExecuteError, ExecuteOptions, ImportOptions, ImportRow, Metadata, StoreOptions,
+};
 use read_models::*;
+use std::io::Write;
+use std::process::ExitCode;
 use std::time::Duration;
 
-type AppResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+/// Refused by the library's rules, or asked about a book it does not have.
+const EXIT_REFUSED: u8 = 1;
+/// The store or the database failed. (2 is clap's, for usage errors.)
+const EXIT_ERROR: u8 = 3;
+
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  done (also when the output is closed early, as by `| head`)
+  1  refused by the library's rules, or the book is not in the catalogue;
+     the reason is on stderr and nothing was written
+  2  usage error: an unknown command, a missing or malformed argument
+  3  the store failed: cannot connect, a SQLite file that does not exist,
+     a database that is not migrated (run `admin migrate`), an SQL error
+
+Every command but `demo` and `admin migrate` expects a migrated database and
+never changes its schema.";
 
 #[derive(Parser)]
-#[command(about = "The library app: register, borrow and return books; log in, list and view them")]
+#[command(
+    version,
+    about = "The library app: register, borrow and return books; log in, list and view them",
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     /// SQLite file, :memory:, or postgres://user@host/db
     #[arg(
@@ -34,31 +59,88 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Import the old CRUD table, register, borrow, return, show the pages (the default).
+    /// Create and migrate the database if needed, import the old CRUD table,
+    /// register, borrow, return, show the pages (the default).
     Demo,
     /// Add a book to the catalogue.
     RegisterBook {
+        /// The book's number.
         book_id: i64,
+        /// Its title.
         title: String,
+        /// Its author.
         author: String,
     },
     /// Give a reader a library card.
-    RegisterUser { user_id: i64, name: String },
+    RegisterUser {
+        /// The reader's number.
+        user_id: i64,
+        /// The reader's name.
+        name: String,
+    },
     /// Log a reader in.
-    Login { user_id: i64 },
+    Login {
+        /// The reader's number.
+        user_id: i64,
+    },
     /// Lend a book to a reader.
-    Borrow { book_id: i64, user_id: i64 },
+    Borrow {
+        /// The book's number.
+        book_id: i64,
+        /// The reader's number.
+        user_id: i64,
+    },
     /// Take a book back.
-    Return { book_id: i64, user_id: i64 },
-    /// The catalogue.
-    List,
-    /// One book: its row in the catalogue and its history.
-    View { book_id: i64 },
+    Return {
+        /// The book's number.
+        book_id: i64,
+        /// The reader who has it.
+        user_id: i64,
+    },
+    /// The catalogue and the readers.
+    List {
+        /// One JSON object: {"books": [...], "readers": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One book: its row in the catalogue, its loans and its stream.
+    View {
+        /// The book's number.
+        book_id: i64,
+        /// One JSON object: {"book": {...}, "loans": [...], "stream": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bring the old CRUD application's `legacy_books` table over as events.
     ImportLegacy,
-    /// Store administration: migrate, status, rebuild, tail, stream, work.
+    /// Store administration: migrate, status, projectors, rebuild, tail, stream, work.
     #[command(subcommand)]
-    Admin(es_diesel::cli::AdminCommand),
+    Admin(AdminCommand),
+}
+
+/// Why a command did not do what it was asked.
+enum Failure {
+    /// The library's rules said no; nothing was written.
+    Refused(LibraryError),
+    /// What was asked about does not exist.
+    NotFound(String),
+    /// The store, the database or the output failed.
+    Error(Box<dyn std::error::Error>),
+}
+
+impl<E: std::error::Error + 'static> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Error(Box::new(e))
+    }
+}
+
+type AppResult<T = ()> = Result<T, Failure>;
+
+/// `println!` that ends the process quietly when stdout is a closed pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(es_diesel::cli::stdout(), $($arg)*)?
+    };
 }
 
 fn actor(user_id: i64) -> ExecuteOptions {
@@ -68,20 +150,23 @@ fn actor(user_id: i64) -> ExecuteOptions {
     }
 }
 
-/// Runs a command and reports the library's refusal as a message, not a failure.
+/// Reports an executed command; a refusal is a [`Failure::Refused`].
 fn report<A: es_diesel::Aggregate>(
     done: &str,
     result: Result<es_diesel::Executed<A>, ExecuteError<LibraryError>>,
 ) -> AppResult {
     match result {
-        Ok(executed) => println!(
-            "{done} (stream {} now at version {})",
-            executed.stream_id, executed.version
-        ),
-        Err(ExecuteError::Domain(refusal)) => println!("refused: {refusal}"),
-        Err(ExecuteError::Store(e)) => return Err(e.into()),
+        Ok(executed) => {
+            say!(
+                "{done} (stream {} now at version {})",
+                executed.stream_id,
+                executed.version
+            );
+            Ok(())
+        }
+        Err(ExecuteError::Domain(refusal)) => Err(Failure::Refused(refusal)),
+        Err(ExecuteError::Store(e)) => Err(e.into()),
     }
-    Ok(())
 }
 
 fn borrow(store: &EventStore, book_id: i64, user_id: i64) -> AppResult {
@@ -145,68 +230,126 @@ fn login(store: &EventStore, user_id: i64) -> AppResult {
     report(&format!("user {user_id} logged in"), result)
 }
 
-fn list(store: &EventStore) -> AppResult {
+fn list(store: &EventStore, as_json: bool) -> AppResult {
     let mut conn = store.connection()?;
     let books: Vec<BookList> = book_list::table
         .order(book_list::book_id)
         .load(&mut *conn)?;
-    println!(
+    let readers: Vec<Reader> = readers::table.order(readers::user_id).load(&mut *conn)?;
+    if as_json {
+        say!("{}", json!({ "books": books, "readers": readers }));
+        return Ok(());
+    }
+    say!(
         "\n{:>4}  {:<28} {:<22} {:<12} loans",
-        "id", "title", "author", "status"
+        "id",
+        "title",
+        "author",
+        "status"
     );
     for b in books {
         let status = match b.borrowed_by {
             Some(user) => format!("with user {user}"),
             None => "on the shelf".into(),
         };
-        println!(
+        say!(
             "{:>4}  {:<28} {:<22} {:<12} {}",
-            b.book_id, b.title, b.author, status, b.times_borrowed
+            b.book_id,
+            b.title,
+            b.author,
+            status,
+            b.times_borrowed
         );
     }
-    let readers: Vec<Reader> = readers::table.order(readers::user_id).load(&mut *conn)?;
     for r in readers {
         let seen = r
             .last_login
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "never".into());
-        println!(
-            "reader {} {}: {} book(s) out, last login {seen}",
-            r.user_id, r.name, r.books_out
+        let name = r.name.as_deref().unwrap_or("(no library card yet)");
+        say!(
+            "reader {} {name}: {} book(s) out, last login {seen}",
+            r.user_id,
+            r.books_out
         );
     }
     Ok(())
 }
 
-fn view(store: &EventStore, book_id: i64) -> AppResult {
+fn view(store: &EventStore, book_id: i64, as_json: bool) -> AppResult {
     let mut conn = store.connection()?;
-    match book_list::table
+    let Some(b) = book_list::table
         .find(book_id)
         .first::<BookList>(&mut *conn)
         .optional()?
-    {
-        None => println!("book {book_id} is not in the catalogue"),
-        Some(b) => {
-            println!("\n{} by {} (book {})", b.title, b.author, b.book_id);
-            // Events are queried like models, through their typed views.
-            let loans: Vec<(i64, chrono::NaiveDateTime)> = book_borrowed::table
-                .filter(book_borrowed::book_id.eq(book_id))
-                .order(book_borrowed::global_position)
-                .select((book_borrowed::user_id, book_borrowed::created_at))
-                .load(&mut *conn)?;
-            println!("borrowed {} time(s):", loans.len());
-            for (user, at) in loans {
-                println!("  by user {user} at {}", at.format("%Y-%m-%d %H:%M:%S"));
-            }
-            println!("its stream:");
-            for e in store.load_stream::<BookEvent>(&format!("book-{book_id}"))? {
-                let by = e.metadata.actor.as_deref().unwrap_or("-");
-                println!(
-                    "  v{} #{} {:<15} by {by}",
-                    e.stream_version, e.global_position, e.event_type
-                );
-            }
+    else {
+        return Err(Failure::NotFound(format!(
+            "book {book_id} is not in the catalogue"
+        )));
+    };
+    // Events are queried like models, through their typed views. A book the
+    // old application had lent out came over with its reader: that loan
+    // counts too, as it does in the catalogue.
+    let mut loans: Vec<(i64, chrono::NaiveDateTime, bool)> = book_imported::table
+        .filter(book_imported::book_id.eq(book_id))
+        .filter(book_imported::borrowed_by.is_not_null())
+        .select((book_imported::borrowed_by, book_imported::created_at))
+        .load::<(Option<i64>, chrono::NaiveDateTime)>(&mut *conn)?
+        .into_iter()
+        .filter_map(|(user, at)| Some((user?, at, true)))
+        .collect();
+    loans.extend(
+        book_borrowed::table
+            .filter(book_borrowed::book_id.eq(book_id))
+            .order(book_borrowed::global_position)
+            .select((book_borrowed::user_id, book_borrowed::created_at))
+            .load::<(i64, chrono::NaiveDateTime)>(&mut *conn)?
+            .into_iter()
+            .map(|(user, at)| (user, at, false)),
+    );
+    drop(conn);
+    let stream = store.load_stream::<BookEvent>(&format!("book-{book_id}"))?;
+    if as_json {
+        let loans: Vec<_> = loans
+            .iter()
+            .map(|(user, at, imported)| {
+                json!({ "user_id": user, "at": at.and_utc(), "imported": imported })
+            })
+            .collect();
+        let stream: Vec<_> = stream
+            .iter()
+            .map(|e| {
+                json!({
+                    "stream_version": e.stream_version,
+                    "global_position": e.global_position,
+                    "event_type": e.event_type,
+                    "actor": e.metadata.actor,
+                    "created_at": e.created_at,
+                })
+            })
+            .collect();
+        say!("{}", json!({ "book": b, "loans": loans, "stream": stream }));
+        return Ok(());
+    }
+    say!("\n{} by {} (book {})", b.title, b.author, b.book_id);
+    say!("borrowed {} time(s):", b.times_borrowed);
+    for (user, at, imported) in loans {
+        let at = at.format("%Y-%m-%d %H:%M:%S");
+        if imported {
+            say!("  by user {user}, already out when imported at {at}");
+        } else {
+            say!("  by user {user} at {at}");
         }
+    }
+    say!("its stream:");
+    for e in stream {
+        let by = e.metadata.actor.as_deref().unwrap_or("-");
+        say!(
+            "  v{} #{} {:<15} by {by}",
+            e.stream_version,
+            e.global_position,
+            e.event_type
+        );
     }
     Ok(())
 }
@@ -262,14 +405,27 @@ fn import_legacy(store: &EventStore) -> AppResult {
             },
         });
     let report = store.import(rows, &ImportOptions::new("legacy_books"), |_| {})?;
-    println!(
+    say!(
         "imported legacy_books: {} new event(s), {} already there",
-        report.imported, report.skipped
+        report.imported,
+        report.skipped
     );
     Ok(())
 }
 
-fn demo(store: &EventStore) -> AppResult {
+/// In the demo a refusal is part of the show: printed, not fatal.
+fn shown(result: AppResult) -> AppResult {
+    match result {
+        Err(Failure::Refused(refusal)) => {
+            say!("refused: {refusal}");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn demo(store: &EventStore, database_url: &str) -> AppResult {
+    say!("demo on {}", store.location());
     import_legacy(store)?;
     for (id, title, author) in [
         (1, "The Left Hand of Darkness", "Ursula K. Le Guin"),
@@ -295,10 +451,14 @@ fn demo(store: &EventStore) -> AppResult {
             Some(holder) => give_back(store, book_id, holder)?,
         }
     }
-    // Commands are validated before anything is written:
-    borrow(store, 3, 99)?;
-    give_back(store, 3, 7)?;
-    borrow(store, 102, 7)?;
+    say!(
+        "\nThe rules are checked before anything is written. These three commands \
+         break them,\nso they are refused and leave no event (run alone, they \
+         exit with status 1):"
+    );
+    shown(borrow(store, 3, 99))?;
+    shown(give_back(store, 3, 7))?;
+    shown(borrow(store, 102, 7))?;
 
     // The async read model catches up in the background.
     let runners = store.start_async_read_models(RunnerOptions {
@@ -315,39 +475,81 @@ fn demo(store: &EventStore) -> AppResult {
         r.stop();
     }
 
-    list(store)?;
+    list(store, false)?;
     let mut conn = store.connection()?;
     let stats: Vec<AuthorStats> = author_stats::table
         .order(author_stats::author)
         .load(&mut *conn)?;
-    println!("\nauthor_stats (kept asynchronously):");
+    say!("\nauthor_stats (kept asynchronously):");
     for s in stats {
-        println!(
+        say!(
             "  {:<22} {} book(s), {} loan(s)",
-            s.author, s.books, s.loans
+            s.author,
+            s.books,
+            s.loans
         );
     }
     drop(conn);
-    view(store, 1)?;
-    println!("\nthe last events of the log:");
+    view(store, 1, false)?;
+    say!("\nthe last events of the log:");
     es_diesel::cli::run(
         store,
-        es_diesel::cli::AdminCommand::Tail {
+        AdminCommand::Tail {
             count: 8,
             follow: false,
+            json: false,
         },
-        &mut std::io::stdout(),
+        &mut es_diesel::cli::stdout(),
     )?;
+    let run = if database_url == "library.db" {
+        "cargo run -p library --".to_owned()
+    } else {
+        "cargo run -p library -- --database-url <the same URL>".to_owned()
+    };
+    say!(
+        "\nTry next:\n  \
+         {run} register-user 8 Grace      a second reader\n  \
+         {run} borrow 3 8                 then `return 3 8`; `borrow 1 8` is refused\n  \
+         {run} view 102 --json            a book, its loans and its stream as JSON\n  \
+         {run} admin status               the read models, their state and lag\n  \
+         {run} admin tail -f              new events as they come (Ctrl-C to stop)\n  \
+         {run} --help                     every command, and the exit statuses"
+    );
     Ok(())
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Demo);
+    // Only these may create the database; every other command needs one
+    // that exists and is migrated, and says so otherwise.
+    let creates = matches!(
+        command,
+        Command::Demo | Command::Admin(AdminCommand::Migrate)
+    );
     let result = (|| -> AppResult {
-        let store = EventStore::open(&cli.database_url)?;
-        store.migrate()?;
-        match cli.command.unwrap_or(Command::Demo) {
-            Command::Demo => demo(&store),
+        let options = StoreOptions {
+            create_if_missing: creates,
+            ..StoreOptions::default()
+        };
+        let store = EventStore::open_with(&cli.database_url, options)?;
+        match command {
+            Command::Demo => {
+                store.migrate()?;
+                return demo(&store, &cli.database_url);
+            }
+            // Checks the schema itself (all but `migrate` and `projectors`).
+            Command::Admin(cmd) => {
+                return Ok(es_diesel::cli::run(
+                    &store,
+                    cmd,
+                    &mut es_diesel::cli::stdout(),
+                )?)
+            }
+            _ => store.check_migrated()?,
+        }
+        match command {
+            Command::Demo | Command::Admin(_) => unreachable!("handled above"),
             Command::RegisterBook {
                 book_id,
                 title,
@@ -357,14 +559,47 @@ fn main() {
             Command::Login { user_id } => login(&store, user_id),
             Command::Borrow { book_id, user_id } => borrow(&store, book_id, user_id),
             Command::Return { book_id, user_id } => give_back(&store, book_id, user_id),
-            Command::List => list(&store),
-            Command::View { book_id } => view(&store, book_id),
+            Command::List { json } => list(&store, json),
+            Command::View { book_id, json } => view(&store, book_id, json),
             Command::ImportLegacy => import_legacy(&store),
-            Command::Admin(cmd) => Ok(es_diesel::cli::run(&store, cmd, &mut std::io::stdout())?),
         }
     })();
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    let (code, message) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Refused(refusal)) => (EXIT_REFUSED, format!("refused: {refusal}")),
+        Err(Failure::NotFound(what)) => (EXIT_REFUSED, what),
+        Err(Failure::Error(e)) => (EXIT_ERROR, format!("error: {e}")),
+    };
+    let _ = writeln!(std::io::stderr(), "{message}");
+    ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command, argument and option says what it is in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "library", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

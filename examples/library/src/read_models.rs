@@ -4,9 +4,10 @@
 use crate::domain::*;
 use chrono::{DateTime, Utc};
 use es_diesel::{projector, ReadModel, Recorded};
+use serde::Serialize;
 
 /// The catalogue page: one row per book.
-#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[derive(ReadModel, Serialize, Debug, Clone, PartialEq)]
 #[read_model(table = "book_list", primary_key = book_id, index(author))]
 pub struct BookList {
     pub book_id: i64,
@@ -17,11 +18,13 @@ pub struct BookList {
 }
 
 /// The readers: who they are, when they last came, how many books they hold.
-#[derive(ReadModel, Debug, Clone, PartialEq)]
+/// A reader the old application lent a book to is here from the import on,
+/// with no name until they register.
+#[derive(ReadModel, Serialize, Debug, Clone, PartialEq)]
 #[read_model(table = "readers", primary_key = user_id)]
 pub struct Reader {
     pub user_id: i64,
-    pub name: String,
+    pub name: Option<String>,
     pub last_login: Option<DateTime<Utc>>,
     pub books_out: i32,
 }
@@ -78,11 +81,13 @@ fn book_list(e: &Recorded<BookEvent>, row: &mut Option<BookList>) -> Result<(), 
 fn readers(e: &Recorded<UserEvent>, row: &mut Option<Reader>) {
     match &e.event {
         UserEvent::UserRegistered(u) => {
+            // Books the old application lent them are already counted.
+            let books_out = row.as_ref().map_or(0, |r| r.books_out);
             *row = Some(Reader {
                 user_id: u.user_id,
-                name: u.name.clone(),
+                name: Some(u.name.clone()),
                 last_login: None,
-                books_out: 0,
+                books_out,
             })
         }
         UserEvent::UserLoggedIn(_) => {
@@ -105,6 +110,30 @@ fn reader_returned(_e: &Recorded<BookReturned>, row: &mut Option<Reader>) {
     if let Some(reader) = row {
         reader.books_out -= 1;
     }
+}
+
+/// A book imported as lent out counts for its reader like a loan. SQL-level,
+/// because the key (`borrowed_by`) is optional: no row when nobody has it.
+#[projector(on = BookImported, read_model = Reader)]
+fn reader_imported(
+    e: &Recorded<BookImported>,
+    conn: &mut es_diesel::DbConnection,
+) -> diesel::QueryResult<()> {
+    use diesel::prelude::*;
+    let Some(user_id) = e.borrowed_by else {
+        return Ok(());
+    };
+    let param = match conn.backend() {
+        es_diesel::Backend::Sqlite => "?",
+        es_diesel::Backend::Postgres => "$1",
+    };
+    diesel::sql_query(format!(
+        "INSERT INTO readers (user_id, name, last_login, books_out) VALUES ({param}, NULL, NULL, 1) \
+         ON CONFLICT (user_id) DO UPDATE SET books_out = readers.books_out + 1"
+    ))
+    .bind::<diesel::sql_types::BigInt, _>(user_id)
+    .execute(conn)?;
+    Ok(())
 }
 
 /// SQL-level: the author is not in the loan events (they carry the book id
