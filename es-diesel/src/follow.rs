@@ -34,9 +34,10 @@
 //! committed before it.
 
 use crate::connection::DbConnection;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::read::{recorded, EventSql, EventTuple, PG_COLUMNS, SQLITE_COLUMNS};
 use crate::stmt::{Bind, Stmt};
+use diesel::connection::TransactionManager;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
@@ -218,15 +219,37 @@ pub(crate) fn horizon(conn: &mut diesel::PgConnection) -> Result<Option<i64>> {
     struct Horizon {
         #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
         h: Option<i64>,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        isolation: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        later_statement: bool,
     }
+    type Tm = <diesel::PgConnection as Connection>::TransactionManager;
+    let in_transaction = Tm::transaction_manager_status_mut(conn)
+        .transaction_depth()?
+        .is_some();
     // An append is between its announcement and its published key for
     // microseconds; a few short looks almost always find it done.
     for attempt in 0..50u32 {
-        let h = Stmt::<Pg>::new("SELECT es_follow_horizon() AS h")
-            .get_result::<Horizon>(conn)?
-            .h;
-        if h.is_some() {
-            return Ok(h);
+        let row = Stmt::<Pg>::new(
+            "SELECT es_follow_horizon() AS h, current_setting('transaction_isolation') AS isolation, \
+             now() <> statement_timestamp() AS later_statement",
+        )
+        .get_result::<Horizon>(conn)?;
+        // Under REPEATABLE READ or SERIALIZABLE the read that follows would
+        // see the snapshot of the transaction's first statement, older than
+        // this look at the appends in flight.
+        if (in_transaction || row.later_statement) && row.isolation != "read committed" {
+            return Err(Error::Follow {
+                reason: format!(
+                    "the log is followed inside a {} transaction; followers must read in READ COMMITTED \
+                     (open the transaction with `write_transaction`, or outside any transaction)",
+                    row.isolation.to_uppercase()
+                ),
+            });
+        }
+        if row.h.is_some() {
+            return Ok(row.h);
         }
         std::thread::sleep(std::time::Duration::from_micros(
             200 * u64::from(attempt.min(10) + 1),
