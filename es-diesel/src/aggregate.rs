@@ -2,7 +2,7 @@
 //! is one), decide, append with the expected version, retry on conflict.
 
 use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
-use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
 use crate::store::EventStore;
 use crate::{read, snapshot};

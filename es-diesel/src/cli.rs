@@ -22,12 +22,11 @@
 //! # Ok(()) }
 //! ```
 
-use crate::connection::DbConnection;
+use crate::backend::rows::Number;
+use crate::backend::{read_only_snapshot, Bind, DbConnection, Stmt};
 use crate::follow::{read_after, Checkpoint};
 use crate::runner::{ProjectionMode, RunnerOptions};
 use crate::{projection, read, EventStore, Result};
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
-use diesel::prelude::*;
 use es_core::RecordedEvent;
 use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use std::collections::HashSet;
@@ -477,58 +476,36 @@ struct TailStart {
     shown: HashSet<i64>,
 }
 
-#[derive(QueryableByName)]
-struct Position {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    p: i64,
-}
-
 /// The last `count` events, and where a follower must start so that it
 /// returns every event committed later, whatever its position.
 ///
-/// On PostgreSQL: first the follow horizon `h`; every event that is not
-/// visible to a later snapshot has an order key of at least `h`. Then, in
-/// one such snapshot, the last events and the events with a key of at least
-/// `h` that are visible already. The follower starts just below `h` and
-/// skips those.
+/// With a follow horizon `h` (PostgreSQL): every event that is not visible
+/// to a later snapshot has an order key of at least `h`. Then, in one such
+/// snapshot, the last events and the events with a key of at least `h` that
+/// are visible already. The follower starts just below `h` and skips those.
 fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
-    type Tm = <DbConnection as Connection>::TransactionManager;
-    let horizon = match conn {
-        DbConnection::Sqlite(_) => {
-            let events = last_events(conn, count)?;
-            let position = events
-                .last()
-                .map_or(read::head(conn)?, |e| e.global_position);
-            return Ok(TailStart {
-                events,
-                checkpoint: Checkpoint {
-                    transaction: 0,
-                    position,
-                },
-                shown: HashSet::new(),
-            });
-        }
-        DbConnection::Postgres(c) => loop {
-            if let Some(h) = crate::follow::horizon(c)? {
-                break h;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        },
+    let Some(horizon) = conn.dialect().settled_horizon(conn)? else {
+        // Positions become visible in order.
+        let events = last_events(conn, count)?;
+        let position = events
+            .last()
+            .map_or(read::head(conn)?, |e| e.global_position);
+        return Ok(TailStart {
+            events,
+            checkpoint: Checkpoint {
+                transaction: 0,
+                position,
+            },
+            shown: HashSet::new(),
+        });
     };
-    if let DbConnection::Postgres(c) = conn {
-        AnsiTransactionManager::begin_transaction_sql(
-            c,
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        )?;
-    }
-    let result = (|| {
-        let shown =
-            diesel::sql_query("SELECT global_position AS p FROM es_events WHERE order_key >= $1")
-                .bind::<diesel::sql_types::BigInt, _>(horizon)
-                .load::<Position>(conn)?
-                .into_iter()
-                .map(|r| r.p)
-                .collect();
+    read_only_snapshot(conn, |conn| {
+        let shown = Stmt::new("SELECT global_position AS n FROM es_events WHERE order_key >= ?")
+            .bind(Bind::BigInt(horizon))
+            .load::<Number>(conn)?
+            .into_iter()
+            .map(|r| r.n)
+            .collect();
         Ok(TailStart {
             events: last_events(conn, count)?,
             checkpoint: Checkpoint {
@@ -537,14 +514,7 @@ fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
             },
             shown,
         })
-    })();
-    match &result {
-        Ok(_) => Tm::commit_transaction(conn)?,
-        Err(_) => {
-            let _ = Tm::rollback_transaction(conn);
-        }
-    }
-    result
+    })
 }
 
 #[cfg(test)]

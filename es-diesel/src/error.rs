@@ -1,5 +1,10 @@
 use es_core::{DecodeError, EncodeError, ExpectedVersion, StreamIdError};
 
+/// The actual version in an [`Error::Conflict`] that a failed statement
+/// raised: it is not known until the failed transaction has been rolled
+/// back; the store fills it in then.
+pub(crate) const ACTUAL_UNKNOWN: i64 = i64::MIN;
+
 /// Everything the store can fail with. Variants carry what you need to act.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -33,14 +33,10 @@
 //! COMMITTED (PostgreSQL's default), so that each statement sees what
 //! committed before it.
 
-use crate::connection::DbConnection;
+use crate::backend::rows::EventTuple;
+use crate::backend::DbConnection;
 use crate::error::Result;
-use crate::read::{recorded, EventSql, EventTuple, PG_COLUMNS, SQLITE_COLUMNS};
-use crate::stmt::{Bind, Stmt};
-use diesel::pg::Pg;
-use diesel::prelude::*;
-use diesel::sql_types::BigInt;
-use diesel::sqlite::Sqlite;
+use crate::read::recorded;
 use es_core::RecordedEvent;
 
 /// How far a follower has read. Totally ordered; compare with `<`.
@@ -78,74 +74,14 @@ pub fn read_after(
     types: Option<&[&str]>,
     limit: usize,
 ) -> Result<Vec<Followed>> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    type Row = (EventTuple, i64);
-    let rows: Vec<Row> = match conn {
-        DbConnection::Postgres(c) => {
-            let Some(horizon) = horizon(c)? else {
-                return Ok(Vec::new());
-            };
-            load_pg(c, after, types, Some(horizon), limit)?
-        }
-        DbConnection::Sqlite(c) => {
-            let filter = match types {
-                Some(types) => format!(
-                    "AND event_type IN ({})",
-                    vec!["?"; types.len().max(1)].join(", ")
-                ),
-                None => String::new(),
-            };
-            let sql = format!(
-                "SELECT {SQLITE_COLUMNS}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
-                 ORDER BY global_position LIMIT ?"
-            );
-            let mut q =
-                Stmt::<Sqlite, (EventSql, BigInt)>::new(&sql).bind(Bind::BigInt(after.position));
-            match types {
-                // `IN ()` is not SQL: an empty list matches nothing.
-                Some([]) => q.push(Bind::Text("")),
-                Some(types) => types.iter().for_each(|t| q.push(Bind::Text(t))),
-                None => {}
-            }
-            q.bind(Bind::BigInt(limit)).load(c)?
-        }
-    };
+    let rows =
+        conn.dialect()
+            .read_after(conn, after.transaction, after.position, types, clamp(limit))?;
     into_followed(rows)
 }
 
-/// PostgreSQL: events after `after` in follow order, below `horizon` if given.
-fn load_pg(
-    c: &mut diesel::PgConnection,
-    after: Checkpoint,
-    types: Option<&[&str]>,
-    horizon: Option<i64>,
-    limit: i64,
-) -> Result<Vec<(EventTuple, i64)>> {
-    let below = if horizon.is_some() {
-        "AND order_key < ?"
-    } else {
-        ""
-    };
-    let filter = if types.is_some() {
-        "AND event_type = ANY(?)"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "SELECT {PG_COLUMNS}, order_key FROM es_events \
-         WHERE (order_key, global_position) > (?, ?) {below} {filter} \
-         ORDER BY order_key, global_position LIMIT ?"
-    );
-    let mut q = Stmt::<Pg, (EventSql, BigInt)>::with_capacity(&sql, 5)
-        .bind(Bind::BigInt(after.transaction))
-        .bind(Bind::BigInt(after.position));
-    if let Some(h) = horizon {
-        q.push(Bind::BigInt(h));
-    }
-    if let Some(types) = types {
-        q.push(Bind::TextArray(types));
-    }
-    Ok(q.bind(Bind::BigInt(limit)).load(c)?)
+fn clamp(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 fn into_followed(rows: Vec<(EventTuple, i64)>) -> Result<Vec<Followed>> {
@@ -167,71 +103,31 @@ fn into_followed(rows: Vec<(EventTuple, i64)>) -> Result<Vec<Followed>> {
 /// visible now, with no regard for the horizon: complete only when every
 /// append that could still sort before them is excluded otherwise (a
 /// rebuild that holds the table such appends' projectors must write to).
-/// On SQLite the same as [`read_after`].
+/// Where positions become visible in order (SQLite), the same as
+/// [`read_after`].
 pub(crate) fn read_visible_after(
     conn: &mut DbConnection,
     after: Checkpoint,
     types: &[&str],
     limit: usize,
 ) -> Result<Vec<Followed>> {
-    match conn {
-        DbConnection::Postgres(c) => {
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            into_followed(load_pg(c, after, Some(types), None, limit)?)
-        }
-        DbConnection::Sqlite(_) => read_after(conn, after, Some(types), limit),
-    }
+    let rows = conn.dialect().read_visible_after(
+        conn,
+        after.transaction,
+        after.position,
+        types,
+        clamp(limit),
+    )?;
+    into_followed(rows)
 }
 
 /// How many events of `types` after `after` are visible now but beyond the
-/// horizon (PostgreSQL; always 0 on SQLite, whose horizon is the head).
+/// horizon (always 0 on SQLite, whose horizon is the head).
 pub(crate) fn count_visible_after(
     conn: &mut DbConnection,
     after: Checkpoint,
     types: &[&str],
 ) -> Result<u64> {
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let DbConnection::Postgres(c) = conn else {
-        return Ok(0);
-    };
-    let n = Stmt::<Pg>::new(
-        "SELECT COUNT(*) AS n FROM es_events \
-         WHERE (order_key, global_position) > (?, ?) AND event_type = ANY(?)",
-    )
-    .bind(Bind::BigInt(after.transaction))
-    .bind(Bind::BigInt(after.position))
-    .bind(Bind::TextArray(types))
-    .get_result::<Count>(c)?
-    .n;
-    Ok(u64::try_from(n).unwrap_or(0))
-}
-
-/// The order key below which no append in flight can still write (see the
-/// module documentation), or `None` when an append kept announcing itself
-/// without a published key for a while (then nothing is safe to read yet).
-pub(crate) fn horizon(conn: &mut diesel::PgConnection) -> Result<Option<i64>> {
-    #[derive(QueryableByName)]
-    struct Horizon {
-        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
-        h: Option<i64>,
-    }
-    // An append is between its announcement and its published key for
-    // microseconds; a few short looks almost always find it done.
-    for attempt in 0..50u32 {
-        let h = Stmt::<Pg>::new("SELECT es_follow_horizon() AS h")
-            .get_result::<Horizon>(conn)?
-            .h;
-        if h.is_some() {
-            return Ok(h);
-        }
-        std::thread::sleep(std::time::Duration::from_micros(
-            200 * u64::from(attempt.min(10) + 1),
-        ));
-    }
-    tracing::debug!("appends in flight have not published their order keys yet");
-    Ok(None)
+    conn.dialect()
+        .count_visible_after(conn, after.transaction, after.position, types)
 }

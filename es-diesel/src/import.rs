@@ -2,7 +2,7 @@
 //! rows of its tables into initial events, in large batches, idempotently.
 
 use crate::append::{append_events, StreamWrite, RACE_RETRIES};
-use crate::connection::{write_transaction, DbConnection};
+use crate::backend::{write_transaction, DbConnection};
 use crate::error::{Error, Result};
 use crate::EventStore;
 use diesel::prelude::*;

@@ -118,8 +118,8 @@ struct ProductionPostgresExamples;
 
 mod aggregate;
 mod append;
+mod backend;
 pub mod cli;
-mod connection;
 mod error;
 pub mod follow;
 mod import;
@@ -131,13 +131,12 @@ mod rebuild;
 pub mod runner;
 mod shadow;
 mod snapshot;
-mod stmt;
 mod store;
 pub mod testing;
 
 pub use aggregate::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use append::{append_in, StreamWrite};
-pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
+pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use error::{Error, Result};
 pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
 pub use projection::{

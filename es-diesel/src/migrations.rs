@@ -1,7 +1,7 @@
 //! The store's own schema, as numbered migrations per backend, plus the
 //! typed event views registered by `#[derive(Event)]`.
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;

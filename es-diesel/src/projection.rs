@@ -3,7 +3,7 @@
 //! module builds the registry once (sorted, duplicates reported) and applies
 //! the projectors to appended events inside the append transaction.
 
-use crate::connection::DbConnection;
+use crate::backend::DbConnection;
 use crate::error::{Error, Result};
 use crate::read_model::{ReadModel, ReadModelEntry, ReadModelSchema};
 use diesel::Connection;

@@ -1,43 +1,10 @@
 //! Reading the log: one stream, the whole log in global order, by event type.
 //! Every read is a bounded page.
 
-use crate::append::Version;
-use crate::connection::DbConnection;
+use crate::backend::rows::{EventSql, EventTuple, Number};
+use crate::backend::{per_backend, Bind, DbConnection, ListOf, Stmt};
 use crate::error::{Error, Result};
-use crate::stmt::{Bind, Stmt};
-use chrono::NaiveDateTime;
-use diesel::pg::Pg;
-use diesel::prelude::*;
-use diesel::sql_types::{BigInt, SmallInt, Text, Timestamp};
-use diesel::sqlite::Sqlite;
 use es_core::{Metadata, Payload, RecordedEvent};
-use std::sync::LazyLock;
-
-/// The SQL types of the event columns, in `PG_COLUMNS`/`SQLITE_COLUMNS` order.
-pub(crate) type EventSql = (
-    BigInt,
-    Text,
-    Text,
-    BigInt,
-    Text,
-    SmallInt,
-    Text,
-    Text,
-    Timestamp,
-);
-
-/// An event row, loaded by position.
-pub(crate) type EventTuple = (
-    i64,
-    String,
-    String,
-    i64,
-    String,
-    i16,
-    String,
-    String,
-    NaiveDateTime,
-);
 
 /// Checks a stored row and turns it into a recorded event.
 pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
@@ -82,14 +49,6 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
     })
 }
 
-pub(crate) const PG_COLUMNS: &str =
-    "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
-     event_version, payload::text AS payload, metadata::text AS metadata, \
-     (created_at AT TIME ZONE 'UTC') AS created_at";
-pub(crate) const SQLITE_COLUMNS: &str =
-    "global_position, event_id, stream_id, stream_version, event_type, \
-     event_version, payload, metadata, created_at";
-
 fn rows_into_events(rows: Vec<EventTuple>) -> Result<Vec<RecordedEvent>> {
     rows.into_iter().map(recorded).collect()
 }
@@ -105,31 +64,20 @@ pub(crate) fn read_stream(
     from_version: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
-    static PG: LazyLock<String> = LazyLock::new(|| {
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
         format!(
-            "SELECT {PG_COLUMNS} FROM es_events WHERE md5(stream_id) = md5(?) AND stream_id = ? \
-             AND stream_version >= ? ORDER BY stream_version LIMIT ?"
+            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version LIMIT ?",
+            d.event_columns(),
+            d.stream_is()
         )
     });
-    static SQLITE: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT {SQLITE_COLUMNS} FROM es_events WHERE stream_id = ? AND stream_version >= ? \
-             ORDER BY stream_version LIMIT ?"
-        )
-    });
-    let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
-            .bind(Bind::Text(stream))
-            .bind(Bind::Text(stream))
-            .bind(Bind::BigInt(from_version))
-            .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventTuple>(c)?,
-        DbConnection::Sqlite(c) => Stmt::<Sqlite, EventSql>::new(&SQLITE)
-            .bind(Bind::Text(stream))
-            .bind(Bind::BigInt(from_version))
-            .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventTuple>(c)?,
-    };
+    let mut q = Stmt::with_capacity(sql, 4).rows::<EventSql>();
+    d.push_stream(&mut q, stream);
+    let rows = q
+        .bind(Bind::BigInt(from_version))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
     rows_into_events(rows)
 }
 
@@ -139,22 +87,18 @@ pub(crate) fn read_all(
     after: i64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
-    static PG: LazyLock<String> = LazyLock::new(|| {
-        format!("SELECT {PG_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?")
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT {} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?",
+            d.event_columns()
+        )
     });
-    static SQLITE: LazyLock<String> = LazyLock::new(|| {
-        format!("SELECT {SQLITE_COLUMNS} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?")
-    });
-    let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
-            .bind(Bind::BigInt(after))
-            .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventTuple>(c)?,
-        DbConnection::Sqlite(c) => Stmt::<Sqlite, EventSql>::new(&SQLITE)
-            .bind(Bind::BigInt(after))
-            .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventTuple>(c)?,
-    };
+    let rows = Stmt::new(sql)
+        .rows::<EventSql>()
+        .bind(Bind::BigInt(after))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
     rows_into_events(rows)
 }
 
@@ -168,65 +112,41 @@ pub(crate) fn read_types(
     if types.is_empty() {
         return Ok(Vec::new());
     }
-    static PG: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT {PG_COLUMNS} FROM es_events WHERE event_type = ANY(?) AND global_position > ? \
-             ORDER BY global_position LIMIT ?"
-        )
-    });
-    let rows = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg, EventSql>::new(&PG)
-            .bind(Bind::TextArray(types))
-            .bind(Bind::BigInt(after))
-            .bind(Bind::BigInt(clamp(limit)))
-            .load::<EventTuple>(c)?,
-        DbConnection::Sqlite(c) => {
-            let sql = format!(
-                "SELECT {SQLITE_COLUMNS} FROM es_events WHERE event_type IN ({}) AND global_position > ? \
-                 ORDER BY global_position LIMIT ?",
-                vec!["?"; types.len()].join(", ")
-            );
-            let mut q = Stmt::<Sqlite, EventSql>::with_capacity(&sql, types.len() + 2);
-            for t in types {
-                q.push(Bind::Text(t));
-            }
-            q.bind(Bind::BigInt(after))
-                .bind(Bind::BigInt(clamp(limit)))
-                .load::<EventTuple>(c)?
-        }
-    };
+    let d = conn.dialect();
+    let (any, binds) = d.any_of(types, ListOf::Text);
+    let sql = format!(
+        "SELECT {} FROM es_events WHERE event_type {any} AND global_position > ? \
+         ORDER BY global_position LIMIT ?",
+        d.event_columns()
+    );
+    let mut q = Stmt::with_capacity(sql, binds.len() + 2).rows::<EventSql>();
+    binds.into_iter().for_each(|b| q.push(b));
+    let rows = q
+        .bind(Bind::BigInt(after))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
     rows_into_events(rows)
 }
 
 /// The stream's last version, 0 when it has no events.
 pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
-    let v = match conn {
-        DbConnection::Postgres(c) => Stmt::<Pg>::new(
-            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE md5(stream_id) = md5(?) AND stream_id = ?",
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE {}",
+            d.stream_is()
         )
-        .bind(Bind::Text(stream))
-        .bind(Bind::Text(stream))
-        .get_result::<Version>(c)?,
-        DbConnection::Sqlite(c) => Stmt::<Sqlite>::new(
-            "SELECT COALESCE(MAX(stream_version), 0) AS v FROM es_events WHERE stream_id = ?",
-        )
-        .bind(Bind::Text(stream))
-        .get_result::<Version>(c)?,
-    };
-    Ok(v.v)
+    });
+    let mut q = Stmt::new(sql);
+    d.push_stream(&mut q, stream);
+    Ok(q.get_result::<Number>(conn)?.n)
 }
 
 /// The highest global position in the log, 0 when it is empty.
 pub(crate) fn head(conn: &mut DbConnection) -> Result<i64> {
-    let v = match conn {
-        DbConnection::Postgres(c) => {
-            diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
-                .get_result::<Version>(c)?
-        }
-        DbConnection::Sqlite(c) => {
-            diesel::sql_query("SELECT COALESCE(MAX(global_position), 0) AS v FROM es_events")
-                .get_result::<Version>(c)?
-        }
-    };
-    Ok(v.v)
+    Ok(
+        Stmt::new("SELECT COALESCE(MAX(global_position), 0) AS n FROM es_events")
+            .get_result::<Number>(conn)?
+            .n,
+    )
 }

@@ -2,7 +2,7 @@
 //! `#[derive(ReadModel)]`, created by `migrate` and rebuilt from the log when
 //! their shape changes.
 
-use crate::connection::{Backend, DbConnection};
+use crate::backend::{Backend, DbConnection};
 use diesel::QueryResult;
 use std::fmt::Debug;
 use std::hash::Hash;

@@ -2,7 +2,7 @@
 //! order, the event types its projectors handle into a shadow table, then
 //! swap it in.
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
 use crate::follow::{read_after, Checkpoint};

@@ -18,7 +18,7 @@
 //!   cause is fixed it resumes from exactly there. Store errors (a lost
 //!   connection, an unreadable row) are recorded and logged the same way.
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{read_after, Checkpoint, Followed};
 use crate::EventStore;

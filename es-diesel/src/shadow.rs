@@ -8,7 +8,7 @@
 //! (private to the connection; temporary tables hide main ones of the same
 //! name).
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::Result;
 use crate::migrations::{quote_ident, quote_literal};
 use crate::read_model::ReadModelEntry;

@@ -2,7 +2,7 @@
 //! load reads the snapshot and the events after it. One row per aggregate
 //! type and stream, replaced by newer snapshots; a cache that can be deleted.
 
-use crate::connection::DbConnection;
+use crate::backend::DbConnection;
 use crate::error::Result;
 use chrono::Utc;
 use diesel::prelude::*;

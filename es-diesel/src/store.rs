@@ -1,7 +1,7 @@
 //! [`EventStore`]: the one handle an application keeps.
 
 use crate::append::{append_events, known_actual, retry_after, StreamWrite, RACE_RETRIES};
-use crate::connection::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
+use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
 use crate::error::{check_stream_id, Error, Result};
 use crate::{migrations, read};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};

@@ -7,7 +7,7 @@
 //! skipped with a message on stderr, unless `ES_TEST_REQUIRE_ALL=1`, which
 //! turns a missing URL into a failure.
 
-use crate::connection::Backend;
+use crate::backend::Backend;
 use crate::{EventStore, StoreOptions};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};

@@ -18,31 +18,6 @@ pub enum DbConnection {
     Sqlite(SqliteConnection),
 }
 
-/// The database behind a store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        })
-    }
-}
-
-impl DbConnection {
-    pub fn backend(&self) -> Backend {
-        match self {
-            DbConnection::Postgres(_) => Backend::Postgres,
-            DbConnection::Sqlite(_) => Backend::Sqlite,
-        }
-    }
-}
-
 /// How SQLite makes commits durable (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SqliteSync {
@@ -333,6 +308,34 @@ where
             Err(err)
         }
     }
+}
+
+/// Runs `f` in a read-only transaction that sees one snapshot of the
+/// database throughout (REPEATABLE READ on PostgreSQL; any SQLite
+/// transaction reads one snapshot).
+pub(crate) fn read_only_snapshot<T, E>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    match conn {
+        DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction_sql(
+            c,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )?,
+        DbConnection::Sqlite(_) => Tm::begin_transaction(conn)?,
+    }
+    let result = f(conn);
+    match &result {
+        Ok(_) => Tm::commit_transaction(conn)?,
+        Err(_) => {
+            let _ = Tm::rollback_transaction(conn);
+        }
+    }
+    result
 }
 
 #[cfg(test)]
