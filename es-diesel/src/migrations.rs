@@ -1,7 +1,8 @@
 //! The store's own schema, as numbered migrations per backend, plus the
 //! typed event views registered by `#[derive(Event)]`.
 
-use crate::backend::{write_transaction, Backend, DbConnection};
+use crate::backend::rows::Number;
+use crate::backend::{write_transaction, Backend, DbConnection, ListOf, Stmt};
 use crate::error::{Error, Result};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -406,14 +407,7 @@ fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
         conn.batch_execute(&record)?;
         if schema.asynchronous {
             // Its runner builds it from the start of the log.
-            crate::runner::ensure_checkpoint_row(conn, schema.name)?;
-            diesel::sql_query(crate::runner::sql(
-                backend,
-                "UPDATE es_checkpoints SET position = 0, transaction_id = 0, last_error = NULL, \
-                 failed_position = NULL WHERE projection = ?",
-            ))
-            .bind::<Text, _>(schema.name)
-            .execute(conn)?;
+            crate::runner::restart(conn, schema.name)?;
         }
     }
     Ok(())
@@ -424,18 +418,13 @@ fn any_event_of(conn: &mut DbConnection, types: &[&str]) -> Result<bool> {
     if types.is_empty() {
         return Ok(false);
     }
-    let text = crate::runner::sql(
-        conn.backend(),
-        &format!(
-            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM es_events WHERE event_type IN ({}) LIMIT 1) t",
-            vec!["?"; types.len()].join(", ")
-        ),
-    );
-    let mut q = diesel::sql_query(text).into_boxed();
-    for t in types {
-        q = q.bind::<Text, _>(*t);
-    }
-    Ok(q.get_result::<Count>(conn)?.n > 0)
+    let (any, binds) = conn.dialect().any_of(types, ListOf::Text);
+    let mut q = Stmt::new(format!(
+        "SELECT COUNT(*) AS n FROM (SELECT 1 FROM es_events WHERE event_type {any} LIMIT 1) t"
+    ))
+    .uncached();
+    binds.into_iter().for_each(|b| q.push(b));
+    Ok(q.get_result::<Number>(conn)?.n > 0)
 }
 
 #[derive(QueryableByName)]

@@ -2,6 +2,8 @@
 //! order, the event types its projectors handle into a shadow table, then
 //! swap it in.
 
+use crate::backend::rows::{MaybeName, Number};
+use crate::backend::{per_backend, Bind, Stmt};
 use crate::backend::{write_transaction, Backend, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
@@ -9,12 +11,10 @@ use crate::follow::{read_after, Checkpoint};
 use crate::migrations::quote_ident;
 use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
-use crate::runner::{ensure_checkpoint_row, now_ms_sql, sql};
 use crate::shadow::Shadow;
 use crate::{read, EventStore};
 use diesel::connection::TransactionManager;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text};
 use es_core::RecordedEvent;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -68,18 +68,6 @@ pub struct RebuildReport {
     /// Rows in the table afterwards.
     pub rows: i64,
     pub elapsed: Duration,
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(QueryableByName)]
-struct Holder {
-    #[diesel(sql_type = Nullable<Text>)]
-    rebuild_holder: Option<String>,
 }
 
 impl EventStore {
@@ -168,13 +156,13 @@ pub(crate) fn build_pending(conn: &mut DbConnection) -> Result<()> {
 }
 
 fn needs_build(conn: &mut DbConnection, name: &str) -> Result<bool> {
-    Ok(diesel::sql_query(sql(
-        conn.backend(),
-        "SELECT COUNT(*) AS n FROM es_read_models WHERE name = ? AND rebuilt_at IS NULL",
-    ))
-    .bind::<Text, _>(name)
-    .get_result::<Count>(conn)?
-    .n > 0)
+    Ok(
+        Stmt::new("SELECT COUNT(*) AS n FROM es_read_models WHERE name = ? AND rebuilt_at IS NULL")
+            .bind(Bind::Text(name))
+            .get_result::<Number>(conn)?
+            .n
+            > 0,
+    )
 }
 
 /// How long a rebuild's claim lasts without renewal: a rebuild whose
@@ -196,8 +184,6 @@ impl Claim {
     /// Takes the claim, or fails with [`Error::RebuildInProgress`]; with
     /// `wait`, polls until the holder releases it or its lease runs out.
     pub(crate) fn acquire(conn: &mut DbConnection, name: &'static str, wait: bool) -> Result<Self> {
-        let backend = conn.backend();
-        let now = now_ms_sql(backend);
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".to_owned());
         let holder = format!(
             "rebuild {} on {host}:{}",
@@ -231,18 +217,18 @@ impl Claim {
                 }
                 Some(None) => {}
             }
+            let d = conn.dialect();
+            let sql = per_backend!(d => format!(
+                "UPDATE es_read_models SET rebuild_holder = ?, rebuild_expires_ms = {now} + ? \
+                 WHERE name = ? AND (rebuild_holder IS NULL OR rebuild_expires_ms < {now})",
+                now = d.now_ms()
+            ));
             let taken = write_transaction(conn, |c| -> Result<usize> {
-                Ok(diesel::sql_query(sql(
-                    backend,
-                    &format!(
-                        "UPDATE es_read_models SET rebuild_holder = ?, rebuild_expires_ms = {now} + ? \
-                         WHERE name = ? AND (rebuild_holder IS NULL OR rebuild_expires_ms < {now})"
-                    ),
-                ))
-                .bind::<Text, _>(&holder)
-                .bind::<BigInt, _>(lease)
-                .bind::<Text, _>(name)
-                .execute(c)?)
+                Ok(Stmt::new(sql)
+                    .bind(Bind::Text(&holder))
+                    .bind(Bind::BigInt(lease))
+                    .bind(Bind::Text(name))
+                    .execute(c)?)
             })?;
             if taken == 1 {
                 return Ok(Claim {
@@ -275,18 +261,16 @@ impl Claim {
 
     /// Extends the lease now, failing if another rebuild holds the claim.
     fn extend(&self, conn: &mut DbConnection) -> Result<()> {
-        let backend = conn.backend();
-        let kept = diesel::sql_query(sql(
-            backend,
-            &format!(
-                "UPDATE es_read_models SET rebuild_expires_ms = {} + ? WHERE name = ? AND rebuild_holder = ?",
-                now_ms_sql(backend)
-            ),
-        ))
-        .bind::<BigInt, _>(lease_ms())
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
-        .execute(conn)?;
+        let d = conn.dialect();
+        let sql = per_backend!(d => format!(
+            "UPDATE es_read_models SET rebuild_expires_ms = {} + ? WHERE name = ? AND rebuild_holder = ?",
+            d.now_ms()
+        ));
+        let kept = Stmt::new(sql)
+            .bind(Bind::BigInt(lease_ms()))
+            .bind(Bind::Text(self.name))
+            .bind(Bind::Text(&self.holder))
+            .execute(conn)?;
         if kept == 1 {
             Ok(())
         } else {
@@ -296,13 +280,12 @@ impl Claim {
 
     /// In the final transaction: gives the claim up and records the rebuild.
     fn finish(&self, conn: &mut DbConnection) -> Result<()> {
-        let done = diesel::sql_query(sql(
-            conn.backend(),
+        let done = Stmt::new(
             "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL, \
              rebuilt_at = CURRENT_TIMESTAMP WHERE name = ? AND rebuild_holder = ?",
-        ))
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
+        )
+        .bind(Bind::Text(self.name))
+        .bind(Bind::Text(&self.holder))
         .execute(conn)?;
         if done == 1 {
             Ok(())
@@ -313,13 +296,12 @@ impl Claim {
 
     /// Gives the claim up after a failure, outside any transaction.
     fn release(&self, conn: &mut DbConnection) {
-        let released = diesel::sql_query(sql(
-            conn.backend(),
+        let released = Stmt::new(
             "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL \
              WHERE name = ? AND rebuild_holder = ?",
-        ))
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
+        )
+        .bind(Bind::Text(self.name))
+        .bind(Bind::Text(&self.holder))
         .execute(conn);
         if let Err(e) = released {
             tracing::warn!(read_model = self.name, error = %e, "could not release the claim of a failed rebuild; it expires by itself");
@@ -346,19 +328,17 @@ fn lease_ms() -> i64 {
 /// `None`: no such row; `Some(None)`: nobody holds the claim (or its lease
 /// ran out).
 fn current_holder(conn: &mut DbConnection, name: &str) -> Result<Option<Option<String>>> {
-    let backend = conn.backend();
-    Ok(diesel::sql_query(sql(
-        backend,
-        &format!(
-            "SELECT CASE WHEN rebuild_expires_ms < {} THEN NULL ELSE rebuild_holder END AS rebuild_holder \
-             FROM es_read_models WHERE name = ?",
-            now_ms_sql(backend)
-        ),
-    ))
-    .bind::<Text, _>(name)
-    .get_result::<Holder>(conn)
-    .optional()?
-    .map(|h| h.rebuild_holder))
+    let d = conn.dialect();
+    let sql = per_backend!(d => format!(
+        "SELECT CASE WHEN rebuild_expires_ms < {} THEN NULL ELSE rebuild_holder END AS name \
+         FROM es_read_models WHERE name = ?",
+        d.now_ms()
+    ));
+    Ok(Stmt::new(sql)
+        .bind(Bind::Text(name))
+        .get_result::<MaybeName>(conn)
+        .optional()?
+        .map(|h| h.name))
 }
 
 /// Rebuilds `entry` under `claim`; on failure (or a panic, e.g. in
@@ -428,7 +408,6 @@ fn build_and_swap(
     let started = Instant::now();
     let name = entry.schema.name;
     let asynchronous = entry.schema.asynchronous;
-    let backend = conn.backend();
     let types = handled_types(registry()?, name);
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
@@ -484,18 +463,7 @@ fn build_and_swap(
         if asynchronous {
             // The runner's next batch fails its checkpoint guard and rolls
             // back; afterwards it continues from the shadow's checkpoint.
-            ensure_checkpoint_row(c, name)?;
-            diesel::sql_query(sql(
-                backend,
-                &format!(
-                    "UPDATE es_checkpoints SET holder = ?, lease_expires_ms = {} + 600000, state = 'rebuilding' \
-                     WHERE projection = ?",
-                    now_ms_sql(backend)
-                ),
-            ))
-            .bind::<Text, _>(&rebuilder)
-            .bind::<Text, _>(name)
-            .execute(c)?;
+            crate::runner::hold_for_rebuild(c, name, &rebuilder)?;
         }
         if !shadow.enter(c)? {
             return Err(claim.lost(c));
@@ -537,22 +505,13 @@ fn build_and_swap(
         };
         shadow.swap(c)?;
         if asynchronous {
-            diesel::sql_query(sql(
-                backend,
-                "UPDATE es_checkpoints SET position = ?, transaction_id = ?, holder = NULL, lease_expires_ms = NULL, \
-                 state = 'idle', last_error = NULL, failed_position = NULL, updated_at = CURRENT_TIMESTAMP \
-                 WHERE projection = ?",
-            ))
-            .bind::<BigInt, _>(checkpoint.position)
-            .bind::<BigInt, _>(checkpoint.transaction)
-            .bind::<Text, _>(name)
-            .execute(c)?;
+            crate::runner::rebuilt(c, name, checkpoint)?;
         }
         claim.finish(c)?;
-        let rows_after =
-            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {}", quote_ident(name)))
-                .get_result::<Count>(c)?
-                .n;
+        let rows_after = Stmt::new(format!("SELECT COUNT(*) AS n FROM {}", quote_ident(name)))
+            .uncached()
+            .get_result::<Number>(c)?
+            .n;
         Ok((rows_after, pending))
     })?;
     if events > built {

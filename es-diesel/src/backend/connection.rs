@@ -203,6 +203,40 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// A connection of its own that listens for appends, where the backend
+    /// announces them (PostgreSQL's NOTIFY); `None` otherwise or when it
+    /// cannot be opened.
+    pub(crate) fn listen(&self) -> Option<Listener> {
+        match self.establish().ok()? {
+            DbConnection::Postgres(mut c) => {
+                diesel::RunQueryDsl::execute(diesel::sql_query("LISTEN es_events"), &mut c).ok()?;
+                Some(Listener(c))
+            }
+            DbConnection::Sqlite(_) => None,
+        }
+    }
+}
+
+/// A connection that hears of appends.
+pub(crate) struct Listener(PgConnection);
+
+impl Listener {
+    /// Takes every announcement that arrived: whether there was any, and
+    /// the error if the connection broke.
+    pub(crate) fn drain(&mut self) -> (bool, Option<diesel::result::Error>) {
+        let mut woken = false;
+        let mut broken = None;
+        for n in self.0.notifications_iter() {
+            match n {
+                Ok(_) => woken = true,
+                Err(e) => broken = Some(e),
+            }
+        }
+        (woken, broken)
+    }
+}
+
 /// Runs `f` again, after short sleeps, while SQLite answers "database is
 /// locked", for up to `timeout`. Switching a new file to WAL needs an
 /// exclusive lock and fails at once, without calling the busy handler, when

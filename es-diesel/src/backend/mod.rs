@@ -14,7 +14,7 @@ pub(crate) mod rows;
 mod sqlite;
 mod stmt;
 
-pub(crate) use connection::{parse_url, read_only_snapshot, Target};
+pub(crate) use connection::{parse_url, read_only_snapshot, Listener, Target};
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::CHUNK;
 pub(crate) use stmt::{Bind, Stmt};
@@ -139,6 +139,12 @@ pub(crate) trait Dialect: Send + Sync {
         expected: ExpectedVersion,
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>>;
+
+    /// Whether appends are announced to listening connections
+    /// ([`Manager::listen`]).
+    fn notifies_appends(&self) -> bool {
+        false
+    }
 
     /// Up to `limit` events after the checkpoint (`after_key`,
     /// `after_position`) that no event committed later can precede, only of

@@ -48,6 +48,10 @@ impl Dialect for Postgres {
         "(extract(epoch from clock_timestamp()) * 1000)::bigint"
     }
 
+    fn notifies_appends(&self) -> bool {
+        true
+    }
+
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         if streams.is_empty() {
             return Ok(());
