@@ -597,7 +597,7 @@ fn row_inline<P: RowProjection<E>, E: EventType>(
         checked_apply::<P, E>(event, &key, &mut row)?;
         match (existed, row) {
             (false, None) => {}
-            (false, Some(r)) if conn.backend() == crate::Backend::Postgres && !raced => {
+            (false, Some(r)) if !conn.dialect().serial_writers() && !raced => {
                 // Nothing to lock when the row does not exist yet: a concurrent
                 // append may insert it first. Then start over on its row.
                 let inserted =

@@ -2,7 +2,7 @@
 //! `#[derive(ReadModel)]`, created by `migrate` and rebuilt from the log when
 //! their shape changes.
 
-use crate::backend::{Backend, DbConnection};
+use crate::backend::{Backend, DbConnection, PerBackend};
 use diesel::QueryResult;
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -85,10 +85,11 @@ pub struct ReadModelSchema {
 impl ReadModelSchema {
     /// The statements that create the table on `backend`.
     pub fn ddl(&self, backend: Backend) -> &'static [&'static str] {
-        match backend {
-            Backend::Sqlite => self.sqlite,
-            Backend::Postgres => self.postgres,
+        PerBackend {
+            sqlite: self.sqlite,
+            postgres: self.postgres,
         }
+        .get(backend)
     }
 
     /// A stable digest of the DDL and version: when it changes, `migrate`

@@ -2,16 +2,16 @@
 //! order, the event types its projectors handle into a shadow table, then
 //! swap it in.
 
+use crate::backend::quote_ident;
 use crate::backend::rows::{MaybeName, Number};
+use crate::backend::shadow::Shadow;
 use crate::backend::{per_backend, Bind, Stmt};
-use crate::backend::{write_transaction, Backend, DbConnection};
+use crate::backend::{private_write_transaction, write_transaction, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
 use crate::follow::{read_after, Checkpoint};
-use crate::migrations::quote_ident;
 use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
-use crate::shadow::Shadow;
 use crate::{read, EventStore};
 use diesel::connection::TransactionManager;
 use diesel::prelude::*;
@@ -384,19 +384,6 @@ fn roll_back_open(conn: &mut DbConnection) {
     }
 }
 
-/// One step of the build: only the shadow is written, so on SQLite a
-/// deferred transaction (a read snapshot; a TEMP table needs no lock on the
-/// database) lets appends go on.
-fn build_step<T>(
-    conn: &mut DbConnection,
-    f: impl FnOnce(&mut DbConnection) -> Result<T>,
-) -> Result<T> {
-    match conn.backend() {
-        Backend::Sqlite => conn.transaction(f),
-        Backend::Postgres => write_transaction(conn, f),
-    }
-}
-
 fn build_and_swap(
     conn: &mut DbConnection,
     entry: &'static ReadModelEntry,
@@ -419,7 +406,7 @@ fn build_and_swap(
 
     loop {
         claim.renew(conn)?;
-        let n = build_step(conn, |c| -> Result<usize> {
+        let n = private_write_transaction(conn, |c| -> Result<usize> {
             if !shadow.enter(c)? {
                 return Err(claim.lost(c));
             }

@@ -73,11 +73,7 @@ impl EventStore {
             }
         }
         let memory = matches!(target, Target::Sqlite { memory: true, .. });
-        let (backend, size) = match &target {
-            Target::Postgres(_) => (Backend::Postgres, options.pool_size.max(1)),
-            Target::Sqlite { memory: true, .. } => (Backend::Sqlite, 1),
-            Target::Sqlite { .. } => (Backend::Sqlite, options.pool_size.max(1)),
-        };
+        let (backend, size) = (target.backend(), target.pool_size(&options));
         let manager = Manager {
             target,
             options: options.clone(),
@@ -229,7 +225,7 @@ impl EventStore {
         let mut conn = self.connection()?;
         // One statement that writes only events is atomic by itself: no
         // BEGIN and COMMIT round trips around it.
-        let single_statement = self.backend == Backend::Postgres
+        let single_statement = self.backend.dialect().one_statement_append()
             && writes.len() == 1
             && writes[0].expected != ExpectedVersion::Any
             && writes[0].events.len() <= crate::append::CHUNK

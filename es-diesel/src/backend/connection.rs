@@ -1,6 +1,7 @@
 //! Connections: one Diesel connection type over every backend, chosen at run
 //! time from the database URL, and the r2d2 pool that hands them out.
 
+use super::Backend;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
@@ -79,6 +80,22 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            Target::Postgres(_) => Backend::Postgres,
+            Target::Sqlite { .. } => Backend::Sqlite,
+        }
+    }
+
+    /// Connections in the pool: an in-memory SQLite database lives in its
+    /// one connection.
+    pub(crate) fn pool_size(&self, options: &StoreOptions) -> u32 {
+        match self {
+            Target::Sqlite { memory: true, .. } => 1,
+            _ => options.pool_size.max(1),
+        }
+    }
+
     /// The file a SQLite target opens, if it is one (not `:memory:`).
     pub(crate) fn sqlite_file(&self) -> Option<std::path::PathBuf> {
         let Target::Sqlite {
@@ -370,6 +387,23 @@ where
         }
     }
     result
+}
+
+/// Runs `f` in a transaction that writes only tables private to the
+/// connection (a rebuild's shadow): on SQLite a deferred one, a read
+/// snapshot that takes no write lock (a TEMP table needs none), so appends
+/// go on; elsewhere a [`write_transaction`].
+pub(crate) fn private_write_transaction<T, E>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    match conn {
+        DbConnection::Sqlite(_) => conn.transaction(f),
+        DbConnection::Postgres(_) => write_transaction(conn, f),
+    }
 }
 
 #[cfg(test)]

@@ -11,15 +11,19 @@ mod connection;
 mod insert;
 mod postgres;
 pub(crate) mod rows;
+pub(crate) mod shadow;
 mod sqlite;
 mod stmt;
 
-pub(crate) use connection::{parse_url, read_only_snapshot, Listener, Target};
+pub(crate) use connection::{
+    parse_url, private_write_transaction, read_only_snapshot, Listener, Target,
+};
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::CHUNK;
 pub(crate) use stmt::{Bind, Stmt};
 
 use crate::error::Result;
+use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 use rows::{Appended, EventTuple};
 
@@ -114,6 +118,52 @@ pub(crate) trait Dialect: Send + Sync {
         )
     }
 
+    /// The statements of the store's migration `version` ("" when this
+    /// backend needs none).
+    fn migration(&self, version: i32) -> &'static str;
+
+    /// A statement that makes concurrent `migrate`s wait for each other,
+    /// where the migration transaction alone does not.
+    fn migrate_lock(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// A query of `n`: 1 when a table or view named `name` is visible to
+    /// the connection (on PostgreSQL, through its `search_path`, as queries
+    /// see it), 0 otherwise.
+    fn relation_exists(&self, name: &str) -> Stmt<'static>;
+
+    /// A stored timestamp column as a UTC timestamp without time zone.
+    fn utc_timestamp(&self, column: &str) -> String {
+        column.to_owned()
+    }
+
+    /// The field `key` of the JSON column `json` as SQL type `ty`.
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String;
+
+    /// A JSON (or UUID) column as text.
+    fn as_text(&self, column: &str) -> String {
+        column.to_owned()
+    }
+
+    /// Saves the JSON `state` as the snapshot of `stream` for
+    /// `aggregate_type` at `stream_version`, unless a snapshot of the same
+    /// shape at that version or later is stored.
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a>;
+
+    /// Appending to one stream is one statement, atomic without a
+    /// transaction around it.
+    fn one_statement_append(&self) -> bool {
+        false
+    }
+
     /// One writer at a time: appends never race each other (no retries, no
     /// row a concurrent projector may insert first), and positions become
     /// visible in order, so a follower's checkpoint is just a position.
@@ -194,6 +244,42 @@ pub(crate) trait Dialect: Send + Sync {
 
     /// The database clock in milliseconds since the epoch, as an expression.
     fn now_ms(&self) -> &'static str;
+}
+
+/// `s` as an SQL string literal.
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `s` as an SQL identifier (ANSI double quotes, which every backend so far
+/// accepts).
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The statements of migration `version` in a backend's list; "" when it
+/// has none.
+fn find_migration(migrations: &[(i32, &'static str)], version: i32) -> &'static str {
+    migrations
+        .iter()
+        .find(|(v, _)| *v == version)
+        .map_or("", |(_, sql)| sql)
+}
+
+/// One value for each backend, such as the DDL `#[derive(ReadModel)]`
+/// generates per backend.
+pub(crate) struct PerBackend<T> {
+    pub sqlite: T,
+    pub postgres: T,
+}
+
+impl<T> PerBackend<T> {
+    pub(crate) fn get(self, backend: Backend) -> T {
+        match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        }
+    }
 }
 
 /// The type of the values of [`Dialect::any_of`].

@@ -3,10 +3,14 @@
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
 use super::rows::{Appended, EventSql, EventTuple, Number};
+mod migrations;
+
+use super::{find_migration, quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::Result;
 use diesel::sql_types::BigInt;
 use diesel::QueryableByName;
+use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
 pub(crate) struct Postgres;
@@ -46,6 +50,66 @@ impl Dialect for Postgres {
 
     fn now_ms(&self) -> &'static str {
         "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    }
+
+    fn migration(&self, version: i32) -> &'static str {
+        find_migration(migrations::MIGRATIONS, version)
+    }
+
+    fn migrate_lock(&self) -> Option<&'static str> {
+        Some("SELECT pg_advisory_xact_lock(hashtextextended('es_diesel.migrate.' || current_schema(), 0))")
+    }
+
+    fn relation_exists(&self, name: &str) -> Stmt<'static> {
+        Stmt::new("SELECT CASE WHEN to_regclass(?) IS NULL THEN 0 ELSE 1 END::bigint AS n")
+            .bind(Bind::Owned(quote_ident(name)))
+    }
+
+    fn utc_timestamp(&self, column: &str) -> String {
+        format!("({column} AT TIME ZONE 'UTC')")
+    }
+
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String {
+        let key = quote_literal(key);
+        match ty {
+            ColumnType::Text => format!("({json}->>{key})"),
+            ColumnType::Json => format!("({json}->{key})::text"),
+            ty => format!("({json}->>{key})::{}", pg_type(ty)),
+        }
+    }
+
+    fn as_text(&self, column: &str) -> String {
+        format!("{column}::text")
+    }
+
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a> {
+        // The stream_id condition keeps an md5 collision from overwriting
+        // another stream's snapshot.
+        Stmt::new(
+            "INSERT INTO es_snapshots (aggregate_type, stream_id, shape, stream_version, state) \
+             VALUES (?, ?, ?, ?, ?::jsonb) \
+             ON CONFLICT (aggregate_type, md5(stream_id)) DO UPDATE SET \
+             shape = EXCLUDED.shape, stream_version = EXCLUDED.stream_version, \
+             state = EXCLUDED.state, created_at = now() \
+             WHERE es_snapshots.stream_id = EXCLUDED.stream_id \
+             AND (es_snapshots.stream_version < EXCLUDED.stream_version OR es_snapshots.shape <> EXCLUDED.shape)",
+        )
+        .bind(Bind::Text(aggregate_type))
+        .bind(Bind::Text(stream))
+        .bind(Bind::BigInt(shape))
+        .bind(Bind::BigInt(stream_version))
+        .bind(Bind::Text(state))
+    }
+
+    fn one_statement_append(&self) -> bool {
+        true
     }
 
     fn notifies_appends(&self) -> bool {
@@ -272,4 +336,16 @@ fn insert(
     q.load::<Appended>(conn)
         .map(sorted)
         .map_err(|e| map_insert_error(e, stream, expected, chunk))
+}
+
+fn pg_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::SmallInt => "smallint",
+        ColumnType::Integer => "integer",
+        ColumnType::BigInt => "bigint",
+        ColumnType::Float => "real",
+        ColumnType::Double => "double precision",
+        ColumnType::Bool => "boolean",
+        ColumnType::Text | ColumnType::Json => "text",
+    }
 }

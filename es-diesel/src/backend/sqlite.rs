@@ -2,11 +2,15 @@
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
 use super::rows::{Appended, EventSql, EventTuple, Number};
+mod migrations;
+
+use super::{find_migration, quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryResult, QueryableByName};
+use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
 pub(crate) struct Sqlite;
@@ -27,6 +31,52 @@ impl Dialect for Sqlite {
 
     fn now_ms(&self) -> &'static str {
         "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+    }
+
+    fn migration(&self, version: i32) -> &'static str {
+        find_migration(migrations::MIGRATIONS, version)
+    }
+
+    fn relation_exists(&self, name: &str) -> Stmt<'static> {
+        Stmt::new(
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type IN ('table', 'view') AND name = ?",
+        )
+        .bind(Bind::Owned(name.to_owned()))
+    }
+
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String {
+        let path = quote_literal(&format!("$.{}", quote_ident(key)));
+        match ty {
+            ColumnType::Json => format!("({json} -> {path})"),
+            ColumnType::Float | ColumnType::Double => {
+                format!("CAST(json_extract({json}, {path}) AS REAL)")
+            }
+            _ => format!("json_extract({json}, {path})"),
+        }
+    }
+
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a> {
+        Stmt::new(
+            "INSERT INTO es_snapshots (aggregate_type, stream_id, shape, stream_version, state, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (aggregate_type, stream_id) DO UPDATE SET \
+             shape = excluded.shape, stream_version = excluded.stream_version, \
+             state = excluded.state, created_at = excluded.created_at \
+             WHERE es_snapshots.stream_version < excluded.stream_version OR es_snapshots.shape <> excluded.shape",
+        )
+        .bind(Bind::Text(aggregate_type))
+        .bind(Bind::Text(stream))
+        .bind(Bind::BigInt(shape))
+        .bind(Bind::BigInt(stream_version))
+        .bind(Bind::Text(state))
+        .bind(Bind::Timestamp(Utc::now().naive_utc()))
     }
 
     fn serial_writers(&self) -> bool {

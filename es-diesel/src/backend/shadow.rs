@@ -8,29 +8,16 @@
 //! (private to the connection; temporary tables hide main ones of the same
 //! name).
 
-use crate::backend::{write_transaction, Backend, DbConnection};
+use super::rows::{Name, Number};
+use super::{quote_ident, quote_literal, write_transaction, Backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
-use crate::migrations::{quote_ident, quote_literal};
 use crate::read_model::ReadModelEntry;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
 
 /// PostgreSQL truncates longer identifiers.
 const MAX_IDENTIFIER: usize = 63;
 const TOKEN_LEN: usize = 8;
-
-#[derive(QueryableByName)]
-struct Name {
-    #[diesel(sql_type = Text)]
-    name: String,
-}
-
-#[derive(QueryableByName)]
-struct Number {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
 
 /// The start of the name of every shadow schema of the schema `live`.
 pub(crate) fn schema_prefix(live: &str) -> String {
@@ -79,12 +66,13 @@ impl Shadow {
                 let prefix = schema_prefix(&live);
                 let token: String = token.chars().take(TOKEN_LEN).collect();
                 let schema = format!("{prefix}{token}");
-                let stale = diesel::sql_query(
+                let stale = Stmt::new(
                     "SELECT n.nspname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relname = $1 AND left(n.nspname, length($2)) = $2",
+                     WHERE c.relname = ? AND left(n.nspname, length(?)) = ?",
                 )
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(&prefix)
+                .bind(Bind::Text(name))
+                .bind(Bind::Text(&prefix))
+                .bind(Bind::Text(&prefix))
                 .load::<Name>(conn)?;
                 for s in stale {
                     tracing::warn!(read_model = name, schema = %s.name, "dropping the shadow table an interrupted rebuild left behind");
@@ -146,8 +134,8 @@ impl Shadow {
             "SET LOCAL search_path TO {}, {search_path}",
             quote_ident(schema)
         ))?;
-        let seen = diesel::sql_query("SELECT COALESCE(to_regclass($1)::oid::bigint, 0) AS n")
-            .bind::<Text, _>(quote_ident(name))
+        let seen = Stmt::new("SELECT COALESCE(to_regclass(?)::oid::bigint, 0) AS n")
+            .bind(Bind::Owned(quote_ident(name)))
             .get_result::<Number>(conn)?
             .n;
         Ok(seen == *oid)
