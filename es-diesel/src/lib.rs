@@ -116,35 +116,34 @@ struct YourFirstModelExamples;
 #[doc = include_str!("../../docs/production-postgres.md")]
 struct ProductionPostgresExamples;
 
-mod aggregate;
-mod append;
 mod backend;
 pub mod cli;
+mod command;
 mod error;
-pub mod follow;
 mod import;
-mod schema;
-use schema::migrations;
+mod log;
 pub mod projection;
-mod read;
 pub mod read_model;
-mod rebuild;
 pub mod runner;
-mod snapshot;
+mod schema;
 mod store;
 pub mod testing;
 
-pub use aggregate::{ExecuteError, ExecuteOptions, Executed, Loaded};
+pub use log::follow;
+use log::{append, read};
+use schema::migrations;
+
 pub use append::{append_in, StreamWrite};
 pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
+pub use command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use error::{Error, Result};
 pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
+pub use projection::rebuild::{RebuildOptions, RebuildProgress, RebuildReport};
 pub use projection::{
     check_projectors, registered_projectors, registered_read_models, Duplicate, ProjectorInfo,
     ProjectorStyle, RegistryError,
 };
 pub use read_model::{ReadModel, ReadModelSchema};
-pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport};
 pub use store::{EventStore, LogIter, PooledConnection};
 
 /// The `Event` trait and its derive.

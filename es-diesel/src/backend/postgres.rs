@@ -2,14 +2,13 @@
 //! [`crate::follow`]), NOTIFY on append.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
-use super::rows::{Appended, EventSql, EventTuple, Number};
+use super::rows::{Appended, EventSql, EventTuple, MaybeNumber, Number};
 mod migrations;
 
 use super::{find_migration, quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::Result;
 use diesel::sql_types::BigInt;
-use diesel::QueryableByName;
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
@@ -229,17 +228,12 @@ fn follow(
 /// [`crate::follow`]), or `None` when an append kept announcing itself
 /// without a published key for a while (then nothing is safe to read yet).
 fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
-    #[derive(QueryableByName)]
-    struct Horizon {
-        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
-        h: Option<i64>,
-    }
     // An append is between its announcement and its published key for
     // microseconds; a few short looks almost always find it done.
     for attempt in 0..50u32 {
-        let h = Stmt::new("SELECT es_follow_horizon() AS h")
-            .get_result::<Horizon>(conn)?
-            .h;
+        let h = Stmt::new("SELECT es_follow_horizon() AS n")
+            .get_result::<MaybeNumber>(conn)?
+            .n;
         if h.is_some() {
             return Ok(h);
         }

@@ -1,15 +1,15 @@
 //! SQLite: one writer at a time, positions visible in order.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
-use super::rows::{Appended, EventSql, EventTuple, Number};
+use super::rows::{Appended, EventSql, EventTuple, Name, Number};
 mod migrations;
 
 use super::{find_migration, quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
-use diesel::sql_types::{BigInt, Text};
-use diesel::{QueryResult, QueryableByName};
+use diesel::sql_types::BigInt;
+use diesel::QueryResult;
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
@@ -197,17 +197,12 @@ fn insert(
 /// SQLite does not say which key was duplicated; its transaction is still
 /// usable after a failed statement, so ask.
 fn existing_id(conn: &mut DbConnection, chunk: &[NewEvent]) -> QueryResult<Option<uuid::Uuid>> {
-    #[derive(QueryableByName)]
-    struct Found {
-        #[diesel(sql_type = Text)]
-        event_id: String,
-    }
     for ev in chunk {
-        let found = Stmt::new("SELECT event_id FROM es_events WHERE event_id = ?")
+        let found = Stmt::new("SELECT event_id AS name FROM es_events WHERE event_id = ?")
             .bind(Bind::Owned(ev.event_id.hyphenated().to_string()))
-            .load::<Found>(conn)?;
+            .load::<Name>(conn)?;
         if let Some(f) = found.first() {
-            return Ok(uuid::Uuid::parse_str(&f.event_id).ok());
+            return Ok(uuid::Uuid::parse_str(&f.name).ok());
         }
     }
     Ok(None)

@@ -115,7 +115,7 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
         }
         super::read_models::sync_read_models(conn)
     })?;
-    crate::rebuild::build_pending(conn)
+    crate::projection::rebuild::build_pending(conn)
 }
 
 #[derive(QueryableByName)]

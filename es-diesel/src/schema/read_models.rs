@@ -1,25 +1,18 @@
 //! The tables of read models: created by `migrate`, re-created when their
 //! shape (fingerprint) changes.
 
-use crate::backend::rows::Number;
+use crate::backend::rows::{Name, Number};
 use crate::backend::{quote_ident, quote_literal, DbConnection, ListOf, Stmt};
 use crate::error::Result;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
-
-#[derive(QueryableByName)]
-struct Stored {
-    #[diesel(sql_type = Text)]
-    fingerprint: String,
-}
 
 /// Creates each registered read model's table, and drops and re-creates
 /// every one whose fingerprint (its DDL) differs from the stored one.
 ///
 /// An asynchronous one is then built by its runner from the start of the
 /// log; an inline one is left with `rebuilt_at` NULL, which tells
-/// [`crate::rebuild::build_pending`] to build it after this transaction,
+/// [`crate::projection::rebuild::build_pending`] to build it after this transaction,
 /// unless the log holds no event it handles.
 pub(super) fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
     let backend = conn.backend();
@@ -28,16 +21,16 @@ pub(super) fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
         let schema = entry.schema;
         let fingerprint = schema.fingerprint(backend);
         let stored = diesel::sql_query(format!(
-            "SELECT fingerprint FROM es_read_models WHERE name = {}",
+            "SELECT fingerprint AS name FROM es_read_models WHERE name = {}",
             quote_literal(schema.name)
         ))
-        .get_result::<Stored>(conn)
+        .get_result::<Name>(conn)
         .optional()?;
         match &stored {
-            Some(s) if s.fingerprint == fingerprint => continue,
+            Some(s) if s.name == fingerprint => continue,
             Some(s) => tracing::warn!(
                 read_model = schema.name,
-                old = %s.fingerprint,
+                old = %s.name,
                 new = %fingerprint,
                 "read model changed shape: dropping its table and rebuilding it from the log"
             ),

@@ -1,11 +1,12 @@
 //! Commands against aggregates: load the stream (from a snapshot when there
 //! is one), decide, append with the expected version, retry on conflict.
 
+use super::snapshot;
 use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
+use crate::read;
 use crate::store::EventStore;
-use crate::{read, snapshot};
 use es_core::{Aggregate, ExpectedVersion, Metadata, NewEvent, Recorded};
 
 /// Events read per query while folding a stream.

@@ -3,6 +3,8 @@
 //! module builds the registry once (sorted, duplicates reported) and applies
 //! the projectors to appended events inside the append transaction.
 
+pub(crate) mod rebuild;
+
 use crate::backend::DbConnection;
 use crate::error::{Error, Result};
 use crate::read_model::{ReadModel, ReadModelEntry, ReadModelSchema};
