@@ -5,7 +5,6 @@ use super::{checkpoints, Runner};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{read_after, Checkpoint, Followed};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 impl Runner {
     /// Logs a store error and records it in the status, if this runner
@@ -37,41 +36,6 @@ impl Runner {
 
     pub(super) fn clear_failure(&self, conn: &mut DbConnection) -> Result<()> {
         checkpoints::clear_failure(conn, self.projection.name(), &self.options.node)
-    }
-}
-
-/// Runs `apply` on `conn`, turning a panic into its message. Transactions
-/// the panicking code opened and left open are rolled back first, so the
-/// caller's transaction can still roll back cleanly.
-pub(crate) fn catch_panic<T>(
-    conn: &mut DbConnection,
-    apply: impl FnOnce(&mut DbConnection) -> T,
-) -> std::result::Result<T, String> {
-    use diesel::connection::{Connection, TransactionManager};
-    type Tm = <DbConnection as Connection>::TransactionManager;
-    let depth = |c: &mut DbConnection| {
-        Tm::transaction_manager_status_mut(c)
-            .transaction_depth()
-            .ok()
-            .flatten()
-            .map_or(0, |d| d.get())
-    };
-    let outer = depth(conn);
-    match catch_unwind(AssertUnwindSafe(|| apply(&mut *conn))) {
-        Ok(value) => Ok(value),
-        Err(payload) => {
-            while depth(conn) > outer {
-                if Tm::rollback_transaction(conn).is_err() {
-                    break;
-                }
-            }
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a value that is not a message".to_owned());
-            Err(format!("panicked: {message}"))
-        }
     }
 }
 

@@ -21,12 +21,14 @@
 mod checkpoints;
 mod failure;
 mod lease;
+mod read_models;
 mod status;
 
-pub(crate) use failure::catch_panic;
+use crate::projection::catch_panic;
 use failure::{error_chain, error_position, readable_prefix};
 
 pub(crate) use checkpoints::{hold_for_rebuild, rebuilt, restart};
+pub use read_models::async_read_models;
 pub use status::{ProjectionMode, ProjectionStatus};
 
 use crate::backend::{write_transaction, DbConnection, Listener};
@@ -428,89 +430,5 @@ impl RunnerHandle {
 impl Drop for RunnerHandle {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// An asynchronous read model (`#[read_model(mode = async)]`) as a runner
-/// sees it: its registered projectors, applied after commit.
-struct ReadModelProjection {
-    name: &'static str,
-    types: Vec<&'static str>,
-}
-
-impl AsyncProjection for ReadModelProjection {
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn event_types(&self) -> Option<Vec<&'static str>> {
-        Some(self.types.clone())
-    }
-
-    fn apply(&self, conn: &mut DbConnection, event: &RecordedEvent) -> Result<()> {
-        crate::projection::apply_read_model(conn, self.name, event)
-    }
-}
-
-/// Every registered read model with `mode = async`, as runner projections.
-pub fn async_read_models() -> Result<Vec<Arc<dyn AsyncProjection>>> {
-    let reg = crate::projection::registry()?;
-    Ok(reg
-        .read_models
-        .iter()
-        .filter(|m| m.schema.asynchronous)
-        .map(|m| {
-            Arc::new(ReadModelProjection {
-                name: m.schema.name,
-                types: crate::projection::handled_types(reg, m.schema.name),
-            }) as Arc<dyn AsyncProjection>
-        })
-        .collect())
-}
-
-impl EventStore {
-    /// Starts a background runner for every read model with `mode = async`.
-    /// Runners stop when the handles are dropped or stopped. Any number of
-    /// processes may do this against one database: one runner per read
-    /// model is active at a time.
-    #[must_use = "the runners stop when their handles are dropped"]
-    pub fn start_async_read_models(&self, options: RunnerOptions) -> Result<Vec<RunnerHandle>> {
-        Ok(self.start_runners(async_read_models()?, options))
-    }
-
-    /// Runs every `mode = async` read model until `stop` is set (by a signal
-    /// handler, for instance), then stops the runners, which release their
-    /// leases: the main loop of a dedicated projection worker process.
-    pub fn run_async_read_models(&self, options: RunnerOptions, stop: &AtomicBool) -> Result<()> {
-        let mut handles = self.start_async_read_models(options)?;
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // All at once: each finishes its batch while the others do.
-        for h in &handles {
-            h.stop.store(true, Ordering::Relaxed);
-        }
-        for h in &mut handles {
-            h.shutdown();
-        }
-        Ok(())
-    }
-
-    /// A runner for `projection` with default options.
-    pub fn runner(&self, projection: Arc<dyn AsyncProjection>) -> Runner {
-        Runner::new(self.clone(), projection, RunnerOptions::default())
-    }
-
-    /// Starts one background runner per projection.
-    #[must_use = "the runners stop when their handles are dropped"]
-    pub fn start_runners(
-        &self,
-        projections: Vec<Arc<dyn AsyncProjection>>,
-        options: RunnerOptions,
-    ) -> Vec<RunnerHandle> {
-        projections
-            .into_iter()
-            .map(|p| Runner::new(self.clone(), p, options.clone()).spawn())
-            .collect()
     }
 }
