@@ -9,11 +9,10 @@
 //! name).
 
 use super::rows::{Name, Number};
-use super::{quote_ident, quote_literal, write_transaction, Backend, Bind, DbConnection, Stmt};
+use super::{quote_ident, write_transaction, Backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
 use crate::read_model::ReadModelEntry;
 use diesel::connection::SimpleConnection;
-use diesel::prelude::*;
 
 /// PostgreSQL truncates longer identifiers.
 const MAX_IDENTIFIER: usize = 63;
@@ -56,13 +55,12 @@ impl Shadow {
         let table = quote_ident(name);
         match conn.backend() {
             Backend::Postgres => {
-                let live = diesel::sql_query("SELECT current_schema() AS name")
+                let live = Stmt::new("SELECT current_schema() AS name")
                     .get_result::<Name>(conn)?
                     .name;
-                let search_path =
-                    diesel::sql_query("SELECT current_setting('search_path') AS name")
-                        .get_result::<Name>(conn)?
-                        .name;
+                let search_path = Stmt::new("SELECT current_setting('search_path') AS name")
+                    .get_result::<Name>(conn)?
+                    .name;
                 let prefix = schema_prefix(&live);
                 let token: String = token.chars().take(TOKEN_LEN).collect();
                 let schema = format!("{prefix}{token}");
@@ -89,12 +87,10 @@ impl Shadow {
                     for stmt in entry.schema.postgres {
                         c.batch_execute(stmt)?;
                     }
-                    Ok(diesel::sql_query(format!(
-                        "SELECT {}::regclass::oid::bigint AS n",
-                        quote_literal(&format!("{}.{table}", quote_ident(&schema)))
-                    ))
-                    .get_result::<Number>(c)?
-                    .n)
+                    Ok(Stmt::new("SELECT ?::regclass::oid::bigint AS n")
+                        .bind(Bind::Owned(format!("{}.{table}", quote_ident(&schema))))
+                        .get_result::<Number>(c)?
+                        .n)
                 })?;
                 Ok(Shadow::Postgres {
                     name,

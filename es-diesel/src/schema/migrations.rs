@@ -3,7 +3,7 @@
 //! typed event views and the tables of read models.
 
 use crate::backend::rows::Number;
-use crate::backend::{quote_literal, write_transaction, DbConnection, Stmt};
+use crate::backend::{write_transaction, Bind, DbConnection, Stmt};
 use crate::error::{Error, Result};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -83,7 +83,7 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
                 applied_at TEXT NOT NULL
             )",
         )?;
-        let applied: Vec<i32> = diesel::sql_query("SELECT version FROM es_schema_migrations")
+        let applied: Vec<i32> = Stmt::new("SELECT version FROM es_schema_migrations")
             .load::<Applied>(conn)?
             .into_iter()
             .map(|a| a.version)
@@ -96,12 +96,14 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
                     conn.batch_execute(sql)?;
                 }
                 let stamp = chrono::Utc::now().to_rfc3339();
-                conn.batch_execute(&format!(
-                    "INSERT INTO es_schema_migrations (version, name, applied_at) VALUES ({}, {}, {})",
-                    m.version,
-                    quote_literal(m.name),
-                    quote_literal(&stamp)
-                ))
+                Stmt::new(
+                    "INSERT INTO es_schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                )
+                .bind(Bind::Int(m.version))
+                .bind(Bind::Text(m.name))
+                .bind(Bind::Text(&stamp))
+                .execute(conn)?;
+                Ok(())
             };
             run(conn).map_err(|source| Error::Migration {
                 version: m.version,
@@ -146,7 +148,7 @@ pub(crate) fn missing(conn: &mut DbConnection) -> Result<Vec<String>> {
     }
     let backend = conn.backend();
     let mut missing = Vec::new();
-    let applied: Vec<i32> = diesel::sql_query("SELECT version FROM es_schema_migrations")
+    let applied: Vec<i32> = Stmt::new("SELECT version FROM es_schema_migrations")
         .load::<Applied>(conn)?
         .into_iter()
         .map(|a| a.version)
@@ -155,8 +157,7 @@ pub(crate) fn missing(conn: &mut DbConnection) -> Result<Vec<String>> {
         missing.push(format!("store migration {} ({})", m.version, m.name));
     }
     let stored = if applied.contains(&2) {
-        diesel::sql_query("SELECT name, fingerprint FROM es_read_models")
-            .load::<StoredReadModel>(conn)?
+        Stmt::new("SELECT name, fingerprint FROM es_read_models").load::<StoredReadModel>(conn)?
     } else {
         Vec::new()
     };

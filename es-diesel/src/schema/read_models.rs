@@ -2,7 +2,7 @@
 //! shape (fingerprint) changes.
 
 use crate::backend::rows::{Name, Number};
-use crate::backend::{quote_ident, quote_literal, DbConnection, ListOf, Stmt};
+use crate::backend::{quote_ident, Bind, DbConnection, ListOf, Stmt};
 use crate::error::Result;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -20,12 +20,10 @@ pub(super) fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
     for entry in &reg.read_models {
         let schema = entry.schema;
         let fingerprint = schema.fingerprint(backend);
-        let stored = diesel::sql_query(format!(
-            "SELECT fingerprint AS name FROM es_read_models WHERE name = {}",
-            quote_literal(schema.name)
-        ))
-        .get_result::<Name>(conn)
-        .optional()?;
+        let stored = Stmt::new("SELECT fingerprint AS name FROM es_read_models WHERE name = ?")
+            .bind(Bind::Text(schema.name))
+            .get_result::<Name>(conn)
+            .optional()?;
         match &stored {
             Some(s) if s.name == fingerprint => continue,
             Some(s) => tracing::warn!(
@@ -54,21 +52,21 @@ pub(super) fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
             && !any_event_of(conn, &crate::projection::handled_types(reg, schema.name))?;
         let rebuilt_at = if built { "CURRENT_TIMESTAMP" } else { "NULL" };
         let record = if stored.is_some() {
-            format!(
-                "UPDATE es_read_models SET fingerprint = {}, ddl = {}, rebuilt_at = {rebuilt_at} WHERE name = {}",
-                quote_literal(&fingerprint),
-                quote_literal(&ddl_text),
-                quote_literal(schema.name)
-            )
+            Stmt::new(format!(
+                "UPDATE es_read_models SET fingerprint = ?, ddl = ?, rebuilt_at = {rebuilt_at} WHERE name = ?"
+            ))
+            .bind(Bind::Text(&fingerprint))
+            .bind(Bind::Text(&ddl_text))
+            .bind(Bind::Text(schema.name))
         } else {
-            format!(
-                "INSERT INTO es_read_models (name, fingerprint, ddl, rebuilt_at) VALUES ({}, {}, {}, {rebuilt_at})",
-                quote_literal(schema.name),
-                quote_literal(&fingerprint),
-                quote_literal(&ddl_text)
-            )
+            Stmt::new(format!(
+                "INSERT INTO es_read_models (name, fingerprint, ddl, rebuilt_at) VALUES (?, ?, ?, {rebuilt_at})"
+            ))
+            .bind(Bind::Text(schema.name))
+            .bind(Bind::Text(&fingerprint))
+            .bind(Bind::Text(&ddl_text))
         };
-        conn.batch_execute(&record)?;
+        record.execute(conn)?;
         if schema.asynchronous {
             // Its runner builds it from the start of the log.
             crate::runner::restart(conn, schema.name)?;
