@@ -11,7 +11,6 @@
 use super::rows::{Name, Number};
 use super::{quote_ident, write_transaction, Backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
-use crate::read_model::ReadModelEntry;
 use diesel::connection::SimpleConnection;
 
 /// PostgreSQL truncates longer identifiers.
@@ -43,15 +42,16 @@ pub(crate) enum Shadow {
 }
 
 impl Shadow {
-    /// Creates an empty shadow of `entry`'s table, named after `token`
+    /// Creates an empty shadow of the read model `name`'s table from its
+    /// `ddl` on this backend, named after `token`
     /// (unique to this rebuild), and drops the shadows that interrupted
     /// rebuilds of this read model left behind.
     pub(crate) fn prepare(
         conn: &mut DbConnection,
-        entry: &'static ReadModelEntry,
+        name: &'static str,
+        ddl: &'static [&'static str],
         token: &str,
     ) -> Result<Self> {
-        let name = entry.schema.name;
         let table = quote_ident(name);
         match conn.backend() {
             Backend::Postgres => {
@@ -84,7 +84,7 @@ impl Shadow {
                         "CREATE SCHEMA {0}; SET LOCAL search_path TO {0}, {search_path}",
                         quote_ident(&schema)
                     ))?;
-                    for stmt in entry.schema.postgres {
+                    for stmt in ddl {
                         c.batch_execute(stmt)?;
                     }
                     Ok(Stmt::new("SELECT ?::regclass::oid::bigint AS n")
@@ -104,7 +104,7 @@ impl Shadow {
                 conn.batch_execute(&format!("DROP TABLE IF EXISTS temp.{table}"))?;
                 // The table alone: the shadow only lives through the rebuild,
                 // and its primary key is all projectors look rows up by.
-                let create = entry.schema.sqlite.first().copied().unwrap_or_default();
+                let create = ddl.first().copied().unwrap_or_default();
                 let create = create.replacen("CREATE TABLE", "CREATE TEMP TABLE", 1);
                 conn.batch_execute(&create)?;
                 Ok(Shadow::Sqlite { name })

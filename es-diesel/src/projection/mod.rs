@@ -9,12 +9,12 @@ pub(crate) mod rebuild;
 mod registry;
 mod rows;
 
+pub use crate::error::{Duplicate, RegistryError};
+pub use crate::read_model::RowBatch;
 pub(crate) use inline::{apply_inline, apply_read_model, catch_panic};
-pub use registry::{
-    check_projectors, registered_projectors, registered_read_models, Duplicate, RegistryError,
-};
+pub use registry::{check_projectors, registered_projectors, registered_read_models};
 pub(crate) use registry::{handled_types, registry};
-pub use rows::{new_rows, RowBatch, Rows};
+pub use rows::{new_rows, Rows};
 
 use crate::backend::DbConnection;
 use crate::error::Error;

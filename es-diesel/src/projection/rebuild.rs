@@ -167,7 +167,13 @@ fn rebuild_claimed(
 ) -> Result<RebuildReport> {
     let mut shadow = None;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let s = shadow.insert(Shadow::prepare(conn, entry, claim.token())?);
+        let ddl = entry.schema.ddl(conn.backend());
+        let s = shadow.insert(Shadow::prepare(
+            conn,
+            entry.schema.name,
+            ddl,
+            claim.token(),
+        )?);
         build_and_swap(conn, entry, s, &mut claim, options, progress)
     }));
     let failure = match outcome {

@@ -4,24 +4,10 @@
 use super::inline::checked_apply;
 use super::{Failure, RowProjection};
 use crate::backend::DbConnection;
-use crate::read_model::ReadModel;
+use crate::read_model::{ReadModel, RowBatch};
 use es_core::{EventType, RecordedEvent};
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
-
-/// A batch of read-model rows held in memory during a rebuild. Object-safe
-/// face of [`Rows`].
-#[doc(hidden)]
-pub trait RowBatch: Any {
-    fn as_any(&mut self) -> &mut dyn Any;
-    /// Loads the rows of every wanted key not yet in memory.
-    fn load(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<()>;
-    /// Writes back every row in memory (delete, then multi-row insert) and forgets them.
-    fn flush(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<usize>;
-    fn is_empty(&self) -> bool;
-    /// Rows held in memory.
-    fn len(&self) -> usize;
-}
 
 struct Slot<M> {
     existed: bool,
