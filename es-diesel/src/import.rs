@@ -1,10 +1,11 @@
 //! Beginning with an existing application ("How to begin with?"): turn the
 //! rows of its tables into initial events, in large batches, idempotently.
 
-use crate::append::{append_events, StreamWrite, RACE_RETRIES};
+use crate::append::{StreamWrite, RACE_RETRIES};
 use crate::backend::rows::Name;
 use crate::backend::{write_transaction, DbConnection, ListOf, Stmt};
 use crate::error::{Error, Result};
+use crate::projection::append_events;
 use crate::EventStore;
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent};
 use std::collections::HashSet;

@@ -124,6 +124,7 @@ mod import;
 mod log;
 pub mod projection;
 pub mod read_model;
+mod rebuild;
 pub mod runner;
 mod schema;
 mod store;
@@ -133,17 +134,18 @@ pub use log::follow;
 use log::{append, read};
 use schema::migrations;
 
-pub use append::{append_in, StreamWrite};
+pub use append::StreamWrite;
 pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use error::{Error, Result};
 pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
-pub use projection::rebuild::{RebuildOptions, RebuildProgress, RebuildReport};
+pub use projection::inline::append_in;
 pub use projection::{
     check_projectors, registered_projectors, registered_read_models, Duplicate, ProjectorInfo,
     ProjectorStyle, RegistryError,
 };
 pub use read_model::{ReadModel, ReadModelSchema};
+pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport};
 pub use store::{EventStore, LogIter, PooledConnection};
 
 /// The `Event` trait and its derive.

@@ -1,8 +1,9 @@
 //! [`EventStore`]: the one handle an application keeps.
 
-use crate::append::{append_events, known_actual, retry_after, StreamWrite, RACE_RETRIES};
+use crate::append::{known_actual, retry_after, StreamWrite, RACE_RETRIES};
 use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
 use crate::error::{check_stream_id, Error, Result};
+use crate::projection::append_events;
 use crate::{migrations, read};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};
 use std::collections::VecDeque;

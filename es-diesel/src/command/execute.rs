@@ -2,9 +2,10 @@
 //! is one), decide, append with the expected version, retry on conflict.
 
 use super::snapshot;
-use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
+use crate::append::{StreamWrite, ACTUAL_UNKNOWN, CHUNK};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
+use crate::projection::append_events;
 use crate::read;
 use crate::store::EventStore;
 use es_core::{Aggregate, ExpectedVersion, Metadata, NewEvent, Recorded};

@@ -1,6 +1,6 @@
 //! Appending to the log: optimistic concurrency per stream, all or nothing.
 
-use crate::backend::{write_transaction, DbConnection};
+use crate::backend::DbConnection;
 use crate::error::{check_stream_id, Error, Result};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
 
@@ -41,35 +41,6 @@ impl StreamWrite {
     pub fn push_new(&mut self, event: NewEvent) -> &mut Self {
         self.events.push(event);
         self
-    }
-}
-
-/// Appends `writes` inside the caller's transaction on `conn` (open it with
-/// [`write_transaction`](crate::write_transaction)), then runs the inline
-/// projectors on the recorded events in log order, so that the events,
-/// the read models and any other writes of the caller commit or roll back
-/// together. Returns the recorded events in the order of `writes`.
-///
-/// Streams are written in the order of their ids, whatever the order of
-/// `writes`, so that two transactions writing the same streams never wait
-/// for each other in a cycle. On PostgreSQL the append runs in a savepoint:
-/// a lost race with [`ExpectedVersion::Any`] or
-/// [`ExpectedVersion::StreamExists`] is retried, and after an error the
-/// caller's transaction is still usable (roll it back or go on).
-pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
-    if conn.dialect().serial_writers() {
-        return append_events(conn, writes, true);
-    }
-    let mut attempt = 0;
-    loop {
-        match write_transaction(conn, |c| append_events(c, writes, true)) {
-            Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
-                attempt += 1;
-                tracing::debug!(attempt, error = %e, "append lost a race; retrying");
-            }
-            Err(e) => return Err(known_actual(conn, e)?),
-            ok => return ok,
-        }
     }
 }
 
@@ -117,11 +88,19 @@ pub(crate) fn known_actual(conn: &mut DbConnection, err: Error) -> Result<Error>
     }
 }
 
-/// [`append_in`], running the inline projectors only if `project`.
-pub(crate) fn append_events(
+/// The events a projector applies inside the append transaction, in log
+/// order.
+pub(crate) type Project<'a> = &'a dyn Fn(&mut DbConnection, &[RecordedEvent]) -> Result<()>;
+
+/// Appends `writes` (see [`append_in`](crate::append_in)): after checking
+/// them, runs `check` before the first insert, and `project`, if given, on
+/// the recorded events in log order after the last. Returns the events in
+/// the order of `writes`.
+pub(crate) fn insert_writes(
     conn: &mut DbConnection,
     writes: &[StreamWrite],
-    project: bool,
+    check: impl FnOnce() -> Result<()>,
+    project: Option<Project<'_>>,
 ) -> Result<Vec<RecordedEvent>> {
     for w in writes {
         check_stream_id(&w.stream_id)?;
@@ -129,8 +108,7 @@ pub(crate) fn append_events(
             ev.check()?;
         }
     }
-    // An ambiguous registry refuses before anything is inserted.
-    crate::projection::registry()?;
+    check()?;
     // One canonical order of streams for every writer: no lock cycles.
     let mut order: Vec<usize> = (0..writes.len()).collect();
     order.sort_by(|&a, &b| writes[a].stream_id.cmp(&writes[b].stream_id));
@@ -197,8 +175,8 @@ pub(crate) fn append_events(
             }));
         }
     }
-    if project {
-        crate::projection::apply_inline(conn, &out)?;
+    if let Some(project) = project {
+        project(conn, &out)?;
     }
     if !reordered {
         return Ok(out);

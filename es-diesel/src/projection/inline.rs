@@ -2,12 +2,53 @@
 //! transaction), or to one read model at a time for a runner.
 
 use super::{registry, Failure, HandlerKind, RowProjection, SqlProjection};
-use crate::backend::DbConnection;
+use crate::append::{insert_writes, known_actual, retry_after, StreamWrite, RACE_RETRIES};
+use crate::backend::{write_transaction, DbConnection};
 use crate::error::Result;
 use crate::read_model::ReadModel;
 use diesel::Connection;
 use es_core::{EventType, Recorded, RecordedEvent};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Appends `writes` inside the caller's transaction on `conn` (open it with
+/// [`write_transaction`](crate::write_transaction)), then runs the inline
+/// projectors on the recorded events in log order, so that the events,
+/// the read models and any other writes of the caller commit or roll back
+/// together. Returns the recorded events in the order of `writes`.
+///
+/// Streams are written in the order of their ids, whatever the order of
+/// `writes`, so that two transactions writing the same streams never wait
+/// for each other in a cycle. On PostgreSQL the append runs in a savepoint:
+/// a lost race with [`ExpectedVersion::Any`](crate::ExpectedVersion::Any) or
+/// [`ExpectedVersion::StreamExists`](crate::ExpectedVersion::StreamExists) is retried, and after an error the
+/// caller's transaction is still usable (roll it back or go on).
+pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
+    if conn.dialect().serial_writers() {
+        return append_events(conn, writes, true);
+    }
+    let mut attempt = 0;
+    loop {
+        match write_transaction(conn, |c| append_events(c, writes, true)) {
+            Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "append lost a race; retrying");
+            }
+            Err(e) => return Err(known_actual(conn, e)?),
+            ok => return ok,
+        }
+    }
+}
+
+/// [`append_in`], running the inline projectors only if `project`.
+pub(crate) fn append_events(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    project: bool,
+) -> Result<Vec<RecordedEvent>> {
+    // An ambiguous registry refuses before anything is inserted.
+    let check = || registry().map(|_| ());
+    insert_writes(conn, writes, check, project.then_some(&apply_inline))
+}
 
 /// Runs every inline projector on each of `events`, in append order, on
 /// `conn` (inside the append transaction).

@@ -3,15 +3,13 @@
 //! module builds the registry once (sorted, duplicates reported) and applies
 //! the projectors to appended events inside the append transaction.
 
-mod claim;
-mod inline;
-pub(crate) mod rebuild;
+pub(crate) mod inline;
 mod registry;
 mod rows;
 
 pub use crate::error::{Duplicate, RegistryError};
 pub use crate::read_model::RowBatch;
-pub(crate) use inline::{apply_inline, apply_read_model, catch_panic};
+pub(crate) use inline::{append_events, apply_read_model, catch_panic};
 pub use registry::{check_projectors, registered_projectors, registered_read_models};
 pub(crate) use registry::{handled_types, registry};
 pub use rows::{new_rows, Rows};

@@ -117,7 +117,7 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
         }
         super::read_models::sync_read_models(conn)
     })?;
-    crate::projection::rebuild::build_pending(conn)
+    crate::rebuild::build_pending(conn)
 }
 
 #[derive(QueryableByName)]

@@ -12,7 +12,7 @@ use diesel::prelude::*;
 ///
 /// An asynchronous one is then built by its runner from the start of the
 /// log; an inline one is left with `rebuilt_at` NULL, which tells
-/// [`crate::projection::rebuild::build_pending`] to build it after this transaction,
+/// [`crate::rebuild::build_pending`] to build it after this transaction,
 /// unless the log holds no event it handles.
 pub(super) fn sync_read_models(conn: &mut DbConnection) -> Result<()> {
     let backend = conn.backend();

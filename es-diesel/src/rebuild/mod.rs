@@ -2,7 +2,8 @@
 //! order, the event types its projectors handle into a shadow table, then
 //! swap it in.
 
-use super::claim::{needs_build, Claim};
+mod claim;
+
 use crate::backend::quote_ident;
 use crate::backend::rows::Number;
 use crate::backend::shadow::Shadow;
@@ -14,6 +15,7 @@ use crate::follow::{read_after, Checkpoint};
 use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
 use crate::{read, EventStore};
+use claim::{needs_build, Claim};
 use diesel::connection::TransactionManager;
 use diesel::prelude::*;
 use es_core::RecordedEvent;
