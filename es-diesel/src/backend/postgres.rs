@@ -260,7 +260,7 @@ fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
          (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest(?::text[]) AS s ORDER BY k) AS keys",
     )
     .bind(Bind::Int(STREAM_LOCK_CLASS))
-    .bind(Bind::TextArray(&streams))
+    .bind(Bind::TextArray(streams))
     .execute(conn)?;
     Ok(())
 }

@@ -90,7 +90,7 @@ ALTER TABLE es_checkpoints
     ADD COLUMN failed_position BIGINT;
 "#,
     ),
-    // See follow.rs for why these keys and locks make followers gap-safe
+    // See log/follow.rs for why these keys and locks make followers gap-safe
     // without being held back by transactions that never append.
     (
         6,
