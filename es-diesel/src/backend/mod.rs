@@ -118,9 +118,9 @@ pub(crate) trait Dialect: Send + Sync {
         )
     }
 
-    /// The statements of the store's migration `version` ("" when this
-    /// backend needs none).
-    fn migration(&self, version: i32) -> &'static str;
+    /// The statements of every migration of the store's schema, by version
+    /// (see `crate::schema::migrations`); "" where this backend needs none.
+    fn migrations(&self) -> &'static [(i32, &'static str)];
 
     /// A statement that makes concurrent `migrate`s wait for each other,
     /// where the migration transaction alone does not.
@@ -257,15 +257,6 @@ pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// The statements of migration `version` in a backend's list; "" when it
-/// has none.
-fn find_migration(migrations: &[(i32, &'static str)], version: i32) -> &'static str {
-    migrations
-        .iter()
-        .find(|(v, _)| *v == version)
-        .map_or("", |(_, sql)| sql)
-}
-
 /// One value for each backend, such as the DDL `#[derive(ReadModel)]`
 /// generates per backend.
 pub(crate) struct PerBackend<T> {
@@ -291,6 +282,14 @@ pub(crate) enum ListOf {
 }
 
 impl dyn Dialect {
+    /// The statements of migration `version` ("" when there are none).
+    pub(crate) fn migration(&self, version: i32) -> &'static str {
+        self.migrations()
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map_or("", |(_, sql)| sql)
+    }
+
     /// Binds `stream` where [`Dialect::stream_is`] takes it.
     pub(crate) fn push_stream<'a, ST>(&self, q: &mut Stmt<'a, ST>, stream: &'a str) {
         for _ in 0..self.stream_binds() {

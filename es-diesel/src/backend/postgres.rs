@@ -5,7 +5,7 @@ use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
 use super::rows::{Appended, EventSql, EventTuple, MaybeNumber, Number};
 mod migrations;
 
-use super::{find_migration, quote_ident, quote_literal};
+use super::{quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::Result;
 use diesel::sql_types::BigInt;
@@ -51,8 +51,8 @@ impl Dialect for Postgres {
         "(extract(epoch from clock_timestamp()) * 1000)::bigint"
     }
 
-    fn migration(&self, version: i32) -> &'static str {
-        find_migration(migrations::MIGRATIONS, version)
+    fn migrations(&self) -> &'static [(i32, &'static str)] {
+        migrations::MIGRATIONS
     }
 
     fn migrate_lock(&self) -> Option<&'static str> {

@@ -4,7 +4,7 @@ use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
 use super::rows::{Appended, EventSql, EventTuple, Name, Number};
 mod migrations;
 
-use super::{find_migration, quote_ident, quote_literal};
+use super::{quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
@@ -33,8 +33,8 @@ impl Dialect for Sqlite {
         "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
     }
 
-    fn migration(&self, version: i32) -> &'static str {
-        find_migration(migrations::MIGRATIONS, version)
+    fn migrations(&self) -> &'static [(i32, &'static str)] {
+        migrations::MIGRATIONS
     }
 
     fn relation_exists(&self, name: &str) -> Stmt<'static> {

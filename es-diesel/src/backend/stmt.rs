@@ -213,3 +213,51 @@ impl<ST> QueryFragment<Sqlite> for On<'_, Sqlite, ST> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered<DB>(stmt: Stmt<'_>) -> String
+    where
+        DB: Backend + Default,
+        DB::QueryBuilder: Default,
+        for<'a> On<'a, DB, Untyped>: QueryFragment<DB>,
+    {
+        let on = stmt.on::<DB>();
+        let mut builder = DB::QueryBuilder::default();
+        on.to_sql(&mut builder, &DB::default()).unwrap();
+        diesel::query_builder::QueryBuilder::finish(builder)
+    }
+
+    #[test]
+    fn each_backend_writes_its_own_placeholders() {
+        let stmt = || {
+            Stmt::new("SELECT a FROM t WHERE b = ? AND c IN (?, ?)")
+                .bind(Bind::Int(1))
+                .bind(Bind::Text("x"))
+                .bind(Bind::BigInt(2))
+        };
+        assert_eq!(
+            rendered::<Pg>(stmt()),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3)"
+        );
+        assert_eq!(
+            rendered::<Sqlite>(stmt()),
+            "SELECT a FROM t WHERE b = ? AND c IN (?, ?)"
+        );
+    }
+
+    #[test]
+    fn placeholders_and_values_must_match() {
+        let missing = Stmt::new("SELECT ? + ?").bind(Bind::Int(1)).on::<Sqlite>();
+        let mut builder = <Sqlite as Backend>::QueryBuilder::default();
+        assert!(missing.to_sql(&mut builder, &Sqlite).is_err());
+        let extra = Stmt::new("SELECT ?")
+            .bind(Bind::Int(1))
+            .bind(Bind::Int(2))
+            .on::<Sqlite>();
+        let mut builder = <Sqlite as Backend>::QueryBuilder::default();
+        assert!(extra.to_sql(&mut builder, &Sqlite).is_err());
+    }
+}

@@ -189,3 +189,23 @@ pub(crate) fn schema_versions(conn: &mut DbConnection) -> Result<(i32, i64)> {
         .unwrap_or(0);
     Ok((latest, have))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+    use crate::Backend;
+
+    #[test]
+    fn every_backend_lists_every_migration_in_order() {
+        let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let listed: Vec<i32> = backend
+                .dialect()
+                .migrations()
+                .iter()
+                .map(|(v, _)| *v)
+                .collect();
+            assert_eq!(listed, versions, "{backend}");
+        }
+    }
+}
