@@ -103,6 +103,10 @@ pub enum Error {
     #[error("read model `{read_model}` is not in this database yet: run migrate first")]
     ReadModelNotMigrated { read_model: String },
 
+    /// The log cannot be followed safely this way (see [`crate::follow`]).
+    #[error("cannot follow the log: {reason}")]
+    Follow { reason: String },
+
     #[error("database error: {0}")]
     Database(diesel::result::Error),
 

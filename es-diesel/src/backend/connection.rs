@@ -341,6 +341,12 @@ where
         DbConnection::Sqlite(c) if !nested => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
         }
+        // The store's reasoning (appends, followers) assumes each statement
+        // sees what committed before it, whatever the server's default.
+        DbConnection::Postgres(c) if !nested => AnsiTransactionManager::begin_transaction_sql(
+            c,
+            "BEGIN ISOLATION LEVEL READ COMMITTED",
+        )?,
         _ => Tm::begin_transaction(conn)?,
     }
     match f(conn) {

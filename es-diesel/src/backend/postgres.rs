@@ -2,13 +2,15 @@
 //! [`crate::follow`]), NOTIFY on append.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
-use super::rows::{Appended, EventSql, EventTuple, MaybeNumber, Number};
+use super::rows::{Appended, EventSql, EventTuple, Number};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
 use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use diesel::connection::TransactionManager;
 use diesel::sql_types::BigInt;
+use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
@@ -228,14 +230,41 @@ fn follow(
 /// [`crate::follow`]), or `None` when an append kept announcing itself
 /// without a published key for a while (then nothing is safe to read yet).
 fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
+    #[derive(QueryableByName)]
+    struct Horizon {
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        h: Option<i64>,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        isolation: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        later_statement: bool,
+    }
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    let in_transaction = Tm::transaction_manager_status_mut(conn)
+        .transaction_depth()?
+        .is_some();
     // An append is between its announcement and its published key for
     // microseconds; a few short looks almost always find it done.
     for attempt in 0..50u32 {
-        let h = Stmt::new("SELECT es_follow_horizon() AS n")
-            .get_result::<MaybeNumber>(conn)?
-            .n;
-        if h.is_some() {
-            return Ok(h);
+        let row = Stmt::new(
+            "SELECT es_follow_horizon() AS h, current_setting('transaction_isolation') AS isolation, \
+             now() <> statement_timestamp() AS later_statement",
+        )
+        .get_result::<Horizon>(conn)?;
+        // Under REPEATABLE READ or SERIALIZABLE the read that follows would
+        // see the snapshot of the transaction's first statement, older than
+        // this look at the appends in flight.
+        if (in_transaction || row.later_statement) && row.isolation != "read committed" {
+            return Err(Error::Follow {
+                reason: format!(
+                    "the log is followed inside a {} transaction; followers must read in READ COMMITTED \
+                     (open the transaction with `write_transaction`, or outside any transaction)",
+                    row.isolation.to_uppercase()
+                ),
+            });
+        }
+        if row.h.is_some() {
+            return Ok(row.h);
         }
         std::thread::sleep(std::time::Duration::from_micros(
             200 * u64::from(attempt.min(10) + 1),

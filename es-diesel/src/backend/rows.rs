@@ -10,13 +10,6 @@ pub(crate) struct Number {
     pub n: i64,
 }
 
-/// `SELECT .. AS n` of a whole number that may be NULL.
-#[derive(QueryableByName)]
-pub(crate) struct MaybeNumber {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    pub n: Option<i64>,
-}
-
 /// `SELECT .. AS name` of a text.
 #[derive(QueryableByName)]
 pub(crate) struct Name {

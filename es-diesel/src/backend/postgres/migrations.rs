@@ -103,29 +103,42 @@ SELECT setval('es_order_keys', GREATEST(
     (SELECT COALESCE(MAX(order_key), 0) FROM es_events),
     (SELECT COALESCE(MAX(transaction_id), 0) FROM es_checkpoints),
     pg_current_xact_id()::text::bigint) + 1, false);
-CREATE FUNCTION es_append_key() RETURNS bigint LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT AS $$
-DECLARE k bigint;
+-- The functions are pinned to this schema: resolving names through a
+-- search_path at call time could reach another store's sequence.
+DO $migration$
 BEGIN
-    IF COALESCE(current_setting('es.append_key', true), '') = '' THEN
+EXECUTE format($create$
+CREATE FUNCTION %1$I.es_append_key() RETURNS bigint LANGUAGE plpgsql VOLATILE
+SET search_path = %1$I AS $body$
+DECLARE
+    k bigint;
+    -- Per log: a transaction may append to the logs of several schemas.
+    announced text := 'es.append_key_' || 'es_order_keys'::regclass::oid;
+BEGIN
+    IF COALESCE(current_setting(announced, true), '') = '' THEN
         -- Announce the append before drawing its first key, then publish the key.
         PERFORM pg_advisory_xact_lock_shared(1163067394, 'es_order_keys'::regclass::oid::integer);
         k := nextval('es_order_keys');
         PERFORM pg_advisory_xact_lock_shared((17747::bigint << 48) | k);
-        PERFORM set_config('es.append_key', k::text, true);
+        PERFORM set_config(announced, k::text, true);
         RETURN k;
     END IF;
     RETURN nextval('es_order_keys');
-END $$;
--- Rows inserted by hand get a key, and are followed like any other.
-ALTER TABLE es_events ALTER COLUMN order_key SET DEFAULT es_append_key();
-CREATE FUNCTION es_follow_horizon() RETURNS bigint LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT AS $$
+END $body$;
+$create$, current_schema());
+EXECUTE format($create$
+CREATE FUNCTION %1$I.es_follow_horizon() RETURNS bigint LANGUAGE plpgsql VOLATILE
+SET search_path = %1$I AS $body$
 DECLARE
     bound bigint;
     lowest bigint;
     pending boolean;
 BEGIN
+    -- A cached sequence hands out keys below its last value.
+    IF (SELECT seqcache FROM pg_sequence WHERE seqrelid = 'es_order_keys'::regclass) <> 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = 'the sequence es_order_keys must not be cached (ALTER SEQUENCE es_order_keys CACHE 1)';
+    END IF;
     -- First the bound every later key exceeds, then one consistent look at the
     -- appends in flight.
     SELECT last_value + CASE WHEN is_called THEN 1 ELSE 0 END INTO bound FROM es_order_keys;
@@ -146,7 +159,11 @@ BEGIN
         RETURN NULL;
     END IF;
     RETURN LEAST(bound, lowest);
-END $$;
+END $body$;
+$create$, current_schema());
+END $migration$;
+-- Rows inserted by hand get a key, and are followed like any other.
+ALTER TABLE es_events ALTER COLUMN order_key SET DEFAULT es_append_key();
 "#,
     ),
     // An upsert's DO UPDATE fires the UPDATE trigger of migration 1.
