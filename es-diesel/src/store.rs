@@ -1,7 +1,7 @@
 //! [`EventStore`]: the one handle an application keeps.
 
 use crate::append::{known_actual, retry_after, StreamWrite, RACE_RETRIES};
-use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
+use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions};
 use crate::error::{check_stream_id, Error, Result};
 use crate::projection::append_events;
 use crate::{migrations, read};
@@ -73,7 +73,7 @@ impl EventStore {
                 });
             }
         }
-        let memory = matches!(target, Target::Sqlite { memory: true, .. });
+        let memory = target.is_memory();
         let (backend, size) = (target.backend(), target.pool_size(&options));
         let manager = Manager {
             target,

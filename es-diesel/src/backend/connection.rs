@@ -80,6 +80,11 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    /// An in-memory database, which lives and dies with its one connection.
+    pub(crate) fn is_memory(&self) -> bool {
+        matches!(self, Target::Sqlite { memory: true, .. })
+    }
+
     pub(crate) fn backend(&self) -> Backend {
         match self {
             Target::Postgres(_) => Backend::Postgres,

@@ -15,9 +15,7 @@ pub(crate) mod shadow;
 mod sqlite;
 mod stmt;
 
-pub(crate) use connection::{
-    parse_url, private_write_transaction, read_only_snapshot, Listener, Target,
-};
+pub(crate) use connection::{parse_url, private_write_transaction, read_only_snapshot, Listener};
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::CHUNK;
 pub(crate) use stmt::{Bind, Stmt};
@@ -56,8 +54,21 @@ impl std::fmt::Display for Backend {
 }
 
 impl Backend {
+    /// Every backend, in the order of their [`BACKENDS`] slots.
+    pub(crate) const ALL: [Backend; BACKENDS] = [Backend::Sqlite, Backend::Postgres];
+
+    /// `per_backend!` keeps a backend's texts in slot `backend as usize`.
+    const SLOTS_MATCH: () = {
+        let mut i = 0;
+        while i < BACKENDS {
+            assert!(Backend::ALL[i] as usize == i);
+            i += 1;
+        }
+    };
+
     /// What this backend's SQL looks like.
     pub(crate) fn dialect(self) -> &'static dyn Dialect {
+        let () = Self::SLOTS_MATCH;
         match self {
             Backend::Sqlite => &sqlite::Sqlite,
             Backend::Postgres => &postgres::Postgres,

@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn every_backend_lists_every_migration_in_order() {
         let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
-        for backend in [Backend::Sqlite, Backend::Postgres] {
+        for backend in Backend::ALL {
             let listed: Vec<i32> = backend
                 .dialect()
                 .migrations()
