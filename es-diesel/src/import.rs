@@ -1,12 +1,12 @@
 //! Beginning with an existing application ("How to begin with?"): turn the
 //! rows of its tables into initial events, in large batches, idempotently.
 
-use crate::append::{append_events, StreamWrite, RACE_RETRIES};
-use crate::connection::{write_transaction, DbConnection};
+use crate::append::{StreamWrite, RACE_RETRIES};
+use crate::backend::rows::Name;
+use crate::backend::{write_transaction, DbConnection, ListOf, Stmt};
 use crate::error::{Error, Result};
+use crate::projection::append_events;
 use crate::EventStore;
-use diesel::prelude::*;
-use diesel::sql_types::Text;
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent};
 use std::collections::HashSet;
 use uuid::Uuid;
@@ -60,32 +60,21 @@ pub fn import_event_id(source: &str, key: &str) -> Uuid {
     Uuid::new_v5(&IMPORT_NAMESPACE, format!("{source}\u{0}{key}").as_bytes())
 }
 
-#[derive(QueryableByName)]
-struct Id {
-    #[diesel(sql_type = Text)]
-    event_id: String,
-}
-
 fn existing_ids(conn: &mut DbConnection, ids: &[Uuid]) -> Result<HashSet<Uuid>> {
     let texts: Vec<String> = ids.iter().map(|u| u.hyphenated().to_string()).collect();
-    let found: Vec<Id> = match conn {
-        DbConnection::Postgres(c) => diesel::sql_query(
-            "SELECT event_id::text AS event_id FROM es_events WHERE event_id = ANY($1::text[]::uuid[])",
-        )
-        .bind::<diesel::sql_types::Array<Text>, _>(&texts)
-        .load(c)?,
-        DbConnection::Sqlite(c) => {
-            let marks = vec!["?"; texts.len()].join(", ");
-            let mut q = diesel::sql_query(format!("SELECT event_id FROM es_events WHERE event_id IN ({marks})")).into_boxed();
-            for t in &texts {
-                q = q.bind::<Text, _>(t.as_str());
-            }
-            q.load(c)?
-        }
-    };
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let d = conn.dialect();
+    let (any, binds) = d.any_of(&texts, ListOf::Uuid);
+    let mut q = Stmt::new(format!(
+        "SELECT {} AS name FROM es_events WHERE event_id {any}",
+        d.as_text("event_id")
+    ))
+    .uncached();
+    binds.into_iter().for_each(|b| q.push(b));
+    let found: Vec<Name> = q.load(conn)?;
     Ok(found
         .iter()
-        .filter_map(|f| Uuid::parse_str(&f.event_id).ok())
+        .filter_map(|f| Uuid::parse_str(&f.name).ok())
         .collect())
 }
 

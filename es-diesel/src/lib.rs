@@ -116,30 +116,30 @@ struct YourFirstModelExamples;
 #[doc = include_str!("../../docs/production-postgres.md")]
 struct ProductionPostgresExamples;
 
-mod aggregate;
-mod append;
+mod backend;
 pub mod cli;
-mod connection;
+mod command;
 mod error;
-pub mod follow;
 mod import;
-mod migrations;
+mod log;
 pub mod projection;
-mod read;
 pub mod read_model;
 mod rebuild;
 pub mod runner;
-mod shadow;
-mod snapshot;
-mod stmt;
+mod schema;
 mod store;
 pub mod testing;
 
-pub use aggregate::{ExecuteError, ExecuteOptions, Executed, Loaded};
-pub use append::{append_in, StreamWrite};
-pub use connection::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
+pub use log::follow;
+use log::{append, read};
+use schema::migrations;
+
+pub use append::StreamWrite;
+pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
+pub use command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use error::{Error, Result};
 pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
+pub use projection::inline::append_in;
 pub use projection::{
     check_projectors, registered_projectors, registered_read_models, Duplicate, ProjectorInfo,
     ProjectorStyle, RegistryError,

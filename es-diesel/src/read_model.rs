@@ -2,8 +2,9 @@
 //! `#[derive(ReadModel)]`, created by `migrate` and rebuilt from the log when
 //! their shape changes.
 
-use crate::connection::{Backend, DbConnection};
+use crate::backend::{Backend, DbConnection, PerBackend};
 use diesel::QueryResult;
+use std::any::Any;
 use std::fmt::Debug;
 use std::hash::Hash;
 
@@ -85,10 +86,11 @@ pub struct ReadModelSchema {
 impl ReadModelSchema {
     /// The statements that create the table on `backend`.
     pub fn ddl(&self, backend: Backend) -> &'static [&'static str] {
-        match backend {
-            Backend::Sqlite => self.sqlite,
-            Backend::Postgres => self.postgres,
+        PerBackend {
+            sqlite: self.sqlite,
+            postgres: self.postgres,
         }
+        .get(backend)
     }
 
     /// A stable digest of the DDL and version: when it changes, `migrate`
@@ -111,12 +113,26 @@ impl ReadModelSchema {
     }
 }
 
+/// A batch of read-model rows held in memory during a rebuild. Object-safe
+/// face of [`Rows`](crate::projection::Rows).
+#[doc(hidden)]
+pub trait RowBatch: Any {
+    fn as_any(&mut self) -> &mut dyn Any;
+    /// Loads the rows of every wanted key not yet in memory.
+    fn load(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<()>;
+    /// Writes back every row in memory (delete, then multi-row insert) and forgets them.
+    fn flush(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<usize>;
+    fn is_empty(&self) -> bool;
+    /// Rows held in memory.
+    fn len(&self) -> usize;
+}
+
 /// A registered read model (submitted by `#[derive(ReadModel)]`).
 #[doc(hidden)]
 pub struct ReadModelEntry {
     pub schema: &'static ReadModelSchema,
     /// A fresh in-memory batch of rows for rebuilds.
-    pub new_rows: fn() -> Box<dyn crate::projection::RowBatch>,
+    pub new_rows: fn() -> Box<dyn RowBatch>,
     pub file: &'static str,
     pub line: u32,
 }

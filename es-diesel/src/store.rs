@@ -1,8 +1,9 @@
 //! [`EventStore`]: the one handle an application keeps.
 
-use crate::append::{append_events, known_actual, retry_after, StreamWrite, RACE_RETRIES};
-use crate::connection::{parse_url, write_transaction, Backend, Manager, StoreOptions, Target};
+use crate::append::{known_actual, retry_after, StreamWrite, RACE_RETRIES};
+use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions};
 use crate::error::{check_stream_id, Error, Result};
+use crate::projection::append_events;
 use crate::{migrations, read};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};
 use std::collections::VecDeque;
@@ -72,12 +73,8 @@ impl EventStore {
                 });
             }
         }
-        let memory = matches!(target, Target::Sqlite { memory: true, .. });
-        let (backend, size) = match &target {
-            Target::Postgres(_) => (Backend::Postgres, options.pool_size.max(1)),
-            Target::Sqlite { memory: true, .. } => (Backend::Sqlite, 1),
-            Target::Sqlite { .. } => (Backend::Sqlite, options.pool_size.max(1)),
-        };
+        let memory = target.is_memory();
+        let (backend, size) = (target.backend(), target.pool_size(&options));
         let manager = Manager {
             target,
             options: options.clone(),
@@ -229,7 +226,7 @@ impl EventStore {
         let mut conn = self.connection()?;
         // One statement that writes only events is atomic by itself: no
         // BEGIN and COMMIT round trips around it.
-        let single_statement = self.backend == Backend::Postgres
+        let single_statement = self.backend.dialect().one_statement_append()
             && writes.len() == 1
             && writes[0].expected != ExpectedVersion::Any
             && writes[0].events.len() <= crate::append::CHUNK

@@ -7,7 +7,7 @@
 //! skipped with a message on stderr, unless `ES_TEST_REQUIRE_ALL=1`, which
 //! turns a missing URL into a failure.
 
-use crate::connection::Backend;
+use crate::backend::Backend;
 use crate::{EventStore, StoreOptions};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
@@ -126,14 +126,14 @@ impl Drop for TestDatabase {
         if let Cleanup::PgSchema { admin_url, schema } = &self.cleanup {
             if let Ok(mut admin) = PgConnection::establish(admin_url) {
                 // With the shadow schemas of rebuilds that did not finish.
-                let prefix = crate::shadow::schema_prefix(schema);
+                let prefix = crate::backend::shadow::schema_prefix(schema);
                 let _ = admin.batch_execute(&format!(
                     "DO $$ DECLARE s text; BEGIN \
                      FOR s IN SELECT nspname FROM pg_namespace WHERE left(nspname, {len}) = {prefix} LOOP \
                      EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$; \
                      DROP SCHEMA IF EXISTS \"{schema}\" CASCADE",
                     len = prefix.chars().count(),
-                    prefix = crate::migrations::quote_literal(&prefix),
+                    prefix = crate::backend::quote_literal(&prefix),
                 ));
             }
         }

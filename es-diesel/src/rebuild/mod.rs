@@ -2,19 +2,22 @@
 //! order, the event types its projectors handle into a shadow table, then
 //! swap it in.
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+mod claim;
+
+use crate::backend::quote_ident;
+use crate::backend::rows::Number;
+use crate::backend::shadow::Shadow;
+use crate::backend::Stmt;
+use crate::backend::{private_write_transaction, write_transaction, DbConnection};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
 use crate::follow::{read_after, Checkpoint};
-use crate::migrations::quote_ident;
 use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
 use crate::read_model::ReadModelEntry;
-use crate::runner::{ensure_checkpoint_row, now_ms_sql, sql};
-use crate::shadow::Shadow;
 use crate::{read, EventStore};
+use claim::{needs_build, Claim};
 use diesel::connection::TransactionManager;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text};
 use es_core::RecordedEvent;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -68,18 +71,6 @@ pub struct RebuildReport {
     /// Rows in the table afterwards.
     pub rows: i64,
     pub elapsed: Duration,
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(QueryableByName)]
-struct Holder {
-    #[diesel(sql_type = Nullable<Text>)]
-    rebuild_holder: Option<String>,
 }
 
 impl EventStore {
@@ -167,200 +158,6 @@ pub(crate) fn build_pending(conn: &mut DbConnection) -> Result<()> {
     Ok(())
 }
 
-fn needs_build(conn: &mut DbConnection, name: &str) -> Result<bool> {
-    Ok(diesel::sql_query(sql(
-        conn.backend(),
-        "SELECT COUNT(*) AS n FROM es_read_models WHERE name = ? AND rebuilt_at IS NULL",
-    ))
-    .bind::<Text, _>(name)
-    .get_result::<Count>(conn)?
-    .n > 0)
-}
-
-/// How long a rebuild's claim lasts without renewal: a rebuild whose
-/// process died blocks others this long at most.
-const CLAIM_LEASE: Duration = Duration::from_secs(60);
-
-/// The right to rebuild one read model, held in its `es_read_models` row
-/// (holder and expiry by the database clock), so it works across processes
-/// on every backend. Renewed between batches; checked in the final
-/// transaction, so a rebuild that lost it (it stalled past the lease and
-/// another took over) cannot swap.
-pub(crate) struct Claim {
-    name: &'static str,
-    holder: String,
-    renewed: Instant,
-}
-
-impl Claim {
-    /// Takes the claim, or fails with [`Error::RebuildInProgress`]; with
-    /// `wait`, polls until the holder releases it or its lease runs out.
-    pub(crate) fn acquire(conn: &mut DbConnection, name: &'static str, wait: bool) -> Result<Self> {
-        let backend = conn.backend();
-        let now = now_ms_sql(backend);
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".to_owned());
-        let holder = format!(
-            "rebuild {} on {host}:{}",
-            uuid::Uuid::new_v4().simple(),
-            std::process::id()
-        );
-        let lease = lease_ms();
-        let mut told = false;
-        loop {
-            // Looked at before trying: a rebuild that is swapping holds the
-            // row locked, and an UPDATE would wait for it to finish.
-            match current_holder(conn, name)? {
-                None => {
-                    return Err(Error::ReadModelNotMigrated {
-                        read_model: name.to_owned(),
-                    })
-                }
-                Some(Some(other)) if wait => {
-                    if !told {
-                        tracing::info!(read_model = name, holder = %other, "waiting for another rebuild of the read model");
-                        told = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-                Some(Some(other)) => {
-                    return Err(Error::RebuildInProgress {
-                        read_model: name.to_owned(),
-                        holder: other,
-                    })
-                }
-                Some(None) => {}
-            }
-            let taken = write_transaction(conn, |c| -> Result<usize> {
-                Ok(diesel::sql_query(sql(
-                    backend,
-                    &format!(
-                        "UPDATE es_read_models SET rebuild_holder = ?, rebuild_expires_ms = {now} + ? \
-                         WHERE name = ? AND (rebuild_holder IS NULL OR rebuild_expires_ms < {now})"
-                    ),
-                ))
-                .bind::<Text, _>(&holder)
-                .bind::<BigInt, _>(lease)
-                .bind::<Text, _>(name)
-                .execute(c)?)
-            })?;
-            if taken == 1 {
-                return Ok(Claim {
-                    name,
-                    holder,
-                    renewed: Instant::now(),
-                });
-            }
-        }
-    }
-
-    /// Unique to this rebuild.
-    fn token(&self) -> &str {
-        self.holder
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or(&self.holder)
-    }
-
-    /// Extends the lease when a quarter of it has passed, outside any
-    /// transaction.
-    fn renew(&mut self, conn: &mut DbConnection) -> Result<()> {
-        if self.renewed.elapsed() < CLAIM_LEASE / 4 {
-            return Ok(());
-        }
-        write_transaction(conn, |c| self.extend(c))?;
-        self.renewed = Instant::now();
-        Ok(())
-    }
-
-    /// Extends the lease now, failing if another rebuild holds the claim.
-    fn extend(&self, conn: &mut DbConnection) -> Result<()> {
-        let backend = conn.backend();
-        let kept = diesel::sql_query(sql(
-            backend,
-            &format!(
-                "UPDATE es_read_models SET rebuild_expires_ms = {} + ? WHERE name = ? AND rebuild_holder = ?",
-                now_ms_sql(backend)
-            ),
-        ))
-        .bind::<BigInt, _>(lease_ms())
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
-        .execute(conn)?;
-        if kept == 1 {
-            Ok(())
-        } else {
-            Err(self.lost(conn))
-        }
-    }
-
-    /// In the final transaction: gives the claim up and records the rebuild.
-    fn finish(&self, conn: &mut DbConnection) -> Result<()> {
-        let done = diesel::sql_query(sql(
-            conn.backend(),
-            "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL, \
-             rebuilt_at = CURRENT_TIMESTAMP WHERE name = ? AND rebuild_holder = ?",
-        ))
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
-        .execute(conn)?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(self.lost(conn))
-        }
-    }
-
-    /// Gives the claim up after a failure, outside any transaction.
-    fn release(&self, conn: &mut DbConnection) {
-        let released = diesel::sql_query(sql(
-            conn.backend(),
-            "UPDATE es_read_models SET rebuild_holder = NULL, rebuild_expires_ms = NULL \
-             WHERE name = ? AND rebuild_holder = ?",
-        ))
-        .bind::<Text, _>(self.name)
-        .bind::<Text, _>(&self.holder)
-        .execute(conn);
-        if let Err(e) = released {
-            tracing::warn!(read_model = self.name, error = %e, "could not release the claim of a failed rebuild; it expires by itself");
-        }
-    }
-
-    fn lost(&self, conn: &mut DbConnection) -> Error {
-        let holder = match current_holder(conn, self.name) {
-            Ok(Some(Some(h))) => h,
-            _ => "another rebuild".to_owned(),
-        };
-        tracing::warn!(read_model = self.name, holder = %holder, "a rebuild lost its claim to another one and stops");
-        Error::RebuildInProgress {
-            read_model: self.name.to_owned(),
-            holder,
-        }
-    }
-}
-
-fn lease_ms() -> i64 {
-    i64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// `None`: no such row; `Some(None)`: nobody holds the claim (or its lease
-/// ran out).
-fn current_holder(conn: &mut DbConnection, name: &str) -> Result<Option<Option<String>>> {
-    let backend = conn.backend();
-    Ok(diesel::sql_query(sql(
-        backend,
-        &format!(
-            "SELECT CASE WHEN rebuild_expires_ms < {} THEN NULL ELSE rebuild_holder END AS rebuild_holder \
-             FROM es_read_models WHERE name = ?",
-            now_ms_sql(backend)
-        ),
-    ))
-    .bind::<Text, _>(name)
-    .get_result::<Holder>(conn)
-    .optional()?
-    .map(|h| h.rebuild_holder))
-}
-
 /// Rebuilds `entry` under `claim`; on failure (or a panic, e.g. in
 /// `progress`) drops the shadow and releases the claim.
 fn rebuild_claimed(
@@ -372,7 +169,13 @@ fn rebuild_claimed(
 ) -> Result<RebuildReport> {
     let mut shadow = None;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let s = shadow.insert(Shadow::prepare(conn, entry, claim.token())?);
+        let ddl = entry.schema.ddl(conn.backend());
+        let s = shadow.insert(Shadow::prepare(
+            conn,
+            entry.schema.name,
+            ddl,
+            claim.token(),
+        )?);
         build_and_swap(conn, entry, s, &mut claim, options, progress)
     }));
     let failure = match outcome {
@@ -404,19 +207,6 @@ fn roll_back_open(conn: &mut DbConnection) {
     }
 }
 
-/// One step of the build: only the shadow is written, so on SQLite a
-/// deferred transaction (a read snapshot; a TEMP table needs no lock on the
-/// database) lets appends go on.
-fn build_step<T>(
-    conn: &mut DbConnection,
-    f: impl FnOnce(&mut DbConnection) -> Result<T>,
-) -> Result<T> {
-    match conn.backend() {
-        Backend::Sqlite => conn.transaction(f),
-        Backend::Postgres => write_transaction(conn, f),
-    }
-}
-
 fn build_and_swap(
     conn: &mut DbConnection,
     entry: &'static ReadModelEntry,
@@ -428,7 +218,6 @@ fn build_and_swap(
     let started = Instant::now();
     let name = entry.schema.name;
     let asynchronous = entry.schema.asynchronous;
-    let backend = conn.backend();
     let types = handled_types(registry()?, name);
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
@@ -440,7 +229,7 @@ fn build_and_swap(
 
     loop {
         claim.renew(conn)?;
-        let n = build_step(conn, |c| -> Result<usize> {
+        let n = private_write_transaction(conn, |c| -> Result<usize> {
             if !shadow.enter(c)? {
                 return Err(claim.lost(c));
             }
@@ -484,18 +273,7 @@ fn build_and_swap(
         if asynchronous {
             // The runner's next batch fails its checkpoint guard and rolls
             // back; afterwards it continues from the shadow's checkpoint.
-            ensure_checkpoint_row(c, name)?;
-            diesel::sql_query(sql(
-                backend,
-                &format!(
-                    "UPDATE es_checkpoints SET holder = ?, lease_expires_ms = {} + 600000, state = 'rebuilding' \
-                     WHERE projection = ?",
-                    now_ms_sql(backend)
-                ),
-            ))
-            .bind::<Text, _>(&rebuilder)
-            .bind::<Text, _>(name)
-            .execute(c)?;
+            crate::runner::hold_for_rebuild(c, name, &rebuilder)?;
         }
         if !shadow.enter(c)? {
             return Err(claim.lost(c));
@@ -537,22 +315,13 @@ fn build_and_swap(
         };
         shadow.swap(c)?;
         if asynchronous {
-            diesel::sql_query(sql(
-                backend,
-                "UPDATE es_checkpoints SET position = ?, transaction_id = ?, holder = NULL, lease_expires_ms = NULL, \
-                 state = 'idle', last_error = NULL, failed_position = NULL, updated_at = CURRENT_TIMESTAMP \
-                 WHERE projection = ?",
-            ))
-            .bind::<BigInt, _>(checkpoint.position)
-            .bind::<BigInt, _>(checkpoint.transaction)
-            .bind::<Text, _>(name)
-            .execute(c)?;
+            crate::runner::rebuilt(c, name, checkpoint)?;
         }
         claim.finish(c)?;
-        let rows_after =
-            diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {}", quote_ident(name)))
-                .get_result::<Count>(c)?
-                .n;
+        let rows_after = Stmt::new(format!("SELECT COUNT(*) AS n FROM {}", quote_ident(name)))
+            .uncached()
+            .get_result::<Number>(c)?
+            .n;
         Ok((rows_after, pending))
     })?;
     if events > built {

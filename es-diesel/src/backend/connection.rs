@@ -1,6 +1,7 @@
 //! Connections: one Diesel connection type over every backend, chosen at run
 //! time from the database URL, and the r2d2 pool that hands them out.
 
+use super::Backend;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
@@ -16,31 +17,6 @@ use std::time::Duration;
 pub enum DbConnection {
     Postgres(PgConnection),
     Sqlite(SqliteConnection),
-}
-
-/// The database behind a store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        })
-    }
-}
-
-impl DbConnection {
-    pub fn backend(&self) -> Backend {
-        match self {
-            DbConnection::Postgres(_) => Backend::Postgres,
-            DbConnection::Sqlite(_) => Backend::Sqlite,
-        }
-    }
 }
 
 /// How SQLite makes commits durable (`PRAGMA synchronous`).
@@ -104,6 +80,27 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    /// An in-memory database, which lives and dies with its one connection.
+    pub(crate) fn is_memory(&self) -> bool {
+        matches!(self, Target::Sqlite { memory: true, .. })
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            Target::Postgres(_) => Backend::Postgres,
+            Target::Sqlite { .. } => Backend::Sqlite,
+        }
+    }
+
+    /// Connections in the pool: an in-memory SQLite database lives in its
+    /// one connection.
+    pub(crate) fn pool_size(&self, options: &StoreOptions) -> u32 {
+        match self {
+            Target::Sqlite { memory: true, .. } => 1,
+            _ => options.pool_size.max(1),
+        }
+    }
+
     /// The file a SQLite target opens, if it is one (not `:memory:`).
     pub(crate) fn sqlite_file(&self) -> Option<std::path::PathBuf> {
         let Target::Sqlite {
@@ -228,6 +225,40 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// A connection of its own that listens for appends, where the backend
+    /// announces them (PostgreSQL's NOTIFY); `None` otherwise or when it
+    /// cannot be opened.
+    pub(crate) fn listen(&self) -> Option<Listener> {
+        match self.establish().ok()? {
+            DbConnection::Postgres(mut c) => {
+                diesel::RunQueryDsl::execute(diesel::sql_query("LISTEN es_events"), &mut c).ok()?;
+                Some(Listener(c))
+            }
+            DbConnection::Sqlite(_) => None,
+        }
+    }
+}
+
+/// A connection that hears of appends.
+pub(crate) struct Listener(PgConnection);
+
+impl Listener {
+    /// Takes every announcement that arrived: whether there was any, and
+    /// the error if the connection broke.
+    pub(crate) fn drain(&mut self) -> (bool, Option<diesel::result::Error>) {
+        let mut woken = false;
+        let mut broken = None;
+        for n in self.0.notifications_iter() {
+            match n {
+                Ok(_) => woken = true,
+                Err(e) => broken = Some(e),
+            }
+        }
+        (woken, broken)
+    }
+}
+
 /// Runs `f` again, after short sleeps, while SQLite answers "database is
 /// locked", for up to `timeout`. Switching a new file to WAL needs an
 /// exclusive lock and fails at once, without calling the busy handler, when
@@ -338,6 +369,51 @@ where
             }
             Err(err)
         }
+    }
+}
+
+/// Runs `f` in a read-only transaction that sees one snapshot of the
+/// database throughout (REPEATABLE READ on PostgreSQL; any SQLite
+/// transaction reads one snapshot).
+pub(crate) fn read_only_snapshot<T, E>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    match conn {
+        DbConnection::Postgres(c) => AnsiTransactionManager::begin_transaction_sql(
+            c,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )?,
+        DbConnection::Sqlite(_) => Tm::begin_transaction(conn)?,
+    }
+    let result = f(conn);
+    match &result {
+        Ok(_) => Tm::commit_transaction(conn)?,
+        Err(_) => {
+            let _ = Tm::rollback_transaction(conn);
+        }
+    }
+    result
+}
+
+/// Runs `f` in a transaction that writes only tables private to the
+/// connection (a rebuild's shadow): on SQLite a deferred one, a read
+/// snapshot that takes no write lock (a TEMP table needs none), so appends
+/// go on; elsewhere a [`write_transaction`].
+pub(crate) fn private_write_transaction<T, E>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    match conn {
+        DbConnection::Sqlite(_) => conn.transaction(f),
+        DbConnection::Postgres(_) => write_transaction(conn, f),
     }
 }
 

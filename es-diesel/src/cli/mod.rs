@@ -22,22 +22,17 @@
 //! # Ok(()) }
 //! ```
 
-use crate::connection::DbConnection;
-use crate::follow::{read_after, Checkpoint};
+mod tail;
+
+pub use tail::tail;
+
 use crate::runner::{ProjectionMode, RunnerOptions};
-use crate::{projection, read, EventStore, Result};
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
-use diesel::prelude::*;
+use crate::{projection, EventStore, Result};
 use es_core::RecordedEvent;
 use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use std::collections::HashSet;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// Events per query of `tail`.
-const TAIL_PAGE: usize = 500;
 
 /// The store's management commands.
 ///
@@ -399,158 +394,11 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
     Ok(())
 }
 
-/// Prints the last `count` events of the log; with `follow`, then keeps
-/// printing new events until the flag is set.
-///
-/// Following goes through [`read_after`], not [`EventStore::read_all`]: on
-/// PostgreSQL an event may commit after one with a higher position, and a
-/// position-based tail would skip it. Each event is printed once.
-/// Stops, quietly, when `out` can no longer be written (its reader went
-/// away). `json`: one JSON object per line.
-pub fn tail(
-    store: &EventStore,
-    count: usize,
-    json: bool,
-    follow: Option<&AtomicBool>,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let mut conn = store.connection()?;
-    let print =
-        |out: &mut dyn Write, e: &RecordedEvent| writeln!(out, "{}", event_line(e, json)).is_ok();
-    let Some(stop) = follow else {
-        for e in last_events(&mut conn, count)? {
-            if !print(out, &e) {
-                break;
-            }
-        }
-        return Ok(());
-    };
-    let TailStart {
-        events,
-        mut checkpoint,
-        mut shown,
-    } = tail_start(&mut conn, count)?;
-    for e in &events {
-        if !print(out, e) {
-            return Ok(());
-        }
-    }
-    while !stop.load(Ordering::Relaxed) {
-        let page = read_after(&mut conn, checkpoint, None, TAIL_PAGE)?;
-        for f in &page {
-            checkpoint = f.checkpoint;
-            if !shown.remove(&f.event.global_position) && !print(out, &f.event) {
-                return Ok(());
-            }
-        }
-        if out.flush().is_err() {
-            return Ok(());
-        }
-        if page.len() < TAIL_PAGE {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    Ok(())
-}
-
-/// The last `count` events of the log, by position.
-fn last_events(conn: &mut DbConnection, count: usize) -> Result<Vec<RecordedEvent>> {
-    let mut after = (read::head(conn)? - i64::try_from(count).unwrap_or(i64::MAX)).max(0);
-    let mut events = Vec::new();
-    loop {
-        let page = read::read_all(conn, after, TAIL_PAGE)?;
-        let full = page.len() == TAIL_PAGE;
-        after = page.last().map_or(after, |e| e.global_position);
-        events.extend(page);
-        if !full {
-            return Ok(events);
-        }
-    }
-}
-
-struct TailStart {
-    /// The last events, by position.
-    events: Vec<RecordedEvent>,
-    /// Where following starts.
-    checkpoint: Checkpoint,
-    /// Events after `checkpoint` that were committed already, so are not new.
-    shown: HashSet<i64>,
-}
-
-#[derive(QueryableByName)]
-struct Position {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    p: i64,
-}
-
-/// The last `count` events, and where a follower must start so that it
-/// returns every event committed later, whatever its position.
-///
-/// On PostgreSQL: first the follow horizon `h`; every event that is not
-/// visible to a later snapshot has an order key of at least `h`. Then, in
-/// one such snapshot, the last events and the events with a key of at least
-/// `h` that are visible already. The follower starts just below `h` and
-/// skips those.
-fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
-    type Tm = <DbConnection as Connection>::TransactionManager;
-    let horizon = match conn {
-        DbConnection::Sqlite(_) => {
-            let events = last_events(conn, count)?;
-            let position = events
-                .last()
-                .map_or(read::head(conn)?, |e| e.global_position);
-            return Ok(TailStart {
-                events,
-                checkpoint: Checkpoint {
-                    transaction: 0,
-                    position,
-                },
-                shown: HashSet::new(),
-            });
-        }
-        DbConnection::Postgres(c) => loop {
-            if let Some(h) = crate::follow::horizon(c)? {
-                break h;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        },
-    };
-    if let DbConnection::Postgres(c) = conn {
-        AnsiTransactionManager::begin_transaction_sql(
-            c,
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        )?;
-    }
-    let result = (|| {
-        let shown =
-            diesel::sql_query("SELECT global_position AS p FROM es_events WHERE order_key >= $1")
-                .bind::<diesel::sql_types::BigInt, _>(horizon)
-                .load::<Position>(conn)?
-                .into_iter()
-                .map(|r| r.p)
-                .collect();
-        Ok(TailStart {
-            events: last_events(conn, count)?,
-            checkpoint: Checkpoint {
-                transaction: horizon - 1,
-                position: i64::MAX,
-            },
-            shown,
-        })
-    })();
-    match &result {
-        Ok(_) => Tm::commit_transaction(conn)?,
-        Err(_) => {
-            let _ = Tm::rollback_transaction(conn);
-        }
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// An 80-column terminal that records what is drawn.
     #[derive(Debug, Default, Clone)]

@@ -8,29 +8,14 @@
 //! (private to the connection; temporary tables hide main ones of the same
 //! name).
 
-use crate::connection::{write_transaction, Backend, DbConnection};
+use super::rows::{Name, Number};
+use super::{quote_ident, write_transaction, Backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
-use crate::migrations::{quote_ident, quote_literal};
-use crate::read_model::ReadModelEntry;
 use diesel::connection::SimpleConnection;
-use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
 
 /// PostgreSQL truncates longer identifiers.
 const MAX_IDENTIFIER: usize = 63;
 const TOKEN_LEN: usize = 8;
-
-#[derive(QueryableByName)]
-struct Name {
-    #[diesel(sql_type = Text)]
-    name: String,
-}
-
-#[derive(QueryableByName)]
-struct Number {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
 
 /// The start of the name of every shadow schema of the schema `live`.
 pub(crate) fn schema_prefix(live: &str) -> String {
@@ -57,34 +42,35 @@ pub(crate) enum Shadow {
 }
 
 impl Shadow {
-    /// Creates an empty shadow of `entry`'s table, named after `token`
+    /// Creates an empty shadow of the read model `name`'s table from its
+    /// `ddl` on this backend, named after `token`
     /// (unique to this rebuild), and drops the shadows that interrupted
     /// rebuilds of this read model left behind.
     pub(crate) fn prepare(
         conn: &mut DbConnection,
-        entry: &'static ReadModelEntry,
+        name: &'static str,
+        ddl: &'static [&'static str],
         token: &str,
     ) -> Result<Self> {
-        let name = entry.schema.name;
         let table = quote_ident(name);
         match conn.backend() {
             Backend::Postgres => {
-                let live = diesel::sql_query("SELECT current_schema() AS name")
+                let live = Stmt::new("SELECT current_schema() AS name")
                     .get_result::<Name>(conn)?
                     .name;
-                let search_path =
-                    diesel::sql_query("SELECT current_setting('search_path') AS name")
-                        .get_result::<Name>(conn)?
-                        .name;
+                let search_path = Stmt::new("SELECT current_setting('search_path') AS name")
+                    .get_result::<Name>(conn)?
+                    .name;
                 let prefix = schema_prefix(&live);
                 let token: String = token.chars().take(TOKEN_LEN).collect();
                 let schema = format!("{prefix}{token}");
-                let stale = diesel::sql_query(
+                let stale = Stmt::new(
                     "SELECT n.nspname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relname = $1 AND left(n.nspname, length($2)) = $2",
+                     WHERE c.relname = ? AND left(n.nspname, length(?)) = ?",
                 )
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(&prefix)
+                .bind(Bind::Text(name))
+                .bind(Bind::Text(&prefix))
+                .bind(Bind::Text(&prefix))
                 .load::<Name>(conn)?;
                 for s in stale {
                     tracing::warn!(read_model = name, schema = %s.name, "dropping the shadow table an interrupted rebuild left behind");
@@ -98,15 +84,13 @@ impl Shadow {
                         "CREATE SCHEMA {0}; SET LOCAL search_path TO {0}, {search_path}",
                         quote_ident(&schema)
                     ))?;
-                    for stmt in entry.schema.postgres {
+                    for stmt in ddl {
                         c.batch_execute(stmt)?;
                     }
-                    Ok(diesel::sql_query(format!(
-                        "SELECT {}::regclass::oid::bigint AS n",
-                        quote_literal(&format!("{}.{table}", quote_ident(&schema)))
-                    ))
-                    .get_result::<Number>(c)?
-                    .n)
+                    Ok(Stmt::new("SELECT ?::regclass::oid::bigint AS n")
+                        .bind(Bind::Owned(format!("{}.{table}", quote_ident(&schema))))
+                        .get_result::<Number>(c)?
+                        .n)
                 })?;
                 Ok(Shadow::Postgres {
                     name,
@@ -120,7 +104,7 @@ impl Shadow {
                 conn.batch_execute(&format!("DROP TABLE IF EXISTS temp.{table}"))?;
                 // The table alone: the shadow only lives through the rebuild,
                 // and its primary key is all projectors look rows up by.
-                let create = entry.schema.sqlite.first().copied().unwrap_or_default();
+                let create = ddl.first().copied().unwrap_or_default();
                 let create = create.replacen("CREATE TABLE", "CREATE TEMP TABLE", 1);
                 conn.batch_execute(&create)?;
                 Ok(Shadow::Sqlite { name })
@@ -146,8 +130,8 @@ impl Shadow {
             "SET LOCAL search_path TO {}, {search_path}",
             quote_ident(schema)
         ))?;
-        let seen = diesel::sql_query("SELECT COALESCE(to_regclass($1)::oid::bigint, 0) AS n")
-            .bind::<Text, _>(quote_ident(name))
+        let seen = Stmt::new("SELECT COALESCE(to_regclass(?)::oid::bigint, 0) AS n")
+            .bind(Bind::Owned(quote_ident(name)))
             .get_result::<Number>(conn)?
             .n;
         Ok(seen == *oid)

@@ -1,11 +1,13 @@
 //! Commands against aggregates: load the stream (from a snapshot when there
 //! is one), decide, append with the expected version, retry on conflict.
 
-use crate::append::{append_events, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
-use crate::connection::{write_transaction, Backend, DbConnection};
+use super::snapshot;
+use crate::append::{StreamWrite, ACTUAL_UNKNOWN, CHUNK};
+use crate::backend::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
+use crate::projection::append_events;
+use crate::read;
 use crate::store::EventStore;
-use crate::{read, snapshot};
 use es_core::{Aggregate, ExpectedVersion, Metadata, NewEvent, Recorded};
 
 /// Events read per query while folding a stream.
@@ -293,10 +295,10 @@ impl EventStore {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let result = match conn.backend() {
-                // The write lock first (BEGIN IMMEDIATE): SQLite writers queue
-                // instead of losing races, at no network cost.
-                Backend::Sqlite => write_transaction(&mut conn, |c| {
+            let result = if conn.dialect().serial_writers() {
+                // The write lock first (BEGIN IMMEDIATE on SQLite): writers
+                // queue instead of losing races, at no network cost.
+                write_transaction(&mut conn, |c| {
                     decide_and_append::<A>(
                         self,
                         c,
@@ -306,11 +308,12 @@ impl EventStore {
                         attempts,
                         true,
                     )
-                }),
+                })
+            } else {
                 // The expected version guards the append: the load needs no
                 // transaction, and the append needs one only when projectors
                 // write with it.
-                Backend::Postgres => decide_and_append::<A>(
+                decide_and_append::<A>(
                     self,
                     &mut conn,
                     &stream,
@@ -318,7 +321,7 @@ impl EventStore {
                     options,
                     attempts,
                     false,
-                ),
+                )
             };
             match result {
                 Ok(executed) => return Ok(executed),

@@ -1,0 +1,310 @@
+//! Everything that differs between databases: connections, placeholders,
+//! DDL, upserts, locks, the follow horizon, wake-ups, the database clock.
+//!
+//! The rest of the crate writes statements with `?` placeholders
+//! ([`Stmt`]) in SQL that every backend accepts, and asks the connection's
+//! [`Dialect`] for anything else. A backend is one module implementing
+//! [`Dialect`] (`sqlite`, `postgres`), one variant of [`Backend`] and of
+//! [`DbConnection`]: the `match`es on them live in this folder only.
+
+mod connection;
+mod insert;
+mod postgres;
+pub(crate) mod rows;
+pub(crate) mod shadow;
+mod sqlite;
+mod stmt;
+
+pub(crate) use connection::{parse_url, private_write_transaction, read_only_snapshot, Listener};
+pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
+pub(crate) use insert::CHUNK;
+pub(crate) use stmt::{Bind, Stmt};
+
+use crate::error::Result;
+use es_core::view::ColumnType;
+use es_core::{ExpectedVersion, NewEvent};
+use rows::{Appended, EventTuple};
+
+/// How many backends there are (the variants of [`Backend`]).
+pub(crate) const BACKENDS: usize = 2;
+
+/// A SQL text built once per backend, at the first use on it: `d` names a
+/// `&'static dyn Dialect` in scope, and the expression builds the text.
+macro_rules! per_backend {
+    ($d:ident => $make:expr) => {{
+        static TEXTS: [std::sync::OnceLock<String>; $crate::backend::BACKENDS] =
+            [const { std::sync::OnceLock::new() }; $crate::backend::BACKENDS];
+        let d: &'static dyn $crate::backend::Dialect = $d;
+        TEXTS[d.backend() as usize].get_or_init(|| $make).as_str()
+    }};
+}
+pub(crate) use per_backend;
+
+/// The database behind a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dialect().name())
+    }
+}
+
+impl Backend {
+    /// Every backend, in the order of their [`BACKENDS`] slots.
+    pub(crate) const ALL: [Backend; BACKENDS] = [Backend::Sqlite, Backend::Postgres];
+
+    /// `per_backend!` keeps a backend's texts in slot `backend as usize`.
+    const SLOTS_MATCH: () = {
+        let mut i = 0;
+        while i < BACKENDS {
+            assert!(Backend::ALL[i] as usize == i);
+            i += 1;
+        }
+    };
+
+    /// What this backend's SQL looks like.
+    pub(crate) fn dialect(self) -> &'static dyn Dialect {
+        let () = Self::SLOTS_MATCH;
+        match self {
+            Backend::Sqlite => &sqlite::Sqlite,
+            Backend::Postgres => &postgres::Postgres,
+        }
+    }
+}
+
+impl DbConnection {
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbConnection::Postgres(_) => Backend::Postgres,
+            DbConnection::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// What this connection's SQL looks like.
+    pub(crate) fn dialect(&self) -> &'static dyn Dialect {
+        self.backend().dialect()
+    }
+}
+
+/// What differs between backends. Default methods give SQL that every
+/// backend so far accepts; a backend overrides what it spells differently.
+pub(crate) trait Dialect: Send + Sync {
+    fn backend(&self) -> Backend;
+
+    /// The name in messages: `sqlite`, `postgres`.
+    fn name(&self) -> &'static str;
+
+    /// The columns of `es_events` as [`rows::EventSql`] reads them.
+    fn event_columns(&self) -> &'static str;
+
+    /// The condition selecting the rows of one stream of `es_events` (or of
+    /// a table with a `stream_id` column), with [`Dialect::stream_binds`]
+    /// placeholders for the stream id: see [`Dialect::push_stream`].
+    fn stream_is(&self) -> &'static str {
+        "stream_id = ?"
+    }
+
+    /// How many times [`Dialect::stream_is`] takes the stream id.
+    fn stream_binds(&self) -> usize {
+        1
+    }
+
+    /// The right-hand side of `expr IN values` and its bound values: one
+    /// array on backends that have them, one placeholder per value otherwise.
+    /// An empty list matches nothing.
+    fn any_of<'a>(&self, values: &'a [&'a str], of: ListOf) -> (String, Vec<Bind<'a>>) {
+        let _ = of;
+        if values.is_empty() {
+            // `IN ()` is not SQL; no event type or id is empty.
+            return ("IN (?)".to_owned(), vec![Bind::Text("")]);
+        }
+        let marks = vec!["?"; values.len()].join(", ");
+        (
+            format!("IN ({marks})"),
+            values.iter().map(|v| Bind::Text(v)).collect(),
+        )
+    }
+
+    /// The statements of every migration of the store's schema, by version
+    /// (see `crate::schema::migrations`); "" where this backend needs none.
+    fn migrations(&self) -> &'static [(i32, &'static str)];
+
+    /// A statement that makes concurrent `migrate`s wait for each other,
+    /// where the migration transaction alone does not.
+    fn migrate_lock(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// A query of `n`: 1 when a table or view named `name` is visible to
+    /// the connection (on PostgreSQL, through its `search_path`, as queries
+    /// see it), 0 otherwise.
+    fn relation_exists(&self, name: &str) -> Stmt<'static>;
+
+    /// A stored timestamp column as a UTC timestamp without time zone.
+    fn utc_timestamp(&self, column: &str) -> String {
+        column.to_owned()
+    }
+
+    /// The field `key` of the JSON column `json` as SQL type `ty`.
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String;
+
+    /// A JSON (or UUID) column as text.
+    fn as_text(&self, column: &str) -> String {
+        column.to_owned()
+    }
+
+    /// Saves the JSON `state` as the snapshot of `stream` for
+    /// `aggregate_type` at `stream_version`, unless a snapshot of the same
+    /// shape at that version or later is stored.
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a>;
+
+    /// Appending to one stream is one statement, atomic without a
+    /// transaction around it.
+    fn one_statement_append(&self) -> bool {
+        false
+    }
+
+    /// One writer at a time: appends never race each other (no retries, no
+    /// row a concurrent projector may insert first), and positions become
+    /// visible in order, so a follower's checkpoint is just a position.
+    fn serial_writers(&self) -> bool {
+        false
+    }
+
+    /// Takes the locks that keep appends to these streams with
+    /// `ExpectedVersion::Any` from colliding, before the inserts, in one
+    /// canonical order.
+    fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
+        let _ = (conn, streams);
+        Ok(())
+    }
+
+    /// Inserts `chunk` (at most [`CHUNK`] events) at the end of `stream` if
+    /// it is at the `expected` version; no row when it is not (nothing is
+    /// written then). The rows come in stream-version order.
+    fn insert_events(
+        &self,
+        conn: &mut DbConnection,
+        stream: &str,
+        expected: ExpectedVersion,
+        chunk: &[NewEvent],
+    ) -> Result<Vec<Appended>>;
+
+    /// Whether appends are announced to listening connections
+    /// ([`Manager::listen`]).
+    fn notifies_appends(&self) -> bool {
+        false
+    }
+
+    /// Up to `limit` events after the checkpoint (`after_key`,
+    /// `after_position`) that no event committed later can precede, only of
+    /// `types` if given, in follow order, each with its order key: see
+    /// [`crate::follow`].
+    fn read_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: Option<&[&str]>,
+        limit: i64,
+    ) -> Result<Vec<(EventTuple, i64)>>;
+
+    /// [`Dialect::read_after`] of every visible event, beyond the horizon too.
+    fn read_visible_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: &[&str],
+        limit: i64,
+    ) -> Result<Vec<(EventTuple, i64)>> {
+        self.read_after(conn, after_key, after_position, Some(types), limit)
+    }
+
+    /// How many events of `types` after the checkpoint are visible but
+    /// beyond the horizon.
+    fn count_visible_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: &[&str],
+    ) -> Result<u64> {
+        let _ = (conn, after_key, after_position, types);
+        Ok(0)
+    }
+
+    /// The follow horizon once every append in flight has published its
+    /// order key (waiting for that), or `None` where there is no horizon
+    /// because positions become visible in order.
+    fn settled_horizon(&self, conn: &mut DbConnection) -> Result<Option<i64>> {
+        let _ = conn;
+        Ok(None)
+    }
+
+    /// The database clock in milliseconds since the epoch, as an expression.
+    fn now_ms(&self) -> &'static str;
+}
+
+/// `s` as an SQL string literal.
+pub(crate) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `s` as an SQL identifier (ANSI double quotes, which every backend so far
+/// accepts).
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// One value for each backend, such as the DDL `#[derive(ReadModel)]`
+/// generates per backend.
+pub(crate) struct PerBackend<T> {
+    pub sqlite: T,
+    pub postgres: T,
+}
+
+impl<T> PerBackend<T> {
+    pub(crate) fn get(self, backend: Backend) -> T {
+        match backend {
+            Backend::Sqlite => self.sqlite,
+            Backend::Postgres => self.postgres,
+        }
+    }
+}
+
+/// The type of the values of [`Dialect::any_of`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ListOf {
+    Text,
+    /// UUIDs given as text.
+    Uuid,
+}
+
+impl dyn Dialect {
+    /// The statements of migration `version` ("" when there are none).
+    pub(crate) fn migration(&self, version: i32) -> &'static str {
+        self.migrations()
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map_or("", |(_, sql)| sql)
+    }
+
+    /// Binds `stream` where [`Dialect::stream_is`] takes it.
+    pub(crate) fn push_stream<'a, ST>(&self, q: &mut Stmt<'a, ST>, stream: &'a str) {
+        for _ in 0..self.stream_binds() {
+            q.push(Bind::Text(stream));
+        }
+    }
+}

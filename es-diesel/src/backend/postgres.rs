@@ -1,0 +1,374 @@
+//! PostgreSQL: concurrent writers, positions visible out of order (see
+//! [`crate::follow`]), NOTIFY on append.
+
+use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
+use super::rows::{Appended, EventSql, EventTuple, Number};
+mod migrations;
+
+use super::{quote_ident, quote_literal};
+use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
+use crate::error::{Error, Result};
+use diesel::connection::TransactionManager;
+use diesel::sql_types::BigInt;
+use diesel::{Connection, QueryableByName};
+use es_core::view::ColumnType;
+use es_core::{ExpectedVersion, NewEvent};
+
+pub(crate) struct Postgres;
+
+impl Dialect for Postgres {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    fn event_columns(&self) -> &'static str {
+        "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
+         event_version, payload::text AS payload, metadata::text AS metadata, \
+         (created_at AT TIME ZONE 'UTC') AS created_at"
+    }
+
+    /// Stream ids may be kilobytes long, beyond what a btree entry holds, so
+    /// the unique index is on the md5 of the id.
+    fn stream_is(&self) -> &'static str {
+        "md5(stream_id) = md5(?) AND stream_id = ?"
+    }
+
+    fn stream_binds(&self) -> usize {
+        2
+    }
+
+    fn any_of<'a>(&self, values: &'a [&'a str], of: ListOf) -> (String, Vec<Bind<'a>>) {
+        let any = match of {
+            ListOf::Text => "= ANY(?)",
+            ListOf::Uuid => "= ANY(?::text[]::uuid[])",
+        };
+        (any.to_owned(), vec![Bind::TextArray(values)])
+    }
+
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn now_ms(&self) -> &'static str {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    }
+
+    fn migrations(&self) -> &'static [(i32, &'static str)] {
+        migrations::MIGRATIONS
+    }
+
+    fn migrate_lock(&self) -> Option<&'static str> {
+        Some("SELECT pg_advisory_xact_lock(hashtextextended('es_diesel.migrate.' || current_schema(), 0))")
+    }
+
+    fn relation_exists(&self, name: &str) -> Stmt<'static> {
+        Stmt::new("SELECT CASE WHEN to_regclass(?) IS NULL THEN 0 ELSE 1 END::bigint AS n")
+            .bind(Bind::Owned(quote_ident(name)))
+    }
+
+    fn utc_timestamp(&self, column: &str) -> String {
+        format!("({column} AT TIME ZONE 'UTC')")
+    }
+
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String {
+        let key = quote_literal(key);
+        match ty {
+            ColumnType::Text => format!("({json}->>{key})"),
+            ColumnType::Json => format!("({json}->{key})::text"),
+            ty => format!("({json}->>{key})::{}", pg_type(ty)),
+        }
+    }
+
+    fn as_text(&self, column: &str) -> String {
+        format!("{column}::text")
+    }
+
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a> {
+        // The stream_id condition keeps an md5 collision from overwriting
+        // another stream's snapshot.
+        Stmt::new(
+            "INSERT INTO es_snapshots (aggregate_type, stream_id, shape, stream_version, state) \
+             VALUES (?, ?, ?, ?, ?::jsonb) \
+             ON CONFLICT (aggregate_type, md5(stream_id)) DO UPDATE SET \
+             shape = EXCLUDED.shape, stream_version = EXCLUDED.stream_version, \
+             state = EXCLUDED.state, created_at = now() \
+             WHERE es_snapshots.stream_id = EXCLUDED.stream_id \
+             AND (es_snapshots.stream_version < EXCLUDED.stream_version OR es_snapshots.shape <> EXCLUDED.shape)",
+        )
+        .bind(Bind::Text(aggregate_type))
+        .bind(Bind::Text(stream))
+        .bind(Bind::BigInt(shape))
+        .bind(Bind::BigInt(stream_version))
+        .bind(Bind::Text(state))
+    }
+
+    fn one_statement_append(&self) -> bool {
+        true
+    }
+
+    fn notifies_appends(&self) -> bool {
+        true
+    }
+
+    fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
+        if streams.is_empty() {
+            return Ok(());
+        }
+        lock_streams(conn, streams)
+    }
+
+    fn insert_events(
+        &self,
+        conn: &mut DbConnection,
+        stream: &str,
+        expected: ExpectedVersion,
+        chunk: &[NewEvent],
+    ) -> Result<Vec<Appended>> {
+        insert(conn, stream, expected, chunk)
+    }
+
+    fn read_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: Option<&[&str]>,
+        limit: i64,
+    ) -> Result<Vec<(EventTuple, i64)>> {
+        let Some(horizon) = horizon(conn)? else {
+            return Ok(Vec::new());
+        };
+        follow(conn, after_key, after_position, types, Some(horizon), limit)
+    }
+
+    fn read_visible_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: &[&str],
+        limit: i64,
+    ) -> Result<Vec<(EventTuple, i64)>> {
+        follow(conn, after_key, after_position, Some(types), None, limit)
+    }
+
+    fn count_visible_after(
+        &self,
+        conn: &mut DbConnection,
+        after_key: i64,
+        after_position: i64,
+        types: &[&str],
+    ) -> Result<u64> {
+        let n = Stmt::new(
+            "SELECT COUNT(*) AS n FROM es_events \
+             WHERE (order_key, global_position) > (?, ?) AND event_type = ANY(?)",
+        )
+        .bind(Bind::BigInt(after_key))
+        .bind(Bind::BigInt(after_position))
+        .bind(Bind::TextArray(types))
+        .get_result::<Number>(conn)?
+        .n;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn settled_horizon(&self, conn: &mut DbConnection) -> Result<Option<i64>> {
+        loop {
+            if let Some(h) = horizon(conn)? {
+                return Ok(Some(h));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+/// Events after the checkpoint in follow order, below `horizon` if given.
+fn follow(
+    conn: &mut DbConnection,
+    after_key: i64,
+    after_position: i64,
+    types: Option<&[&str]>,
+    horizon: Option<i64>,
+    limit: i64,
+) -> Result<Vec<(EventTuple, i64)>> {
+    let below = if horizon.is_some() {
+        "AND order_key < ?"
+    } else {
+        ""
+    };
+    let filter = if types.is_some() {
+        "AND event_type = ANY(?)"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {}, order_key FROM es_events \
+         WHERE (order_key, global_position) > (?, ?) {below} {filter} \
+         ORDER BY order_key, global_position LIMIT ?",
+        Postgres.event_columns()
+    );
+    let mut q = Stmt::with_capacity(sql, 5)
+        .rows::<(EventSql, BigInt)>()
+        .bind(Bind::BigInt(after_key))
+        .bind(Bind::BigInt(after_position));
+    if let Some(h) = horizon {
+        q.push(Bind::BigInt(h));
+    }
+    if let Some(types) = types {
+        q.push(Bind::TextArray(types));
+    }
+    Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
+}
+
+/// The order key below which no append in flight can still write (see
+/// [`crate::follow`]), or `None` when an append kept announcing itself
+/// without a published key for a while (then nothing is safe to read yet).
+fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
+    #[derive(QueryableByName)]
+    struct Horizon {
+        #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+        h: Option<i64>,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        isolation: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        later_statement: bool,
+    }
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    let in_transaction = Tm::transaction_manager_status_mut(conn)
+        .transaction_depth()?
+        .is_some();
+    // An append is between its announcement and its published key for
+    // microseconds; a few short looks almost always find it done.
+    for attempt in 0..50u32 {
+        let row = Stmt::new(
+            "SELECT es_follow_horizon() AS h, current_setting('transaction_isolation') AS isolation, \
+             now() <> statement_timestamp() AS later_statement",
+        )
+        .get_result::<Horizon>(conn)?;
+        // Under REPEATABLE READ or SERIALIZABLE the read that follows would
+        // see the snapshot of the transaction's first statement, older than
+        // this look at the appends in flight.
+        if (in_transaction || row.later_statement) && row.isolation != "read committed" {
+            return Err(Error::Follow {
+                reason: format!(
+                    "the log is followed inside a {} transaction; followers must read in READ COMMITTED \
+                     (open the transaction with `write_transaction`, or outside any transaction)",
+                    row.isolation.to_uppercase()
+                ),
+            });
+        }
+        if row.h.is_some() {
+            return Ok(row.h);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(
+            200 * u64::from(attempt.min(10) + 1),
+        ));
+    }
+    tracing::debug!("appends in flight have not published their order keys yet");
+    Ok(None)
+}
+
+/// Advisory-lock namespace of per-stream append locks ("ES" + 1).
+const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
+
+/// Appends with `ExpectedVersion::Any` read the stream's version and write
+/// the next one; serializing them per stream keeps them from colliding with
+/// each other. The locks must be held before the insert statement takes its
+/// snapshot, hence a statement of their own; they are keyed by schema and
+/// stream and taken in key order, so two batches never wait for each other
+/// in a cycle.
+fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
+    Stmt::new(
+        "SELECT COUNT(pg_advisory_xact_lock(?, k)) FROM \
+         (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest(?::text[]) AS s ORDER BY k) AS keys",
+    )
+    .bind(Bind::Int(STREAM_LOCK_CLASS))
+    .bind(Bind::TextArray(streams))
+    .execute(conn)?;
+    Ok(())
+}
+
+/// One statement: draws the append's order key, reads the stream's last
+/// version and key, checks the expectation and inserts the chunk, so an
+/// append costs one round trip. A concurrent writer of the same version
+/// loses on the unique index.
+///
+/// The order key (see [`crate::follow`]) is the larger of a key drawn now
+/// and the key of the stream's previous event, so that followers, which
+/// read in key order, see every stream's versions in increasing order.
+fn insert(
+    conn: &mut DbConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+) -> Result<Vec<Appended>> {
+    let mut sql = String::with_capacity(900 + chunk.len() * 70);
+    sql.push_str(
+        "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), \
+         last AS (SELECT stream_version, order_key FROM es_events \
+         WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
+         cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
+         GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
+         INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
+         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
+         FROM cur, (VALUES ",
+    );
+    for k in 1..=chunk.len() {
+        if k > 1 {
+            sql.push_str(", ");
+        }
+        use std::fmt::Write;
+        let _ = write!(
+            sql,
+            "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
+        );
+    }
+    sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
+    match expected {
+        ExpectedVersion::Any => {}
+        ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
+        ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
+        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
+    }
+    sql.push_str(
+        " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
+    );
+    let mut q = Stmt::with_capacity(&sql, 4 + chunk.len() * 5);
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
+    q.push(Bind::Text(stream));
+    q.push(Bind::Text(stream));
+    q.push(Bind::Text(stream));
+    for ev in chunk {
+        q.push(Bind::Uuid(ev.event_id));
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
+    }
+    if let ExpectedVersion::Exact(v) = expected {
+        q.push(Bind::BigInt(v));
+    }
+    q.load::<Appended>(conn)
+        .map(sorted)
+        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+}
+
+fn pg_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::SmallInt => "smallint",
+        ColumnType::Integer => "integer",
+        ColumnType::BigInt => "bigint",
+        ColumnType::Float => "real",
+        ColumnType::Double => "double precision",
+        ColumnType::Bool => "boolean",
+        ColumnType::Text | ColumnType::Json => "text",
+    }
+}

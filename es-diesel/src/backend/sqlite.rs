@@ -1,0 +1,209 @@
+//! SQLite: one writer at a time, positions visible in order.
+
+use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
+use super::rows::{Appended, EventSql, EventTuple, Name, Number};
+mod migrations;
+
+use super::{quote_ident, quote_literal};
+use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
+use crate::error::{Error, Result};
+use chrono::Utc;
+use diesel::sql_types::BigInt;
+use diesel::QueryResult;
+use es_core::view::ColumnType;
+use es_core::{ExpectedVersion, NewEvent};
+
+pub(crate) struct Sqlite;
+
+impl Dialect for Sqlite {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    fn event_columns(&self) -> &'static str {
+        "global_position, event_id, stream_id, stream_version, event_type, \
+         event_version, payload, metadata, created_at"
+    }
+
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn now_ms(&self) -> &'static str {
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+    }
+
+    fn migrations(&self) -> &'static [(i32, &'static str)] {
+        migrations::MIGRATIONS
+    }
+
+    fn relation_exists(&self, name: &str) -> Stmt<'static> {
+        Stmt::new(
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type IN ('table', 'view') AND name = ?",
+        )
+        .bind(Bind::Owned(name.to_owned()))
+    }
+
+    fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String {
+        let path = quote_literal(&format!("$.{}", quote_ident(key)));
+        match ty {
+            ColumnType::Json => format!("({json} -> {path})"),
+            ColumnType::Float | ColumnType::Double => {
+                format!("CAST(json_extract({json}, {path}) AS REAL)")
+            }
+            _ => format!("json_extract({json}, {path})"),
+        }
+    }
+
+    fn save_snapshot<'a>(
+        &self,
+        aggregate_type: &'a str,
+        stream: &'a str,
+        shape: i64,
+        stream_version: i64,
+        state: &'a str,
+    ) -> Stmt<'a> {
+        Stmt::new(
+            "INSERT INTO es_snapshots (aggregate_type, stream_id, shape, stream_version, state, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (aggregate_type, stream_id) DO UPDATE SET \
+             shape = excluded.shape, stream_version = excluded.stream_version, \
+             state = excluded.state, created_at = excluded.created_at \
+             WHERE es_snapshots.stream_version < excluded.stream_version OR es_snapshots.shape <> excluded.shape",
+        )
+        .bind(Bind::Text(aggregate_type))
+        .bind(Bind::Text(stream))
+        .bind(Bind::BigInt(shape))
+        .bind(Bind::BigInt(stream_version))
+        .bind(Bind::Text(state))
+        .bind(Bind::Timestamp(Utc::now().naive_utc()))
+    }
+
+    fn serial_writers(&self) -> bool {
+        true
+    }
+
+    fn insert_events(
+        &self,
+        conn: &mut DbConnection,
+        stream: &str,
+        expected: ExpectedVersion,
+        chunk: &[NewEvent],
+    ) -> Result<Vec<Appended>> {
+        insert(conn, stream, expected, chunk)
+    }
+
+    fn read_after(
+        &self,
+        conn: &mut DbConnection,
+        _after_key: i64,
+        after_position: i64,
+        types: Option<&[&str]>,
+        limit: i64,
+    ) -> Result<Vec<(EventTuple, i64)>> {
+        let (filter, binds) = match types {
+            Some(types) => {
+                let (any, binds) = self.any_of(types, ListOf::Text);
+                (format!("AND event_type {any}"), binds)
+            }
+            None => (String::new(), Vec::new()),
+        };
+        let sql = format!(
+            "SELECT {}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
+             ORDER BY global_position LIMIT ?",
+            self.event_columns()
+        );
+        let mut q = Stmt::new(sql)
+            .rows::<(EventSql, BigInt)>()
+            .bind(Bind::BigInt(after_position));
+        binds.into_iter().for_each(|b| q.push(b));
+        Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
+    }
+}
+
+/// SQLite holds the write lock for the whole transaction (BEGIN IMMEDIATE),
+/// so reading the version and then inserting cannot race.
+fn insert(
+    conn: &mut DbConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+) -> Result<Vec<Appended>> {
+    let current = Stmt::new(
+        "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
+    )
+    .bind(Bind::Text(stream))
+    .get_result::<Number>(conn)?
+    .n;
+    if !expected.is_satisfied_by(current) {
+        return Ok(Vec::new());
+    }
+    let mut sql = String::with_capacity(200 + chunk.len() * 32);
+    sql.push_str(
+        "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) VALUES ",
+    );
+    for k in 0..chunk.len() {
+        sql.push_str(if k == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+    }
+    sql.push_str(" RETURNING global_position, stream_version, created_at");
+    let now = Utc::now().naive_utc();
+    let mut q = Stmt::with_capacity(&sql, chunk.len() * 8);
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
+    for (k, ev) in chunk.iter().enumerate() {
+        q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
+        q.push(Bind::Text(stream));
+        q.push(Bind::BigInt(current + k as i64 + 1));
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
+        q.push(Bind::Timestamp(now));
+    }
+    match q.load::<Appended>(conn) {
+        Ok(rows) => Ok(sorted(rows)),
+        Err(e) => match map_insert_error(e, stream, expected, chunk) {
+            Error::DuplicateEventId { event_id } if event_id.is_nil() => {
+                Err(Error::DuplicateEventId {
+                    event_id: existing_id(conn, chunk)?.unwrap_or_default(),
+                })
+            }
+            // The transaction is still usable: say what the stream is at.
+            Error::Conflict {
+                stream, expected, ..
+            } => {
+                let actual = Stmt::new(
+                    "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
+                )
+                .bind(Bind::Text(&stream))
+                .get_result::<Number>(conn)?
+                .n;
+                Err(Error::Conflict {
+                    stream,
+                    expected,
+                    actual,
+                })
+            }
+            other => Err(other),
+        },
+    }
+}
+
+/// SQLite does not say which key was duplicated; its transaction is still
+/// usable after a failed statement, so ask.
+fn existing_id(conn: &mut DbConnection, chunk: &[NewEvent]) -> QueryResult<Option<uuid::Uuid>> {
+    for ev in chunk {
+        let found = Stmt::new("SELECT event_id AS name FROM es_events WHERE event_id = ?")
+            .bind(Bind::Owned(ev.event_id.hyphenated().to_string()))
+            .load::<Name>(conn)?;
+        if let Some(f) = found.first() {
+            return Ok(uuid::Uuid::parse_str(&f.name).ok());
+        }
+    }
+    Ok(None)
+}

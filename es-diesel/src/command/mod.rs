@@ -1,0 +1,4 @@
+//! Commands against aggregates, and the snapshots that shorten their loads.
+
+pub(crate) mod execute;
+mod snapshot;

@@ -1,0 +1,194 @@
+//! Appending to the log: optimistic concurrency per stream, all or nothing.
+
+use crate::backend::DbConnection;
+use crate::error::{check_stream_id, Error, Result};
+use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
+
+pub(crate) use crate::backend::CHUNK;
+pub(crate) use crate::error::ACTUAL_UNKNOWN;
+
+/// Events to append to one stream, with what the writer expects of it.
+#[derive(Clone, Debug)]
+pub struct StreamWrite {
+    pub stream_id: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+}
+
+impl StreamWrite {
+    pub fn new(stream_id: impl Into<String>, expected: ExpectedVersion) -> Self {
+        StreamWrite {
+            stream_id: stream_id.into(),
+            expected,
+            events: Vec::new(),
+        }
+    }
+
+    /// Adds an event (encoded now) with no metadata.
+    pub fn push<E: Event>(&mut self, event: &E) -> Result<&mut Self> {
+        self.events.push(NewEvent::new(event)?);
+        Ok(self)
+    }
+
+    /// Adds an event (encoded now) with metadata.
+    pub fn push_with<E: Event>(&mut self, event: &E, metadata: Metadata) -> Result<&mut Self> {
+        self.events
+            .push(NewEvent::new(event)?.with_metadata(metadata));
+        Ok(self)
+    }
+
+    /// Adds an already encoded event.
+    pub fn push_new(&mut self, event: NewEvent) -> &mut Self {
+        self.events.push(event);
+        self
+    }
+}
+
+/// How many times an append is retried after losing a race it may simply
+/// run again (see [`retry_after`]).
+pub(crate) const RACE_RETRIES: usize = 16;
+
+/// Whether an append that failed with `err` (and was rolled back) can just
+/// be run again: a race lost by a write that expects [`ExpectedVersion::Any`]
+/// or [`ExpectedVersion::StreamExists`] (the stream exists, since another
+/// writer just wrote the version it wanted), or a transaction the database
+/// aborted to break a deadlock or a serialization failure.
+pub(crate) fn retry_after(err: &Error, writes: &[StreamWrite]) -> bool {
+    match err {
+        Error::Conflict { stream, actual, .. } if *actual == ACTUAL_UNKNOWN => {
+            writes.iter().any(|w| {
+                &w.stream_id == stream
+                    && matches!(
+                        w.expected,
+                        ExpectedVersion::Any | ExpectedVersion::StreamExists
+                    )
+            })
+        }
+        other => other.is_transient(),
+    }
+}
+
+/// Fills in the actual version of a conflict that happened in a statement
+/// (the transaction that failed must be rolled back first).
+pub(crate) fn known_actual(conn: &mut DbConnection, err: Error) -> Result<Error> {
+    match err {
+        Error::Conflict {
+            stream,
+            expected,
+            actual,
+        } if actual == ACTUAL_UNKNOWN => {
+            let actual = crate::read::stream_version(conn, &stream)?;
+            Ok(Error::Conflict {
+                stream,
+                expected,
+                actual,
+            })
+        }
+        other => Ok(other),
+    }
+}
+
+/// The events a projector applies inside the append transaction, in log
+/// order.
+pub(crate) type Project<'a> = &'a dyn Fn(&mut DbConnection, &[RecordedEvent]) -> Result<()>;
+
+/// Appends `writes` (see [`append_in`](crate::append_in)): after checking
+/// them, runs `check` before the first insert, and `project`, if given, on
+/// the recorded events in log order after the last. Returns the events in
+/// the order of `writes`.
+pub(crate) fn insert_writes(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    check: impl FnOnce() -> Result<()>,
+    project: Option<Project<'_>>,
+) -> Result<Vec<RecordedEvent>> {
+    for w in writes {
+        check_stream_id(&w.stream_id)?;
+        for ev in &w.events {
+            ev.check()?;
+        }
+    }
+    check()?;
+    // One canonical order of streams for every writer: no lock cycles.
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(|&a, &b| writes[a].stream_id.cmp(&writes[b].stream_id));
+    let reordered = order.iter().enumerate().any(|(k, &i)| k != i);
+    let any: Vec<&str> = writes
+        .iter()
+        .filter(|w| w.expected == ExpectedVersion::Any && !w.events.is_empty())
+        .map(|w| w.stream_id.as_str())
+        .collect();
+    let dialect = conn.dialect();
+    dialect.lock_streams(conn, &any)?;
+    let total = writes.iter().map(|w| w.events.len()).sum();
+    // In log order: the order of `order`.
+    let mut out = Vec::with_capacity(total);
+    for &i in &order {
+        let w = &writes[i];
+        if w.events.is_empty() {
+            if w.expected != ExpectedVersion::Any {
+                let actual = crate::read::stream_version(conn, &w.stream_id)?;
+                if !w.expected.is_satisfied_by(actual) {
+                    return Err(Error::Conflict {
+                        stream: w.stream_id.clone(),
+                        expected: w.expected,
+                        actual,
+                    });
+                }
+            }
+            continue;
+        }
+        let mut expected = w.expected;
+        for chunk in w.events.chunks(CHUNK) {
+            let mut tries = 0;
+            let rows = loop {
+                let rows = dialect.insert_events(conn, &w.stream_id, expected, chunk)?;
+                if rows.len() == chunk.len() {
+                    break rows;
+                }
+                let actual = crate::read::stream_version(conn, &w.stream_id)?;
+                // The statement's snapshot predates a commit that satisfies
+                // the expectation (PostgreSQL): nothing was written, so the
+                // statement can run again on a newer snapshot.
+                if expected.is_satisfied_by(actual) && tries < RACE_RETRIES {
+                    tries += 1;
+                    continue;
+                }
+                return Err(Error::Conflict {
+                    stream: w.stream_id.clone(),
+                    expected: w.expected,
+                    actual,
+                });
+            };
+            let last = rows.iter().map(|r| r.stream_version).max().unwrap_or(0);
+            expected = ExpectedVersion::Exact(last);
+            out.extend(chunk.iter().zip(rows).map(|(ev, row)| RecordedEvent {
+                global_position: row.global_position,
+                event_id: ev.event_id,
+                stream_id: w.stream_id.clone(),
+                stream_version: row.stream_version,
+                event_type: ev.event_type.to_owned(),
+                event_version: ev.event_version,
+                metadata: ev.metadata.clone(),
+                created_at: row.created_at.and_utc(),
+                event: Payload(ev.payload.clone()),
+            }));
+        }
+    }
+    if let Some(project) = project {
+        project(conn, &out)?;
+    }
+    if !reordered {
+        return Ok(out);
+    }
+    // Back to the caller's order of writes.
+    let mut per_write: Vec<Vec<RecordedEvent>> = writes
+        .iter()
+        .map(|w| Vec::with_capacity(w.events.len()))
+        .collect();
+    let mut events = out.into_iter();
+    for &i in &order {
+        per_write[i].extend(events.by_ref().take(writes[i].events.len()));
+    }
+    Ok(per_write.into_iter().flatten().collect())
+}

@@ -1,0 +1,5 @@
+//! The event log: appending, reading, following.
+
+pub(crate) mod append;
+pub mod follow;
+pub(crate) mod read;

@@ -1,0 +1,152 @@
+//! Reading the log: one stream, the whole log in global order, by event type.
+//! Every read is a bounded page.
+
+use crate::backend::rows::{EventSql, EventTuple, Number};
+use crate::backend::{per_backend, Bind, DbConnection, ListOf, Stmt};
+use crate::error::{Error, Result};
+use es_core::{Metadata, Payload, RecordedEvent};
+
+/// Checks a stored row and turns it into a recorded event.
+pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
+    let (
+        position,
+        event_id,
+        stream_id,
+        stream_version,
+        event_type,
+        event_version,
+        payload,
+        metadata,
+        created_at,
+    ) = row;
+    let malformed = |reason: String| Error::Malformed { position, reason };
+    let event_id = uuid::Uuid::parse_str(&event_id)
+        .map_err(|e| malformed(format!("event_id {event_id:?} is not a UUID: {e}")))?;
+    let metadata = if metadata == "{}" {
+        Metadata::default()
+    } else {
+        Metadata::from_json(&metadata)
+            .map_err(|e| malformed(format!("metadata is not a JSON object: {e}")))?
+    };
+    let event_version = u16::try_from(event_version)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| {
+            malformed(format!(
+                "event_version {event_version} is not a positive version"
+            ))
+        })?;
+    Ok(RecordedEvent {
+        global_position: position,
+        event_id,
+        stream_id,
+        stream_version,
+        event_type,
+        event_version,
+        metadata,
+        created_at: created_at.and_utc(),
+        event: Payload(payload),
+    })
+}
+
+fn rows_into_events(rows: Vec<EventTuple>) -> Result<Vec<RecordedEvent>> {
+    rows.into_iter().map(recorded).collect()
+}
+
+fn clamp(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Events of `stream` with `stream_version >= from_version`, at most `limit`.
+pub(crate) fn read_stream(
+    conn: &mut DbConnection,
+    stream: &str,
+    from_version: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version LIMIT ?",
+            d.event_columns(),
+            d.stream_is()
+        )
+    });
+    let mut q = Stmt::with_capacity(sql, 4).rows::<EventSql>();
+    d.push_stream(&mut q, stream);
+    let rows = q
+        .bind(Bind::BigInt(from_version))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
+    rows_into_events(rows)
+}
+
+/// Events with `global_position > after`, in global order, at most `limit`.
+pub(crate) fn read_all(
+    conn: &mut DbConnection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT {} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?",
+            d.event_columns()
+        )
+    });
+    let rows = Stmt::new(sql)
+        .rows::<EventSql>()
+        .bind(Bind::BigInt(after))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
+    rows_into_events(rows)
+}
+
+/// Events of the given types with `global_position > after`, in global order.
+pub(crate) fn read_types(
+    conn: &mut DbConnection,
+    types: &[&str],
+    after: i64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
+    if types.is_empty() {
+        return Ok(Vec::new());
+    }
+    let d = conn.dialect();
+    let (any, binds) = d.any_of(types, ListOf::Text);
+    let sql = format!(
+        "SELECT {} FROM es_events WHERE event_type {any} AND global_position > ? \
+         ORDER BY global_position LIMIT ?",
+        d.event_columns()
+    );
+    let mut q = Stmt::with_capacity(sql, binds.len() + 2).rows::<EventSql>();
+    binds.into_iter().for_each(|b| q.push(b));
+    let rows = q
+        .bind(Bind::BigInt(after))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<EventTuple>(conn)?;
+    rows_into_events(rows)
+}
+
+/// The stream's last version, 0 when it has no events.
+pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE {}",
+            d.stream_is()
+        )
+    });
+    let mut q = Stmt::new(sql);
+    d.push_stream(&mut q, stream);
+    Ok(q.get_result::<Number>(conn)?.n)
+}
+
+/// The highest global position in the log, 0 when it is empty.
+pub(crate) fn head(conn: &mut DbConnection) -> Result<i64> {
+    Ok(
+        Stmt::new("SELECT COALESCE(MAX(global_position), 0) AS n FROM es_events")
+            .get_result::<Number>(conn)?
+            .n,
+    )
+}
