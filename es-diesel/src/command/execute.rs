@@ -2,13 +2,15 @@
 //! is one), decide, append with the expected version, retry on conflict.
 
 use super::snapshot;
-use crate::append::{StreamWrite, ACTUAL_UNKNOWN, CHUNK};
+use crate::append::{micros, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
 use crate::projection::append_events;
 use crate::read;
 use crate::store::EventStore;
 use es_core::{Aggregate, ExpectedVersion, Metadata, NewEvent, Recorded};
+use std::time::Instant;
+use tracing::field::Empty;
 
 /// Events read per query while folding a stream.
 const PAGE: usize = 1_000;
@@ -290,6 +292,51 @@ impl EventStore {
         A::Command: Clone,
     {
         let stream = A::stream_id(id);
+        let span = tracing::debug_span!(
+            "es.execute",
+            aggregate = A::TYPE,
+            stream = stream.as_str(),
+            attempts = Empty,
+            outcome = Empty,
+            events = Empty,
+            version = Empty,
+            duration_us = Empty,
+        );
+        let _entered = span.enter();
+        if span.is_disabled() {
+            return self.execute_traced::<A>(stream, command, options);
+        }
+        let started = Instant::now();
+        let result = self.execute_traced::<A>(stream, command, options);
+        let outcome = match &result {
+            Ok(executed) => {
+                span.record("attempts", executed.attempts);
+                span.record("events", executed.events.len());
+                span.record("version", executed.version);
+                if executed.events.is_empty() {
+                    "unchanged"
+                } else {
+                    "appended"
+                }
+            }
+            Err(ExecuteError::Domain(_)) => "refused",
+            Err(ExecuteError::Store(Error::Conflict { .. })) => "conflict",
+            Err(ExecuteError::Store(_)) => "error",
+        };
+        span.record("outcome", outcome);
+        span.record("duration_us", micros(started));
+        result
+    }
+
+    fn execute_traced<A: Aggregate>(
+        &self,
+        stream: String,
+        command: A::Command,
+        options: &ExecuteOptions,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         check_stream_id(&stream)?;
         let mut conn = self.connection()?;
         let mut attempts = 0u32;
@@ -328,6 +375,7 @@ impl EventStore {
                 Err(ExecuteError::Store(e))
                     if e.is_retryable() && attempts <= options.max_retries =>
                 {
+                    tracing::Span::current().record("attempts", attempts);
                     tracing::debug!(aggregate = A::TYPE, %stream, attempts, error = %e, "lost a race for the stream; reloading");
                 }
                 Err(ExecuteError::Store(Error::Conflict {

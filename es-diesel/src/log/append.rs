@@ -3,6 +3,8 @@
 use crate::backend::DbConnection;
 use crate::error::{check_stream_id, Error, Result};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
+use std::time::Instant;
+use tracing::field::Empty;
 
 pub(crate) use crate::backend::CHUNK;
 pub(crate) use crate::error::ACTUAL_UNKNOWN;
@@ -97,6 +99,67 @@ pub(crate) type Project<'a> = &'a dyn Fn(&mut DbConnection, &[RecordedEvent]) ->
 /// the recorded events in log order after the last. Returns the events in
 /// the order of `writes`.
 pub(crate) fn insert_writes(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    check: impl FnOnce() -> Result<()>,
+    project: Option<Project<'_>>,
+) -> Result<Vec<RecordedEvent>> {
+    let span = tracing::debug_span!(
+        "es.append",
+        stream = Empty,
+        streams = writes.len(),
+        events = Empty,
+        first_position = Empty,
+        last_position = Empty,
+        outcome = Empty,
+        duration_us = Empty,
+    );
+    let _entered = span.enter();
+    if span.is_disabled() {
+        return insert_traced(conn, writes, check, project);
+    }
+    let started = Instant::now();
+    match writes {
+        [one] => span.record("stream", one.stream_id.as_str()),
+        _ => span.record(
+            "stream",
+            tracing::field::display(
+                writes
+                    .iter()
+                    .map(|w| w.stream_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ),
+    };
+    span.record("events", writes.iter().map(|w| w.events.len()).sum::<usize>());
+    let result = insert_traced(conn, writes, check, project);
+    match &result {
+        Ok(events) => {
+            let positions = events.iter().map(|e| e.global_position);
+            if let (Some(first), Some(last)) = (positions.clone().min(), positions.max()) {
+                span.record("first_position", first);
+                span.record("last_position", last);
+            }
+            span.record("outcome", "appended");
+        }
+        Err(Error::Conflict { .. }) => {
+            span.record("outcome", "conflict");
+        }
+        Err(_) => {
+            span.record("outcome", "error");
+        }
+    }
+    span.record("duration_us", micros(started));
+    result
+}
+
+/// Microseconds since `started`, for a span's `duration_us`.
+pub(crate) fn micros(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn insert_traced(
     conn: &mut DbConnection,
     writes: &[StreamWrite],
     check: impl FnOnce() -> Result<()>,

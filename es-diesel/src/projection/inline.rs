@@ -63,10 +63,21 @@ pub(crate) fn apply_inline(conn: &mut DbConnection, events: &[RecordedEvent]) ->
                 HandlerKind::Sql { apply } => apply,
                 HandlerKind::Row { inline, .. } => inline,
             };
+            let _span = projector_span(p.name, ev).entered();
             run(ev, conn).map_err(|f| f.into_error(p.name, ev))?;
         }
     }
     Ok(())
+}
+
+fn projector_span(projector: &'static str, ev: &RecordedEvent) -> tracing::Span {
+    tracing::debug_span!(
+        "es.projector",
+        projector,
+        event_type = ev.event_type.as_str(),
+        stream = ev.stream_id.as_str(),
+        position = ev.global_position,
+    )
 }
 
 /// Runs the projectors of `read_model` on one event, as an inline append
@@ -85,6 +96,7 @@ pub(crate) fn apply_read_model(
             HandlerKind::Sql { apply } => apply,
             HandlerKind::Row { inline, .. } => inline,
         };
+        let _span = projector_span(p.name, ev).entered();
         catch_panic(conn, |c| run(ev, c))
             .unwrap_or_else(|message| Err(Failure::Projector(message.into())))
             .map_err(|f| f.into_error(p.name, ev))?;

@@ -39,6 +39,7 @@ use es_core::RecordedEvent;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::field::Empty;
 
 /// A projection fed asynchronously by a runner.
 pub trait AsyncProjection: Send + Sync + 'static {
@@ -267,11 +268,25 @@ impl Runner {
     ) -> std::result::Result<(usize, Option<Instant>), Abort> {
         let name = self.projection.name();
         let node = &self.options.node;
-        write_transaction(conn, |c| {
+        let span = tracing::debug_span!(
+            "es.runner.batch",
+            projection = name,
+            node = node.as_str(),
+            from_position = Empty,
+            to_position = Empty,
+            events = Empty,
+            lag = Empty,
+            duration_us = Empty,
+        );
+        let _entered = span.enter();
+        let started = Instant::now();
+        let mut range = None;
+        let result = write_transaction(conn, |c| {
             let stored = checkpoints::load(c, name)?;
             if stored.holder.as_deref() != Some(node) {
                 return Err(Abort::Lost);
             }
+            range = Some((stored.checkpoint.position, stored.checkpoint.position));
             let types = self.types.as_deref();
             let events = match read_after(c, stored.checkpoint, types, limit) {
                 Err(e) if error_position(&e).is_some() => {
@@ -302,8 +317,48 @@ impl Runner {
             if !moved {
                 return Err(Abort::Lost);
             }
+            range = Some((stored.checkpoint.position, last.position));
             Ok((applied, Some(renewed)))
-        })
+        });
+        if let (Ok((applied, _)), Some((from, to))) = (&result, range) {
+            self.batch_done(conn, &span, started, from, to, *applied);
+        }
+        result
+    }
+
+    /// Records a committed batch in its span and, for metrics, emits an
+    /// event with the projection's lag: positions from its checkpoint to the
+    /// head of the log. Nothing is read unless someone listens.
+    fn batch_done(
+        &self,
+        conn: &mut DbConnection,
+        span: &tracing::Span,
+        started: Instant,
+        from: i64,
+        to: i64,
+        events: usize,
+    ) {
+        let event_wanted = events > 0 && tracing::enabled!(tracing::Level::DEBUG);
+        if span.is_disabled() && !event_wanted {
+            return;
+        }
+        let lag = crate::read::head(conn).map(|head| (head - to).max(0)).ok();
+        span.record("from_position", from);
+        span.record("to_position", to);
+        span.record("events", events);
+        if let Some(lag) = lag {
+            span.record("lag", lag);
+        }
+        span.record("duration_us", crate::append::micros(started));
+        if event_wanted {
+            tracing::debug!(
+                projection = self.projection.name(),
+                events,
+                position = to,
+                lag,
+                "projection batch committed"
+            );
+        }
     }
 
     /// Applies one event; a panic becomes an error at that event.
