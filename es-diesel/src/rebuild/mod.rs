@@ -21,6 +21,7 @@ use diesel::prelude::*;
 use es_core::RecordedEvent;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
+use tracing::field::Empty;
 
 /// Settings of [`EventStore::rebuild_with`].
 #[derive(Clone, Debug)]
@@ -163,6 +164,45 @@ pub(crate) fn build_pending(conn: &mut DbConnection) -> Result<()> {
 fn rebuild_claimed(
     conn: &mut DbConnection,
     entry: &'static ReadModelEntry,
+    claim: Claim,
+    options: &RebuildOptions,
+    progress: &mut dyn FnMut(&RebuildProgress),
+) -> Result<RebuildReport> {
+    let span = tracing::debug_span!(
+        "es.rebuild",
+        read_model = entry.schema.name,
+        head = Empty,
+        events = Empty,
+        pending = Empty,
+        rows = Empty,
+        outcome = Empty,
+        duration_us = Empty,
+    );
+    let _entered = span.enter();
+    let result = rebuild_traced(conn, entry, claim, options, progress);
+    if !span.is_disabled() {
+        match &result {
+            Ok(report) => {
+                span.record("events", report.events);
+                span.record("pending", report.pending);
+                span.record("rows", report.rows);
+                span.record(
+                    "duration_us",
+                    u64::try_from(report.elapsed.as_micros()).unwrap_or(u64::MAX),
+                );
+                span.record("outcome", "rebuilt");
+            }
+            Err(_) => {
+                span.record("outcome", "error");
+            }
+        }
+    }
+    result
+}
+
+fn rebuild_traced(
+    conn: &mut DbConnection,
+    entry: &'static ReadModelEntry,
     mut claim: Claim,
     options: &RebuildOptions,
     progress: &mut dyn FnMut(&RebuildProgress),
@@ -221,6 +261,7 @@ fn build_and_swap(
     let types = handled_types(registry()?, name);
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
+    tracing::Span::current().record("head", head);
     let mut rows = (entry.new_rows)();
     // The shadow starts empty, and nothing but this rebuild writes to it.
     let mut only_in_memory = true;
@@ -254,6 +295,13 @@ fn build_and_swap(
             break;
         }
         events += n as u64;
+        tracing::debug!(
+            read_model = name,
+            events,
+            position = checkpoint.position,
+            head,
+            "rebuild progress"
+        );
         progress(&RebuildProgress {
             read_model: name,
             events,

@@ -157,3 +157,20 @@ impl EventStore {
         Ok(all)
     }
 }
+
+impl EventStore {
+    /// Each projection's lag, `(name, events it has still to apply)`, sorted
+    /// by name: the `lag` of [`projection_status`](Self::projection_status),
+    /// for a metrics exporter to publish as a gauge per projection. Runners
+    /// also emit it after every batch that applied events, as a `debug`
+    /// event with the fields `projection`, `events`, `position` and `lag`
+    /// (there `lag` counts positions up to the head of the log, whatever
+    /// their type).
+    pub fn projection_lag(&self) -> Result<Vec<(String, i64)>> {
+        Ok(self
+            .projection_status()?
+            .into_iter()
+            .map(|s| (s.name, s.lag))
+            .collect())
+    }
+}
