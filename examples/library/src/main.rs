@@ -518,7 +518,24 @@ fn demo(store: &EventStore, database_url: &str) -> AppResult {
     Ok(())
 }
 
+/// Diagnostics on stderr, filtered by `RUST_LOG` (warnings only without it):
+/// `RUST_LOG=es_diesel=debug` shows the store's spans (`es.append`,
+/// `es.execute`, `es.projector`, `es.runner.batch`, `es.rebuild`) as they
+/// close, with their fields and durations.
+fn init_tracing() {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() -> ExitCode {
+    init_tracing();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Demo);
     // Only these may create the database; every other command needs one
