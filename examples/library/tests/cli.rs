@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 fn library(url: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_library"));
     cmd.args(args).arg("--database-url").arg(url);
+    // Diagnostics are asked for explicitly, never inherited.
+    cmd.env_remove("RUST_LOG");
     cmd
 }
 
@@ -56,6 +58,69 @@ fn migrated() -> Vec<TestDatabase> {
         ok(db.url(), &["borrow", "1", "8"]);
     }
     dbs
+}
+
+#[test]
+fn rust_log_shows_the_stores_spans_on_stderr_and_nothing_without_it() {
+    for db in migrated() {
+        let url = db.url();
+        let quiet = output(url, &["return", "1", "8"]);
+        assert!(quiet.status.success(), "{}", text(&quiet.stderr));
+        assert_eq!(text(&quiet.stderr), "");
+        assert!(text(&quiet.stdout).contains("returned book 1"));
+
+        let traced = library(url, &["borrow", "1", "8"])
+            .env("RUST_LOG", "es_diesel=debug")
+            .output()
+            .unwrap();
+        assert!(traced.status.success(), "{}", text(&traced.stderr));
+        assert!(text(&traced.stdout).contains("borrowed book 1"));
+        let stderr = text(&traced.stderr);
+        let line = |span: &str| {
+            stderr
+                .lines()
+                .filter(|l| l.contains(" close "))
+                .find(|l| {
+                    // The closing span is the last of the chain before the target.
+                    let chain = l.split(": es_diesel::").next().unwrap_or_default();
+                    let last = chain.rsplit("}:").next().unwrap_or_default();
+                    last.contains(&format!("{span}{{"))
+                })
+                .unwrap_or_else(|| panic!("no closed {span} span on stderr:\n{stderr}"))
+                .to_owned()
+        };
+        let execute = line("es.execute");
+        assert!(
+            execute.contains(r#"aggregate="book""#)
+                && execute.contains(r#"stream="book-1""#)
+                && execute.contains(r#"outcome="appended""#)
+                && execute.contains("attempts=1"),
+            "{execute}"
+        );
+        let append = line("es.append");
+        assert!(append.contains("events=1") && append.contains("last_position="), "{append}");
+        assert!(line("es.projector").contains(r#"event_type="BookBorrowed""#));
+        assert!(!stderr.contains('\u{1b}'), "no colours off a terminal: {stderr:?}");
+
+        let rebuilt = library(url, &["admin", "rebuild", "book_list"])
+            .env("RUST_LOG", "es_diesel=debug")
+            .output()
+            .unwrap();
+        assert!(rebuilt.status.success(), "{}", text(&rebuilt.stderr));
+        let stderr = text(&rebuilt.stderr);
+        assert!(
+            stderr.contains(r#"es.rebuild{read_model="book_list""#) && stderr.contains(r#"outcome="rebuilt""#),
+            "{stderr}"
+        );
+
+        let refused = library(url, &["borrow", "1", "8"])
+            .env("RUST_LOG", "es_diesel=debug")
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(text(&refused.stderr).contains(r#"outcome="refused""#));
+        assert!(text(&refused.stderr).contains("refused: book 1 is already borrowed by user 8"));
+    }
 }
 
 #[test]
