@@ -54,7 +54,10 @@ struct BalanceAsync {
 #[projector(on = [Opened, Deposited], key = id)]
 fn balance(e: &Recorded<AccountEvent>, row: &mut Option<Balance>) {
     *row = match &e.event {
-        AccountEvent::Opened(o) => Some(Balance { id: o.id, balance: 0 }),
+        AccountEvent::Opened(o) => Some(Balance {
+            id: o.id,
+            balance: 0,
+        }),
         AccountEvent::Deposited(d) => row.take().map(|r| Balance {
             balance: r.balance + d.amount,
             ..r
@@ -65,7 +68,10 @@ fn balance(e: &Recorded<AccountEvent>, row: &mut Option<Balance>) {
 #[projector(on = [Opened, Deposited], key = id)]
 fn balance_async(e: &Recorded<AccountEvent>, row: &mut Option<BalanceAsync>) {
     *row = match &e.event {
-        AccountEvent::Opened(o) => Some(BalanceAsync { id: o.id, balance: 0 }),
+        AccountEvent::Opened(o) => Some(BalanceAsync {
+            id: o.id,
+            balance: 0,
+        }),
         AccountEvent::Deposited(d) => row.take().map(|r| BalanceAsync {
             balance: r.balance + d.amount,
             ..r
@@ -243,7 +249,8 @@ fn appends_commands_projectors_runner_batches_and_rebuilds_have_spans() {
         let positions: Vec<i64> = projected.iter().map(|s| s.int("position")).collect();
         assert_eq!(positions, [1, 2, 3]);
         assert!(projected.iter().all(|s| s.parent == Some("es.append")
-            && s.field("projector").is_some_and(|p| p.ends_with("::balance"))));
+            && s.field("projector")
+                .is_some_and(|p| p.ends_with("::balance"))));
         assert_eq!(projected[1].field("event_type"), Some("Deposited"));
         assert_eq!(projected[1].field("stream"), Some("account-1"));
 
@@ -255,7 +262,9 @@ fn appends_commands_projectors_runner_batches_and_rebuilds_have_spans() {
         });
         let append = named(&spans, "es.append");
         assert!(!append.is_empty(), "{backend:?}: {spans:?}");
-        assert!(append.iter().all(|s| s.field("outcome") == Some("conflict")));
+        assert!(append
+            .iter()
+            .all(|s| s.field("outcome") == Some("conflict")));
         assert!(append[0].field("first_position").is_none());
 
         // A command: appended, then refused.
@@ -327,10 +336,9 @@ fn appends_commands_projectors_runner_batches_and_rebuilds_have_spans() {
         assert!(batch.int("duration_us") >= 0);
         let applied = named(&spans, "es.projector");
         assert_eq!(applied.len(), head as usize);
-        assert!(applied
-            .iter()
-            .all(|s| s.parent == Some("es.runner.batch")
-                && s.field("projector").is_some_and(|p| p.ends_with("::balance_async"))));
+        assert!(applied.iter().all(|s| s.parent == Some("es.runner.batch")
+            && s.field("projector")
+                .is_some_and(|p| p.ends_with("::balance_async"))));
         let lag_events: Vec<_> = capture
             .events
             .lock()
@@ -351,7 +359,11 @@ fn appends_commands_projectors_runner_batches_and_rebuilds_have_spans() {
 
         // An append the runner has not seen yet is lag; its next batch reports it.
         store
-            .append("account-2", ExpectedVersion::Any, [Deposited { id: 2, amount: 1 }])
+            .append(
+                "account-2",
+                ExpectedVersion::Any,
+                [Deposited { id: 2, amount: 1 }],
+            )
             .unwrap();
         assert!(store
             .projection_lag()

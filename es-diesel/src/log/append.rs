@@ -132,7 +132,10 @@ pub(crate) fn insert_writes(
             ),
         ),
     };
-    span.record("events", writes.iter().map(|w| w.events.len()).sum::<usize>());
+    span.record(
+        "events",
+        writes.iter().map(|w| w.events.len()).sum::<usize>(),
+    );
     let result = insert_traced(conn, writes, check, project);
     match &result {
         Ok(events) => {

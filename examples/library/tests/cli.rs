@@ -98,9 +98,15 @@ fn rust_log_shows_the_stores_spans_on_stderr_and_nothing_without_it() {
             "{execute}"
         );
         let append = line("es.append");
-        assert!(append.contains("events=1") && append.contains("last_position="), "{append}");
+        assert!(
+            append.contains("events=1") && append.contains("last_position="),
+            "{append}"
+        );
         assert!(line("es.projector").contains(r#"event_type="BookBorrowed""#));
-        assert!(!stderr.contains('\u{1b}'), "no colours off a terminal: {stderr:?}");
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "no colours off a terminal: {stderr:?}"
+        );
 
         let rebuilt = library(url, &["admin", "rebuild", "book_list"])
             .env("RUST_LOG", "es_diesel=debug")
@@ -109,7 +115,8 @@ fn rust_log_shows_the_stores_spans_on_stderr_and_nothing_without_it() {
         assert!(rebuilt.status.success(), "{}", text(&rebuilt.stderr));
         let stderr = text(&rebuilt.stderr);
         assert!(
-            stderr.contains(r#"es.rebuild{read_model="book_list""#) && stderr.contains(r#"outcome="rebuilt""#),
+            stderr.contains(r#"es.rebuild{read_model="book_list""#)
+                && stderr.contains(r#"outcome="rebuilt""#),
             "{stderr}"
         );
 
