@@ -268,25 +268,14 @@ impl Runner {
     ) -> std::result::Result<(usize, Option<Instant>), Abort> {
         let name = self.projection.name();
         let node = &self.options.node;
-        let span = tracing::debug_span!(
-            "es.runner.batch",
-            projection = name,
-            node = node.as_str(),
-            from_position = Empty,
-            to_position = Empty,
-            events = Empty,
-            lag = Empty,
-            duration_us = Empty,
-        );
-        let _entered = span.enter();
         let started = Instant::now();
+        let mut span = tracing::Span::none();
         let mut range = None;
         let result = write_transaction(conn, |c| {
             let stored = checkpoints::load(c, name)?;
             if stored.holder.as_deref() != Some(node) {
                 return Err(Abort::Lost);
             }
-            range = Some((stored.checkpoint.position, stored.checkpoint.position));
             let types = self.types.as_deref();
             let events = match read_after(c, stored.checkpoint, types, limit) {
                 Err(e) if error_position(&e).is_some() => {
@@ -294,6 +283,21 @@ impl Runner {
                 }
                 read => read?,
             };
+            if events.is_empty() {
+                return Ok((0, None));
+            }
+            // Idle polls have no span: only batches with events to apply.
+            span = tracing::debug_span!(
+                "es.runner.batch",
+                projection = name,
+                node = node.as_str(),
+                from_position = Empty,
+                to_position = Empty,
+                events = Empty,
+                lag = Empty,
+                duration_us = Empty,
+            );
+            let _entered = span.enter();
             let mut last = None;
             for (index, f) in events.iter().enumerate() {
                 if index > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -321,6 +325,7 @@ impl Runner {
             Ok((applied, Some(renewed)))
         });
         if let (Ok((applied, _)), Some((from, to))) = (&result, range) {
+            let _entered = span.enter();
             self.batch_done(conn, &span, started, from, to, *applied);
         }
         result
