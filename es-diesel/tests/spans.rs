@@ -375,6 +375,11 @@ fn appends_commands_projectors_runner_batches_and_rebuilds_have_spans() {
         let batch = named(&spans, "es.runner.batch");
         assert_eq!(batch[0].int("from_position"), head);
         assert_eq!(batch[0].int("to_position"), head + 1);
+        // An idle poll opens no batch span.
+        let spans = capture.during(|| {
+            assert_eq!(runner.step().unwrap(), Step::Applied(0));
+        });
+        assert!(named(&spans, "es.runner.batch").is_empty(), "{spans:?}");
         drop(runner);
 
         // A rebuild.
