@@ -368,9 +368,9 @@ fn order_key_functions_stay_with_their_schema_when_another_appears() {
         next_key(&mut c)
     };
     assert!(
-        behind < cp.transaction,
+        behind < cp.order_key,
         "precondition: the new schema's keys ({behind}) are behind the follower ({})",
-        cp.transaction
+        cp.order_key
     );
 
     store

@@ -224,7 +224,7 @@ pub fn run(store: &EventStore, command: AdminCommand, out: &mut dyn Write) -> Re
                             ProjectionMode::Async => "async",
                         },
                         "position": s.checkpoint.position,
-                        "order_key": s.checkpoint.transaction,
+                        "order_key": s.checkpoint.order_key,
                         "lag": s.lag,
                         "state": s.state,
                         "holder": s.holder,

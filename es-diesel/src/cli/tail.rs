@@ -110,7 +110,7 @@ fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
         return Ok(TailStart {
             events,
             checkpoint: Checkpoint {
-                transaction: 0,
+                order_key: 0,
                 position,
             },
             shown: HashSet::new(),
@@ -126,7 +126,7 @@ fn tail_start(conn: &mut DbConnection, count: usize) -> Result<TailStart> {
         Ok(TailStart {
             events: last_events(conn, count)?,
             checkpoint: Checkpoint {
-                transaction: horizon - 1,
+                order_key: horizon - 1,
                 position: i64::MAX,
             },
             shown,

@@ -44,17 +44,17 @@ use es_core::RecordedEvent;
 pub struct Checkpoint {
     /// The order key of the last event read (PostgreSQL; 0 on SQLite). See
     /// the [module documentation](self).
-    pub transaction: i64,
+    pub order_key: i64,
     /// The global position of the last event read.
     pub position: i64,
 }
 
 impl std::fmt::Display for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.transaction == 0 {
+        if self.order_key == 0 {
             write!(f, "position {}", self.position)
         } else {
-            write!(f, "position {} (key {})", self.position, self.transaction)
+            write!(f, "position {} (key {})", self.position, self.order_key)
         }
     }
 }
@@ -76,7 +76,7 @@ pub fn read_after(
 ) -> Result<Vec<Followed>> {
     let rows =
         conn.dialect()
-            .read_after(conn, after.transaction, after.position, types, clamp(limit))?;
+            .read_after(conn, after.order_key, after.position, types, clamp(limit))?;
     into_followed(rows)
 }
 
@@ -88,7 +88,7 @@ fn into_followed(rows: Vec<(EventTuple, i64)>) -> Result<Vec<Followed>> {
     rows.into_iter()
         .map(|(row, key)| {
             let checkpoint = Checkpoint {
-                transaction: key,
+                order_key: key,
                 position: row.0,
             };
             Ok(Followed {
@@ -113,7 +113,7 @@ pub(crate) fn read_visible_after(
 ) -> Result<Vec<Followed>> {
     let rows = conn.dialect().read_visible_after(
         conn,
-        after.transaction,
+        after.order_key,
         after.position,
         types,
         clamp(limit),
@@ -129,5 +129,5 @@ pub(crate) fn count_visible_after(
     types: &[&str],
 ) -> Result<u64> {
     conn.dialect()
-        .count_visible_after(conn, after.transaction, after.position, types)
+        .count_visible_after(conn, after.order_key, after.position, types)
 }

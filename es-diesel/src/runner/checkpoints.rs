@@ -68,7 +68,7 @@ pub(crate) fn load(conn: &mut DbConnection, name: &str) -> Result<Stored> {
     .get_result::<CheckpointRow>(conn)?;
     Ok(Stored {
         checkpoint: Checkpoint {
-            transaction: row.transaction_id,
+            order_key: row.transaction_id,
             position: row.position,
         },
         holder: row.holder,
@@ -132,12 +132,12 @@ pub(crate) fn advance(
     ));
     let moved = Stmt::new(sql)
         .bind(Bind::BigInt(to.position))
-        .bind(Bind::BigInt(to.transaction))
+        .bind(Bind::BigInt(to.order_key))
         .bind(Bind::BigInt(lease_ms))
         .bind(Bind::Text(name))
         .bind(Bind::Text(node))
         .bind(Bind::BigInt(from.position))
-        .bind(Bind::BigInt(from.transaction))
+        .bind(Bind::BigInt(from.order_key))
         .execute(conn)?;
     Ok(moved == 1)
 }
@@ -213,7 +213,7 @@ pub(crate) fn rebuilt(conn: &mut DbConnection, name: &str, checkpoint: Checkpoin
          WHERE projection = ?",
     )
     .bind(Bind::BigInt(checkpoint.position))
-    .bind(Bind::BigInt(checkpoint.transaction))
+    .bind(Bind::BigInt(checkpoint.order_key))
     .bind(Bind::Text(name))
     .execute(conn)?;
     Ok(())

@@ -86,7 +86,7 @@ impl EventStore {
                     ProjectionMode::Inline
                 },
                 checkpoint: Checkpoint {
-                    transaction: 0,
+                    order_key: 0,
                     position: if m.schema.asynchronous { 0 } else { head },
                 },
                 head,
@@ -127,7 +127,7 @@ impl EventStore {
                     name: r.projection,
                     mode: ProjectionMode::Async,
                     checkpoint: Checkpoint {
-                        transaction: r.transaction_id,
+                        order_key: r.transaction_id,
                         position: r.position,
                     },
                     head,
