@@ -103,6 +103,12 @@ pub enum Error {
     #[error("read model `{read_model}` is not in this database yet: run migrate first")]
     ReadModelNotMigrated { read_model: String },
 
+    /// While this rebuild ran, `migrate` (of a newer version of the
+    /// application) gave the read model another shape; the rebuild changed
+    /// nothing, and `migrate` builds the new shape.
+    #[error("read model `{read_model}` changed shape while it was being rebuilt (a newer version migrated it); this rebuild changed nothing")]
+    ReadModelChanged { read_model: String },
+
     /// The log cannot be followed safely this way (see [`crate::follow`]).
     #[error("cannot follow the log: {reason}")]
     Follow { reason: String },

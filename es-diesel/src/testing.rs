@@ -126,14 +126,13 @@ impl Drop for TestDatabase {
         if let Cleanup::PgSchema { admin_url, schema } = &self.cleanup {
             if let Ok(mut admin) = PgConnection::establish(admin_url) {
                 // With the shadow schemas of rebuilds that did not finish.
-                let prefix = crate::backend::shadow::schema_prefix(schema);
+                let comment = crate::backend::shadow::schema_comment(schema);
                 let _ = admin.batch_execute(&format!(
                     "DO $$ DECLARE s text; BEGIN \
-                     FOR s IN SELECT nspname FROM pg_namespace WHERE left(nspname, {len}) = {prefix} LOOP \
+                     FOR s IN SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = {comment} LOOP \
                      EXECUTE format('DROP SCHEMA %I CASCADE', s); END LOOP; END $$; \
                      DROP SCHEMA IF EXISTS \"{schema}\" CASCADE",
-                    len = prefix.chars().count(),
-                    prefix = crate::backend::quote_literal(&prefix),
+                    comment = crate::backend::quote_literal(&comment),
                 ));
             }
         }

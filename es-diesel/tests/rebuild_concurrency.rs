@@ -602,7 +602,9 @@ fn shadow_schemas_of_interrupted_rebuilds_are_dropped() {
             .connection()
             .unwrap()
             .batch_execute(&format!(
-                "CREATE SCHEMA \"{schema}_es_shadow_{token}\"; CREATE TABLE \"{schema}_es_shadow_{token}\".\"{table}\" (x int)"
+                "CREATE SCHEMA \"{schema}_es_shadow_{token}\"; \
+                 COMMENT ON SCHEMA \"{schema}_es_shadow_{token}\" IS 'es-diesel rebuild shadow of schema {schema}'; \
+                 CREATE TABLE \"{schema}_es_shadow_{token}\".\"{table}\" (x int)"
             ))
             .unwrap();
     };

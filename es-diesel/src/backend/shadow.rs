@@ -9,13 +9,19 @@
 //! name).
 
 use super::rows::{Name, Number};
-use super::{quote_ident, write_transaction, Backend, Bind, DbConnection, Stmt};
+use super::{quote_ident, quote_literal, write_transaction, Backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
 use diesel::connection::SimpleConnection;
 
 /// PostgreSQL truncates longer identifiers.
 const MAX_IDENTIFIER: usize = 63;
 const TOKEN_LEN: usize = 8;
+
+/// The comment on every shadow schema of the schema `live`: names are cut
+/// to fit PostgreSQL's identifiers, so only the comment tells whose it is.
+pub(crate) fn schema_comment(live: &str) -> String {
+    format!("es-diesel rebuild shadow of schema {live}")
+}
 
 /// The start of the name of every shadow schema of the schema `live`.
 pub(crate) fn schema_prefix(live: &str) -> String {
@@ -64,13 +70,13 @@ impl Shadow {
                 let prefix = schema_prefix(&live);
                 let token: String = token.chars().take(TOKEN_LEN).collect();
                 let schema = format!("{prefix}{token}");
+                let comment = schema_comment(&live);
                 let stale = Stmt::new(
                     "SELECT n.nspname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relname = ? AND left(n.nspname, length(?)) = ?",
+                     WHERE c.relname = ? AND obj_description(n.oid, 'pg_namespace') = ?",
                 )
                 .bind(Bind::Text(name))
-                .bind(Bind::Text(&prefix))
-                .bind(Bind::Text(&prefix))
+                .bind(Bind::Text(&comment))
                 .load::<Name>(conn)?;
                 for s in stale {
                     tracing::warn!(read_model = name, schema = %s.name, "dropping the shadow table an interrupted rebuild left behind");
@@ -81,8 +87,9 @@ impl Shadow {
                 }
                 let oid = write_transaction(conn, |c| -> Result<i64> {
                     c.batch_execute(&format!(
-                        "CREATE SCHEMA {0}; SET LOCAL search_path TO {0}, {search_path}",
-                        quote_ident(&schema)
+                        "CREATE SCHEMA {0}; COMMENT ON SCHEMA {0} IS {1}; SET LOCAL search_path TO {0}, {search_path}",
+                        quote_ident(&schema),
+                        quote_literal(&comment),
                     ))?;
                     for stmt in ddl {
                         c.batch_execute(stmt)?;

@@ -5,10 +5,10 @@
 mod claim;
 
 use crate::backend::quote_ident;
-use crate::backend::rows::Number;
+use crate::backend::rows::{Name, Number};
 use crate::backend::shadow::Shadow;
-use crate::backend::Stmt;
 use crate::backend::{private_write_transaction, write_transaction, DbConnection};
+use crate::backend::{Bind, Stmt};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
 use crate::follow::{read_after, Checkpoint};
@@ -318,6 +318,17 @@ fn build_and_swap(
     let (rows_after, pending) = write_transaction(conn, |c| -> Result<(i64, u64)> {
         shadow.lock_live(c)?;
         claim.extend(c)?;
+        // A newer version's migrate may have replaced the table with another
+        // shape meanwhile: swapping this shadow in would undo it.
+        let stored = Stmt::new("SELECT fingerprint AS name FROM es_read_models WHERE name = ?")
+            .bind(Bind::Text(name))
+            .get_result::<Name>(c)
+            .optional()?;
+        if stored.is_some_and(|s| s.name != entry.schema.fingerprint(c.backend())) {
+            return Err(Error::ReadModelChanged {
+                read_model: name.to_owned(),
+            });
+        }
         if asynchronous {
             // The runner's next batch fails its checkpoint guard and rolls
             // back; afterwards it continues from the shadow's checkpoint.
