@@ -182,9 +182,9 @@ pub(crate) trait Dialect: Send + Sync {
         false
     }
 
-    /// Takes the locks that keep appends to these streams with
-    /// `ExpectedVersion::Any` from colliding, before the inserts, in one
-    /// canonical order.
+    /// Takes the per-stream append locks of these streams (serializing
+    /// appends with `ExpectedVersion::Any`, and ordering multi-stream
+    /// writes), before the inserts, in the order of the stream ids.
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         let _ = (conn, streams);
         Ok(())

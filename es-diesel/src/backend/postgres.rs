@@ -281,12 +281,12 @@ const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
 /// the next one; serializing them per stream keeps them from colliding with
 /// each other. The locks must be held before the insert statement takes its
 /// snapshot, hence a statement of their own; they are keyed by schema and
-/// stream and taken in key order, so two batches never wait for each other
-/// in a cycle.
+/// stream and taken in the order of the stream ids (bytewise, as appends
+/// write streams), so two writers never wait for each other in a cycle.
 fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
     Stmt::new(
-        "SELECT COUNT(pg_advisory_xact_lock(?, k)) FROM \
-         (SELECT DISTINCT hashtext(current_schema() || '/' || s) AS k FROM unnest(?::text[]) AS s ORDER BY k) AS keys",
+        "SELECT COUNT(pg_advisory_xact_lock(?, hashtext(current_schema() || '/' || s))) FROM \
+         (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams",
     )
     .bind(Bind::Int(STREAM_LOCK_CLASS))
     .bind(Bind::TextArray(streams))

@@ -179,13 +179,27 @@ fn insert_traced(
     let mut order: Vec<usize> = (0..writes.len()).collect();
     order.sort_by(|&a, &b| writes[a].stream_id.cmp(&writes[b].stream_id));
     let reordered = order.iter().enumerate().any(|(k, &i)| k != i);
-    let any: Vec<&str> = writes
-        .iter()
-        .filter(|w| w.expected == ExpectedVersion::Any && !w.events.is_empty())
-        .map(|w| w.stream_id.as_str())
-        .collect();
+    // Appends with `Any` read the stream's version and write the next one:
+    // they are serialized per stream. A write of several streams locks them
+    // all, in the order it inserts them, before its first insert, so that it
+    // never waits for a stream while holding a later one locked by that
+    // rule alone.
+    let nonempty = writes.iter().filter(|w| !w.events.is_empty());
+    let locked: Vec<&str> = if nonempty.clone().count() > 1 {
+        order
+            .iter()
+            .map(|&i| &writes[i])
+            .filter(|w| !w.events.is_empty())
+            .map(|w| w.stream_id.as_str())
+            .collect()
+    } else {
+        nonempty
+            .filter(|w| w.expected == ExpectedVersion::Any)
+            .map(|w| w.stream_id.as_str())
+            .collect()
+    };
     let dialect = conn.dialect();
-    dialect.lock_streams(conn, &any)?;
+    dialect.lock_streams(conn, &locked)?;
     let total = writes.iter().map(|w| w.events.len()).sum();
     // In log order: the order of `order`.
     let mut out = Vec::with_capacity(total);
