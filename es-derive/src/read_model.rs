@@ -32,7 +32,7 @@ fn fallback(input: &DeriveInput) -> TokenStream {
             #[automatically_derived]
             impl __es::ReadModel for #ident {
                 const SCHEMA: __es::ReadModelSchema = __es::ReadModelSchema {
-                    name: #name, rust_type: #name, version: 0, asynchronous: false, columns: 0, sqlite: &[], postgres: &[],
+                    name: #name, rust_type: #name, version: 0, asynchronous: false, columns: 0, sqlite: &[], postgres: &[], mysql: &[],
                 };
                 type Key = ();
                 fn key(&self) {}
@@ -85,7 +85,11 @@ impl Kind {
         }
     }
 
-    fn ddl(self, postgres: bool) -> &'static str {
+    fn ddl(self, db: Db) -> &'static str {
+        let postgres = db == Db::Postgres;
+        if db == Db::Mysql {
+            return self.mysql_ddl();
+        }
         match self {
             Kind::SmallInt => "SMALLINT",
             Kind::Integer => "INTEGER",
@@ -103,6 +107,25 @@ impl Kind {
         }
     }
 
+    /// MySQL's type for a column outside any key or index: TEXT holds 64 KiB
+    /// at most, so text is LONGTEXT.
+    fn mysql_ddl(self) -> &'static str {
+        match self {
+            Kind::SmallInt => "SMALLINT",
+            Kind::Integer => "INTEGER",
+            Kind::BigInt => "BIGINT",
+            Kind::Float => "FLOAT",
+            Kind::Double => "DOUBLE",
+            Kind::Bool => "BOOLEAN",
+            Kind::Text | Kind::Json => "LONGTEXT",
+            Kind::Uuid => "CHAR(36)",
+            Kind::Binary => "LONGBLOB",
+            Kind::Timestamp | Kind::TimestampUtc => "DATETIME(6)",
+            Kind::Date => "DATE",
+            Kind::Time => "TIME(6)",
+        }
+    }
+
     /// The helpers converting to and from the column's Rust type, if any.
     fn convert(self) -> Option<(&'static str, &'static str)> {
         match self {
@@ -113,6 +136,32 @@ impl Kind {
         }
     }
 }
+
+/// The backends the DDL is written for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Db {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+/// `name` cut to MySQL's 64 characters for identifiers, a digest of the
+/// whole keeping cut names apart.
+fn mysql_identifier(name: String) -> String {
+    if name.chars().count() <= 64 {
+        return name;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let head: String = name.chars().take(47).collect();
+    format!("{head}_{h:016x}")
+}
+
+/// InnoDB's limit on the bytes of one index entry.
+const MYSQL_INDEX_BYTES: usize = 3072;
 
 struct Field<'a> {
     ident: &'a syn::Ident,
@@ -409,20 +458,44 @@ impl<'a> Model<'a> {
         })
     }
 
-    fn ddl(&self, postgres: bool) -> Vec<String> {
-        let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    fn ddl(&self, db: Db) -> Vec<String> {
+        let q = |s: &str| {
+            if db == Db::Mysql {
+                format!("`{}`", s.replace('`', "``"))
+            } else {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            }
+        };
         let table = self.table.to_string();
         let mut cols: Vec<String> = self
             .fields
             .iter()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
                 let null = if f.nullable { "" } else { " NOT NULL" };
-                format!("{} {}{null}", q(&f.name), f.kind.ddl(postgres))
+                let ty = match self.mysql_indexed_width(i) {
+                    Some(width) if db == Db::Mysql => match f.kind {
+                        Kind::Binary => format!("VARBINARY({width})"),
+                        _ => format!("VARCHAR({})", width / 4),
+                    },
+                    _ => f.kind.ddl(db).to_owned(),
+                };
+                format!("{} {ty}{null}", q(&f.name))
             })
             .collect();
         let key: Vec<String> = self.key.iter().map(|&i| q(&self.fields[i].name)).collect();
         cols.push(format!("PRIMARY KEY ({})", key.join(", ")));
-        let mut out = vec![format!("CREATE TABLE {} ({})", q(&table), cols.join(", "))];
+        // Text compares bytewise, as on the other backends.
+        let options = if db == Db::Mysql {
+            " DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin"
+        } else {
+            ""
+        };
+        let mut out = vec![format!(
+            "CREATE TABLE {} ({}){options}",
+            q(&table),
+            cols.join(", ")
+        )];
         for (unique, cols) in &self.indexes {
             let names: Vec<&str> = cols.iter().map(|&i| self.fields[i].name.as_str()).collect();
             let index = format!(
@@ -430,6 +503,11 @@ impl<'a> Model<'a> {
                 names.join("_"),
                 if *unique { "key" } else { "idx" }
             );
+            let index = if db == Db::Mysql {
+                mysql_identifier(index)
+            } else {
+                index
+            };
             let quoted: Vec<String> = names.iter().map(|n| q(n)).collect();
             out.push(format!(
                 "CREATE {}INDEX {} ON {} ({})",
@@ -442,6 +520,37 @@ impl<'a> Model<'a> {
         out
     }
 
+    /// For a text or binary field in the primary key or an index: its share
+    /// in bytes of InnoDB's index entry (MySQL cannot index LONGTEXT), split
+    /// evenly between the variable-width columns of its widest key.
+    fn mysql_indexed_width(&self, field: usize) -> Option<usize> {
+        let variable = |i: &usize| {
+            matches!(
+                self.fields[*i].kind,
+                Kind::Text | Kind::Json | Kind::Binary
+            )
+        };
+        if !variable(&field) {
+            return None;
+        }
+        std::iter::once(&self.key)
+            .chain(self.indexes.iter().map(|(_, cols)| cols))
+            .filter(|cols| cols.contains(&field))
+            .map(|cols| {
+                // Fixed-width columns take their share first (8 bytes is an
+                // upper bound for every kind but a UUID's 36 characters).
+                let fixed: usize = cols
+                    .iter()
+                    .filter(|i| !variable(i))
+                    .map(|i| if self.fields[*i].kind == Kind::Uuid { 144 } else { 8 })
+                    .sum::<usize>()
+                    + 64;
+                let n = cols.iter().filter(|i| variable(i)).count();
+                (MYSQL_INDEX_BYTES - fixed) / n / 4 * 4
+            })
+            .min()
+    }
+
     fn expand(&self) -> TokenStream {
         let ident = self.ident;
         let table = &self.table;
@@ -450,8 +559,9 @@ impl<'a> Model<'a> {
         let version = self.version;
         let asynchronous = self.asynchronous;
         let n_columns = self.fields.len();
-        let sqlite = self.ddl(false);
-        let postgres = self.ddl(true);
+        let sqlite = self.ddl(Db::Sqlite);
+        let postgres = self.ddl(Db::Postgres);
+        let mysql = self.ddl(Db::Mysql);
 
         let table_columns = self.fields.iter().map(|f| {
             let col = f.ident;
@@ -689,6 +799,7 @@ impl<'a> Model<'a> {
                         columns: #n_columns,
                         sqlite: &[#(#sqlite),*],
                         postgres: &[#(#postgres),*],
+                        mysql: &[#(#mysql),*],
                     };
 
                     type Key = #key_ty;
@@ -702,6 +813,7 @@ impl<'a> Model<'a> {
                         let query = #table::table.filter(#find_filter).select(#select);
                         match conn {
                             __es::DbConnection::Postgres(c) => query.for_update().first::<Self>(c).optional(),
+                            __es::DbConnection::Mysql(c) => query.for_update().first::<Self>(c).optional(),
                             c => query.first::<Self>(c).optional(),
                         }
                     }
@@ -722,6 +834,7 @@ impl<'a> Model<'a> {
                             n += match conn {
                                 __es::DbConnection::Postgres(c) => __diesel::insert_into(#table::table).values(chunk).execute(c)?,
                                 __es::DbConnection::Sqlite(c) => __diesel::insert_into(#table::table).values(chunk).execute(c)?,
+                                __es::DbConnection::Mysql(c) => __diesel::insert_into(#table::table).values(chunk).execute(c)?,
                             };
                         }
                         ::core::result::Result::Ok(n)

@@ -46,7 +46,7 @@ pub trait ReadModel: Sized + Send + 'static {
     fn key(&self) -> Self::Key;
 
     /// The row with `key`, locked for the rest of the transaction on
-    /// PostgreSQL (`FOR UPDATE`), so concurrent projectors cannot lose updates.
+    /// PostgreSQL and MySQL (`FOR UPDATE`), so concurrent projectors cannot lose updates.
     fn find(conn: &mut DbConnection, key: &Self::Key) -> QueryResult<Option<Self>>;
 
     /// The rows with any of `keys`, in no particular order.
@@ -81,6 +81,8 @@ pub struct ReadModelSchema {
     pub sqlite: &'static [&'static str],
     /// The same for PostgreSQL.
     pub postgres: &'static [&'static str],
+    /// The same for MySQL and MariaDB.
+    pub mysql: &'static [&'static str],
 }
 
 impl ReadModelSchema {
@@ -89,6 +91,7 @@ impl ReadModelSchema {
         PerBackend {
             sqlite: self.sqlite,
             postgres: self.postgres,
+            mysql: self.mysql,
         }
         .get(backend)
     }

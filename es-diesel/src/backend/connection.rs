@@ -3,6 +3,7 @@
 
 use super::Backend;
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::mysql::MysqlConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::R2D2Connection;
 use diesel::sqlite::SqliteConnection;
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub enum DbConnection {
     Postgres(PgConnection),
     Sqlite(SqliteConnection),
+    Mysql(MysqlConnection),
 }
 
 /// How SQLite makes commits durable (`PRAGMA synchronous`).
@@ -76,6 +78,7 @@ impl Default for StoreOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
     Postgres(String),
+    Mysql(String),
     Sqlite { path: String, memory: bool },
 }
 
@@ -88,6 +91,7 @@ impl Target {
     pub(crate) fn backend(&self) -> Backend {
         match self {
             Target::Postgres(_) => Backend::Postgres,
+            Target::Mysql(_) => Backend::Mysql,
             Target::Sqlite { .. } => Backend::Sqlite,
         }
     }
@@ -123,8 +127,8 @@ impl Target {
     }
 }
 
-/// Where the store is, for messages: the SQLite file, or the PostgreSQL
-/// database and host (never the password).
+/// Where the store is, for messages: the SQLite file, or the PostgreSQL or
+/// MySQL database and host (never the password).
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -133,7 +137,12 @@ impl std::fmt::Display for Target {
                 let file = self.sqlite_file().unwrap_or_default();
                 write!(f, "the SQLite database `{}`", file.display())
             }
-            Target::Postgres(url) => {
+            Target::Postgres(url) | Target::Mysql(url) => {
+                let server = if matches!(self, Target::Mysql(_)) {
+                    "MySQL"
+                } else {
+                    "PostgreSQL"
+                };
                 let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
                 let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
                 let authority = authority.split('?').next().unwrap_or("");
@@ -141,9 +150,9 @@ impl std::fmt::Display for Target {
                 let host = if host.is_empty() { "localhost" } else { host };
                 let db = path.split('?').next().unwrap_or("");
                 if db.is_empty() {
-                    write!(f, "the PostgreSQL server at {host}")
+                    write!(f, "the {server} server at {host}")
                 } else {
-                    write!(f, "the PostgreSQL database `{db}` at {host}")
+                    write!(f, "the {server} database `{db}` at {host}")
                 }
             }
         }
@@ -155,10 +164,14 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectionError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(Target::Postgres(url.to_owned()));
     }
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let rest = url.split_once("://").map_or("", |(_, r)| r);
+        return Ok(Target::Mysql(format!("mysql://{rest}")));
+    }
     if let Some(scheme) = url.split_once("://").map(|(s, _)| s) {
         if scheme != "sqlite" && scheme != "file" {
             return Err(ConnectionError::InvalidConnectionUrl(format!(
-                "unsupported database URL scheme `{scheme}://`; use postgres://user@host/db, or a SQLite file path such as library.db or sqlite://library.db, or :memory:"
+                "unsupported database URL scheme `{scheme}://`; use postgres://user@host/db, mysql://user@host/db, or a SQLite file path such as library.db or sqlite://library.db, or :memory:"
             )));
         }
     }
@@ -202,6 +215,12 @@ impl Manager {
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Postgres(conn))
             }
+            Target::Mysql(url) => {
+                let mut conn = MysqlConnection::establish(url)?;
+                conn.batch_execute(super::mysql::SESSION_SETUP)
+                    .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(DbConnection::Mysql(conn))
+            }
             Target::Sqlite { path, memory } => {
                 let mut conn = SqliteConnection::establish(path)?;
                 let sync = match self.options.sqlite_sync {
@@ -235,7 +254,7 @@ impl Manager {
                 diesel::RunQueryDsl::execute(diesel::sql_query("LISTEN es_events"), &mut c).ok()?;
                 Some(Listener(c))
             }
-            DbConnection::Sqlite(_) => None,
+            DbConnection::Sqlite(_) | DbConnection::Mysql(_) => None,
         }
     }
 }
@@ -352,6 +371,7 @@ where
             c,
             "BEGIN ISOLATION LEVEL READ COMMITTED",
         )?,
+        // Every MySQL session reads committed (see `mysql::SESSION_SETUP`).
         _ => Tm::begin_transaction(conn)?,
     }
     match f(conn) {
@@ -388,6 +408,10 @@ where
             c,
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         )?,
+        DbConnection::Mysql(c) => AnsiTransactionManager::begin_transaction_sql(
+            c,
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; START TRANSACTION WITH CONSISTENT SNAPSHOT",
+        )?,
         DbConnection::Sqlite(_) => Tm::begin_transaction(conn)?,
     }
     let result = f(conn);
@@ -403,7 +427,8 @@ where
 /// Runs `f` in a transaction that writes only tables private to the
 /// connection (a rebuild's shadow): on SQLite a deferred one, a read
 /// snapshot that takes no write lock (a TEMP table needs none), so appends
-/// go on; elsewhere a [`write_transaction`].
+/// go on; elsewhere a [`write_transaction`] (MySQL's TEMPORARY tables take
+/// no lock that appends wait for).
 pub(crate) fn private_write_transaction<T, E>(
     conn: &mut DbConnection,
     f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
@@ -413,7 +438,7 @@ where
 {
     match conn {
         DbConnection::Sqlite(_) => conn.transaction(f),
-        DbConnection::Postgres(_) => write_transaction(conn, f),
+        DbConnection::Postgres(_) | DbConnection::Mysql(_) => write_transaction(conn, f),
     }
 }
 
@@ -446,6 +471,14 @@ mod tests {
             Target::Sqlite { memory: true, .. }
         ));
         assert!(parse_url("redis://h").is_err());
+        assert_eq!(
+            parse_url("mariadb://root@127.0.0.1:3306/test").unwrap(),
+            Target::Mysql("mysql://root@127.0.0.1:3306/test".into())
+        );
+        assert_eq!(
+            parse_url("mysql://root:pw@db:3306/books").unwrap().to_string(),
+            "the MySQL database `books` at db:3306"
+        );
         assert_eq!(
             parse_url("sqlite://file:///tmp/x.db?mode=rwc")
                 .unwrap()

@@ -38,14 +38,12 @@ pub(super) fn map_insert_error(
             .is_some_and(|c| c.contains("event_id"))
             || info.message().contains("event_id");
         if on_event_id {
-            let event_id = info
-                .details()
-                .and_then(|d| {
-                    chunk
-                        .iter()
-                        .map(|e| e.event_id)
-                        .find(|id| d.contains(&id.to_string()))
-                })
+            // PostgreSQL names the id in the details, MySQL in the message.
+            let said = format!("{} {}", info.details().unwrap_or(""), info.message());
+            let event_id = chunk
+                .iter()
+                .map(|e| e.event_id)
+                .find(|id| said.contains(&id.to_string()))
                 .or_else(|| repeated_id(chunk))
                 .unwrap_or_default();
             return Error::DuplicateEventId { event_id };

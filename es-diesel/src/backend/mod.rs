@@ -4,11 +4,12 @@
 //! The rest of the crate writes statements with `?` placeholders
 //! ([`Stmt`]) in SQL that every backend accepts, and asks the connection's
 //! [`Dialect`] for anything else. A backend is one module implementing
-//! [`Dialect`] (`sqlite`, `postgres`), one variant of [`Backend`] and of
+//! [`Dialect`] (`sqlite`, `postgres`, `mysql`), one variant of [`Backend`] and of
 //! [`DbConnection`]: the `match`es on them live in this folder only.
 
 mod connection;
 mod insert;
+mod mysql;
 mod postgres;
 pub(crate) mod rows;
 pub(crate) mod shadow;
@@ -26,7 +27,7 @@ use es_core::{ExpectedVersion, NewEvent};
 use rows::{Appended, EventTuple};
 
 /// How many backends there are (the variants of [`Backend`]).
-pub(crate) const BACKENDS: usize = 2;
+pub(crate) const BACKENDS: usize = 3;
 
 /// A SQL text built once per backend, at the first use on it: `d` names a
 /// `&'static dyn Dialect` in scope, and the expression builds the text.
@@ -45,6 +46,8 @@ pub(crate) use per_backend;
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
 }
 
 impl std::fmt::Display for Backend {
@@ -55,7 +58,7 @@ impl std::fmt::Display for Backend {
 
 impl Backend {
     /// Every backend, in the order of their [`BACKENDS`] slots.
-    pub(crate) const ALL: [Backend; BACKENDS] = [Backend::Sqlite, Backend::Postgres];
+    pub(crate) const ALL: [Backend; BACKENDS] = [Backend::Sqlite, Backend::Postgres, Backend::Mysql];
 
     /// `per_backend!` keeps a backend's texts in slot `backend as usize`.
     const SLOTS_MATCH: () = {
@@ -72,6 +75,7 @@ impl Backend {
         match self {
             Backend::Sqlite => &sqlite::Sqlite,
             Backend::Postgres => &postgres::Postgres,
+            Backend::Mysql => &mysql::Mysql,
         }
     }
 }
@@ -81,6 +85,7 @@ impl DbConnection {
         match self {
             DbConnection::Postgres(_) => Backend::Postgres,
             DbConnection::Sqlite(_) => Backend::Sqlite,
+            DbConnection::Mysql(_) => Backend::Mysql,
         }
     }
 
@@ -95,7 +100,7 @@ impl DbConnection {
 pub(crate) trait Dialect: Send + Sync {
     fn backend(&self) -> Backend;
 
-    /// The name in messages: `sqlite`, `postgres`.
+    /// The name in messages: `sqlite`, `postgres`, `mysql`.
     fn name(&self) -> &'static str;
 
     /// The columns of `es_events` as [`rows::EventSql`] reads them.
@@ -133,10 +138,22 @@ pub(crate) trait Dialect: Send + Sync {
     /// (see `crate::schema::migrations`); "" where this backend needs none.
     fn migrations(&self) -> &'static [(i32, &'static str)];
 
-    /// A statement that makes concurrent `migrate`s wait for each other,
-    /// where the migration transaction alone does not.
-    fn migrate_lock(&self) -> Option<&'static str> {
-        None
+    /// First in the migration transaction: makes concurrent `migrate`s
+    /// wait for each other, where the transaction alone does not.
+    fn lock_migrations(&self, conn: &mut DbConnection) -> Result<()> {
+        let _ = conn;
+        Ok(())
+    }
+
+    /// After the migration transaction, whatever its outcome: releases what
+    /// [`Dialect::lock_migrations`] took beyond the transaction.
+    fn unlock_migrations(&self, conn: &mut DbConnection) {
+        let _ = conn;
+    }
+
+    /// The start and end of an INSERT that skips rows whose key exists.
+    fn insert_ignore(&self) -> (&'static str, &'static str) {
+        ("INSERT", " ON CONFLICT DO NOTHING")
     }
 
     /// A query of `n`: 1 when a table or view named `name` is visible to
@@ -273,6 +290,7 @@ pub(crate) fn quote_ident(s: &str) -> String {
 pub(crate) struct PerBackend<T> {
     pub sqlite: T,
     pub postgres: T,
+    pub mysql: T,
 }
 
 impl<T> PerBackend<T> {
@@ -280,6 +298,7 @@ impl<T> PerBackend<T> {
         match backend {
             Backend::Sqlite => self.sqlite,
             Backend::Postgres => self.postgres,
+            Backend::Mysql => self.mysql,
         }
     }
 }
@@ -290,6 +309,34 @@ pub(crate) enum ListOf {
     Text,
     /// UUIDs given as text.
     Uuid,
+}
+
+/// [`Dialect::read_after`] where positions become visible in order: by
+/// position alone (the order key is 0).
+fn read_by_position(
+    d: &dyn Dialect,
+    conn: &mut DbConnection,
+    after_position: i64,
+    types: Option<&[&str]>,
+    limit: i64,
+) -> Result<Vec<(EventTuple, i64)>> {
+    let (filter, binds) = match types {
+        Some(types) => {
+            let (any, binds) = d.any_of(types, ListOf::Text);
+            (format!("AND event_type {any}"), binds)
+        }
+        None => (String::new(), Vec::new()),
+    };
+    let sql = format!(
+        "SELECT {}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
+         ORDER BY global_position LIMIT ?",
+        d.event_columns()
+    );
+    let mut q = Stmt::new(sql)
+        .rows::<(rows::EventSql, diesel::sql_types::BigInt)>()
+        .bind(Bind::BigInt(after_position));
+    binds.into_iter().for_each(|b| q.push(b));
+    Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
 }
 
 impl dyn Dialect {

@@ -57,8 +57,12 @@ impl Dialect for Postgres {
         migrations::MIGRATIONS
     }
 
-    fn migrate_lock(&self) -> Option<&'static str> {
-        Some("SELECT pg_advisory_xact_lock(hashtextextended('es_diesel.migrate.' || current_schema(), 0))")
+    fn lock_migrations(&self, conn: &mut DbConnection) -> Result<()> {
+        use diesel::connection::SimpleConnection;
+        conn.batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('es_diesel.migrate.' || current_schema(), 0))",
+        )?;
+        Ok(())
     }
 
     fn relation_exists(&self, name: &str) -> Stmt<'static> {

@@ -4,9 +4,9 @@
 //! Projectors write to their table by its plain name, so the shadow is a
 //! table of the same name that the rebuilding connection sees first: on
 //! PostgreSQL in a schema of its own (`<schema>_es_shadow_<token>`, one per
-//! rebuild) put at the front of `search_path`, on SQLite a TEMP table
-//! (private to the connection; temporary tables hide main ones of the same
-//! name).
+//! rebuild) put at the front of `search_path`, on SQLite and MySQL a
+//! TEMPORARY table (private to the connection; temporary tables hide the
+//! permanent ones of the same name).
 
 use super::rows::{Name, Number};
 use super::{quote_ident, quote_literal, write_transaction, Backend, Bind, DbConnection, Stmt};
@@ -45,7 +45,14 @@ pub(crate) enum Shadow {
     Sqlite {
         name: &'static str,
     },
+    Mysql {
+        name: &'static str,
+    },
 }
+
+/// Where the MySQL swap parks the shadow's rows while the plain name is
+/// made to mean the live table again.
+const MYSQL_SWAP: &str = "\"es_rebuild_swap\"";
 
 impl Shadow {
     /// Creates an empty shadow of the read model `name`'s table from its
@@ -116,6 +123,17 @@ impl Shadow {
                 conn.batch_execute(&create)?;
                 Ok(Shadow::Sqlite { name })
             }
+            Backend::Mysql => {
+                // CREATE and DROP of TEMPORARY tables are the only DDL that
+                // MySQL does not commit on the spot.
+                conn.batch_execute(&format!(
+                    "DROP TEMPORARY TABLE IF EXISTS {table}; DROP TEMPORARY TABLE IF EXISTS {MYSQL_SWAP}"
+                ))?;
+                let create = ddl.first().copied().unwrap_or_default();
+                let create = create.replacen("CREATE TABLE", "CREATE TEMPORARY TABLE", 1);
+                conn.batch_execute(&create)?;
+                Ok(Shadow::Mysql { name })
+            }
         }
     }
 
@@ -147,14 +165,24 @@ impl Shadow {
     /// First in the final transaction: waits for the writers of the live
     /// table in flight (inline projectors, a runner's batch) and holds
     /// off the others until the swap commits. On SQLite the write
-    /// transaction already excludes every other writer.
+    /// transaction already excludes every other writer; on MySQL the log's
+    /// head, which every append holds until it commits, does the same for
+    /// appends (a runner's batch in flight fails the checkpoint guard that
+    /// the swap moves, and its row locks make the swap wait for it).
     pub(crate) fn lock_live(&self, conn: &mut DbConnection) -> Result<()> {
-        if let Shadow::Postgres { name, live, .. } = self {
-            conn.batch_execute(&format!(
-                "LOCK TABLE {}.{} IN ACCESS EXCLUSIVE MODE",
-                quote_ident(live),
-                quote_ident(name)
-            ))?;
+        match self {
+            Shadow::Postgres { name, live, .. } => {
+                conn.batch_execute(&format!(
+                    "LOCK TABLE {}.{} IN ACCESS EXCLUSIVE MODE",
+                    quote_ident(live),
+                    quote_ident(name)
+                ))?;
+            }
+            Shadow::Mysql { .. } => {
+                Stmt::new("SELECT position AS n FROM es_log_head WHERE id = 1 FOR UPDATE")
+                    .get_result::<Number>(conn)?;
+            }
+            Shadow::Sqlite { .. } => {}
         }
         Ok(())
     }
@@ -185,6 +213,19 @@ impl Shadow {
                     table = quote_ident(name)
                 ))?;
             }
+            Shadow::Mysql { name } => {
+                // The temporary table hides the live one, and a temporary
+                // table cannot be renamed without a commit: park its rows in
+                // another one, drop it, and the name means the live table.
+                conn.batch_execute(&format!(
+                    "CREATE TEMPORARY TABLE {MYSQL_SWAP} AS SELECT * FROM {table}; \
+                     DROP TEMPORARY TABLE {table}; \
+                     DELETE FROM {table}; \
+                     INSERT INTO {table} SELECT * FROM {MYSQL_SWAP}; \
+                     DROP TEMPORARY TABLE {MYSQL_SWAP}",
+                    table = quote_ident(name)
+                ))?;
+            }
         }
         Ok(())
     }
@@ -196,6 +237,10 @@ impl Shadow {
                 format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(schema))
             }
             Shadow::Sqlite { name } => format!("DROP TABLE IF EXISTS temp.{}", quote_ident(name)),
+            Shadow::Mysql { name } => format!(
+                "DROP TEMPORARY TABLE IF EXISTS {}; DROP TEMPORARY TABLE IF EXISTS {MYSQL_SWAP}",
+                quote_ident(name)
+            ),
         };
         if let Err(e) = conn.batch_execute(&sql) {
             tracing::warn!(error = %e, "could not drop the shadow table of a failed rebuild");

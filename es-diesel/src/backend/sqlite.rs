@@ -1,14 +1,13 @@
 //! SQLite: one writer at a time, positions visible in order.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
-use super::rows::{Appended, EventSql, EventTuple, Name, Number};
+use super::rows::{Appended, EventTuple, Name, Number};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
-use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
+use super::{Backend, Bind, DbConnection, Dialect, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
-use diesel::sql_types::BigInt;
 use diesel::QueryResult;
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
@@ -101,23 +100,7 @@ impl Dialect for Sqlite {
         types: Option<&[&str]>,
         limit: i64,
     ) -> Result<Vec<(EventTuple, i64)>> {
-        let (filter, binds) = match types {
-            Some(types) => {
-                let (any, binds) = self.any_of(types, ListOf::Text);
-                (format!("AND event_type {any}"), binds)
-            }
-            None => (String::new(), Vec::new()),
-        };
-        let sql = format!(
-            "SELECT {}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
-             ORDER BY global_position LIMIT ?",
-            self.event_columns()
-        );
-        let mut q = Stmt::new(sql)
-            .rows::<(EventSql, BigInt)>()
-            .bind(Bind::BigInt(after_position));
-        binds.into_iter().for_each(|b| q.push(b));
-        Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
+        super::read_by_position(self, conn, after_position, types, limit)
     }
 }
 

@@ -11,6 +11,7 @@
 use super::DbConnection;
 use chrono::NaiveDateTime;
 use diesel::backend::Backend;
+use diesel::mysql::{Mysql, MysqlConnection};
 use diesel::pg::{Pg, PgConnection};
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::query_dsl::LoadQuery;
@@ -105,6 +106,7 @@ impl<'a, ST> Stmt<'a, ST> {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().execute(c),
             DbConnection::Sqlite(c) => self.on::<Sqlite>().execute(c),
+            DbConnection::Mysql(c) => self.on::<Mysql>().execute(c),
         }
     }
 
@@ -112,10 +114,12 @@ impl<'a, ST> Stmt<'a, ST> {
     where
         On<'a, Pg, ST>: LoadQuery<'a, PgConnection, U>,
         On<'a, Sqlite, ST>: LoadQuery<'a, SqliteConnection, U>,
+        On<'a, Mysql, ST>: LoadQuery<'a, MysqlConnection, U>,
     {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().load(c),
             DbConnection::Sqlite(c) => self.on::<Sqlite>().load(c),
+            DbConnection::Mysql(c) => self.on::<Mysql>().load(c),
         }
     }
 
@@ -123,10 +127,12 @@ impl<'a, ST> Stmt<'a, ST> {
     where
         On<'a, Pg, ST>: LoadQuery<'a, PgConnection, U>,
         On<'a, Sqlite, ST>: LoadQuery<'a, SqliteConnection, U>,
+        On<'a, Mysql, ST>: LoadQuery<'a, MysqlConnection, U>,
     {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().get_result(c),
             DbConnection::Sqlite(c) => self.on::<Sqlite>().get_result(c),
+            DbConnection::Mysql(c) => self.on::<Mysql>().get_result(c),
         }
     }
 }
@@ -214,6 +220,25 @@ impl<ST> QueryFragment<Sqlite> for On<'_, Sqlite, ST> {
     }
 }
 
+impl<ST> QueryFragment<Mysql> for On<'_, Mysql, ST> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        walk(&self.stmt, out, |b, out| match b {
+            Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
+            Bind::Owned(s) => out.push_bind_param::<Text, _>(s),
+            Bind::Int(v) => out.push_bind_param::<Integer, _>(v),
+            Bind::BigInt(v) => out.push_bind_param::<BigInt, _>(v),
+            Bind::NullableBigInt(v) => out.push_bind_param::<Nullable<BigInt>, _>(v),
+            Bind::SmallInt(v) => out.push_bind_param::<SmallInt, _>(v),
+            Bind::Timestamp(v) => {
+                out.push_bind_param::<diesel::sql_types::Datetime, _>(v)
+            }
+            Bind::Uuid(_) | Bind::TextArray(_) => Err(diesel::result::Error::QueryBuilderError(
+                "MySQL has no UUID or array parameters: bind text, one value each".into(),
+            )),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +269,10 @@ mod tests {
         );
         assert_eq!(
             rendered::<Sqlite>(stmt()),
+            "SELECT a FROM t WHERE b = ? AND c IN (?, ?)"
+        );
+        assert_eq!(
+            rendered::<Mysql>(stmt()),
             "SELECT a FROM t WHERE b = ? AND c IN (?, ?)"
         );
     }

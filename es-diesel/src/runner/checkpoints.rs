@@ -51,10 +51,15 @@ pub(crate) struct StatusRow {
 /// Creates the projection's row (at the start of the log, idle) unless it
 /// exists.
 pub(crate) fn ensure(conn: &mut DbConnection, name: &str) -> Result<()> {
-    Stmt::new(
-        "INSERT INTO es_checkpoints (projection, position, transaction_id, state) VALUES (?, 0, 0, 'idle') \
-         ON CONFLICT (projection) DO NOTHING",
-    )
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        let (insert, ignore) = d.insert_ignore();
+        format!(
+            "{insert} INTO es_checkpoints (projection, position, transaction_id, state) \
+             VALUES (?, 0, 0, 'idle'){ignore}"
+        )
+    });
+    Stmt::new(sql)
     .bind(Bind::Text(name))
     .execute(conn)?;
     Ok(())

@@ -71,11 +71,9 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
     // Two event types or views with one name, among others, refuse before
     // anything is created.
     crate::projection::registry()?;
-    write_transaction(conn, |conn| {
-        let dialect = conn.dialect();
-        if let Some(lock) = dialect.migrate_lock() {
-            conn.batch_execute(lock)?;
-        }
+    let dialect = conn.dialect();
+    let migrated = write_transaction(conn, |conn| {
+        dialect.lock_migrations(conn)?;
         conn.batch_execute(
             "CREATE TABLE IF NOT EXISTS es_schema_migrations (
                 version INTEGER PRIMARY KEY,
@@ -116,7 +114,9 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
             super::views::create_view(conn, view)?;
         }
         super::read_models::sync_read_models(conn)
-    })?;
+    });
+    dialect.unlock_migrations(conn);
+    migrated?;
     crate::rebuild::build_pending(conn)
 }
 
