@@ -400,6 +400,12 @@ impl OpenWriter {
                 "BEGIN; INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata) \
                  VALUES ('{id}', 'book-b1', 2, 'BookBorrowed', 1, '{payload}', '{{}}')"
             ),
+            // As the store's appends do: the log's head first (see backend/mysql.rs).
+            Backend::Mysql => format!(
+                "BEGIN; UPDATE es_log_head SET position = position + 1 WHERE id = 1; \
+                 INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) \
+                 VALUES ((SELECT position FROM es_log_head WHERE id = 1), '{id}', 'book-b1', 2, 'BookBorrowed', 1, '{payload}', '{{}}', '2024-01-01 00:00:00')"
+            ),
             Backend::Sqlite => format!(
                 "BEGIN IMMEDIATE; INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) \
                  VALUES ('{id}', 'book-b1', 2, 'BookBorrowed', 1, '{payload}', '{{}}', '2024-01-01 00:00:00')"
@@ -409,25 +415,36 @@ impl OpenWriter {
         OpenWriter { conn }
     }
 
-    /// On PostgreSQL: waits until another session is blocked by this one
+    /// On PostgreSQL and MySQL: waits until another session is blocked by this one
     /// (the command's insert waiting on the unique index). Asked from
     /// another connection: inside a transaction, PostgreSQL keeps showing
     /// the activity it saw first.
     fn wait_until_blocking(&mut self, store: &EventStore) {
-        let pid = diesel::sql_query("SELECT pg_backend_pid()::bigint AS n")
+        let mysql = self.conn.backend() == Backend::Mysql;
+        let me = if mysql {
+            "SELECT CAST(trx_id AS SIGNED) AS n FROM information_schema.innodb_trx \
+             WHERE trx_mysql_thread_id = CONNECTION_ID()"
+        } else {
+            "SELECT pg_backend_pid()::bigint AS n"
+        };
+        let pid = diesel::sql_query(me)
             .get_result::<Count>(&mut *self.conn)
             .unwrap()
             .n;
         let mut observer = store.connection().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let blocked = diesel::sql_query(
-                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))",
-            )
-            .bind::<BigInt, _>(pid)
-            .get_result::<Count>(&mut *observer)
-            .unwrap()
-            .n;
+            let waiting = if mysql {
+                "SELECT COUNT(*) AS n FROM information_schema.innodb_lock_waits \
+                 WHERE CAST(blocking_trx_id AS SIGNED) = ?"
+            } else {
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))"
+            };
+            let blocked = diesel::sql_query(waiting)
+                .bind::<BigInt, _>(pid)
+                .get_result::<Count>(&mut *observer)
+                .unwrap()
+                .n;
             if blocked > 0 {
                 return;
             }
@@ -435,7 +452,9 @@ impl OpenWriter {
                 let _ = self.conn.batch_execute("ROLLBACK");
                 panic!("the command never reached its insert");
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // InnoDB refreshes its lock tables only when they were not read
+            // for 100 ms.
+            std::thread::sleep(Duration::from_millis(if mysql { 150 } else { 10 }));
         }
     }
 
@@ -469,7 +488,7 @@ fn race(
         })
     };
     match db.backend() {
-        Backend::Postgres => writer.wait_until_blocking(&store),
+        Backend::Postgres | Backend::Mysql => writer.wait_until_blocking(&store),
         Backend::Sqlite => std::thread::sleep(Duration::from_millis(100)),
     }
     writer.commit();
@@ -500,7 +519,7 @@ fn retries_are_bounded() {
     for db in TestDatabase::all() {
         match (db.backend(), race(&db, 0)) {
             (
-                Backend::Postgres,
+                Backend::Postgres | Backend::Mysql,
                 Err(ExecuteError::Store(Error::Conflict {
                     stream,
                     expected,

@@ -36,9 +36,13 @@ struct AccountAsync {
 }
 
 fn upsert(conn: &mut DbConnection, table: &str, account: i64) -> QueryResult<()> {
+    let on_conflict = match conn.backend() {
+        es_diesel::Backend::Mysql => "ON DUPLICATE KEY UPDATE".to_owned(),
+        _ => "ON CONFLICT (account) DO UPDATE SET".to_owned(),
+    };
     diesel::sql_query(format!(
         "INSERT INTO {table} (account, name, events) VALUES ({account}, NULL, 1) \
-         ON CONFLICT (account) DO UPDATE SET events = {table}.events + 1"
+         {on_conflict} events = {table}.events + 1"
     ))
     .execute(conn)?;
     Ok(())

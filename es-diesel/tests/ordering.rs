@@ -295,7 +295,7 @@ fn randomized_writers_never_reorder_a_stream_for_a_runner() {
             .connection()
             .unwrap()
             .batch_execute(
-                "CREATE TABLE seen_versions (stream_id TEXT PRIMARY KEY, version BIGINT NOT NULL)",
+                "CREATE TABLE seen_versions (stream_id VARCHAR(255) PRIMARY KEY, version BIGINT NOT NULL)",
             )
             .unwrap();
         let mut runner = store.runner(Arc::new(VersionCheck));
@@ -529,7 +529,7 @@ fn unrelated_open_transactions_do_not_hold_runners_back() {
         .connection()
         .unwrap()
         .batch_execute(
-            "CREATE TABLE seen_versions (stream_id TEXT PRIMARY KEY, version BIGINT NOT NULL)",
+            "CREATE TABLE seen_versions (stream_id VARCHAR(255) PRIMARY KEY, version BIGINT NOT NULL)",
         )
         .unwrap();
     for n in 0..5u64 {

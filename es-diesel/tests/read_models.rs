@@ -754,8 +754,12 @@ struct Stored {
 
 fn stored(store: &EventStore, name: &str) -> Stored {
     let mut conn = store.connection().unwrap();
+    let text = match conn.backend() {
+        es_diesel::Backend::Mysql => "CHAR",
+        _ => "TEXT",
+    };
     diesel::sql_query(format!(
-        "SELECT fingerprint, CAST(rebuilt_at AS TEXT) AS rebuilt FROM es_read_models WHERE name = '{name}'"
+        "SELECT fingerprint, CAST(rebuilt_at AS {text}) AS rebuilt FROM es_read_models WHERE name = '{name}'"
     ))
     .get_result(&mut *conn)
     .unwrap()

@@ -304,7 +304,7 @@ fn inline_writer_between_insert_and_projector_during_the_swap() {
             })
         };
         let wait = match db.backend() {
-            Backend::Postgres => Duration::from_secs(20),
+            Backend::Postgres | Backend::Mysql => Duration::from_secs(20),
             Backend::Sqlite => Duration::from_millis(300),
         };
         let finished_first = done_rx.recv_timeout(wait).is_ok();
@@ -404,9 +404,12 @@ impl AsyncProjection for GatedTally {
         if self.before {
             runner_pass(e.n);
         }
+        let on_conflict = match conn.backend() {
+            Backend::Mysql => "ON DUPLICATE KEY UPDATE touches = touches + 1, last = VALUES(last)",
+            _ => "ON CONFLICT (item) DO UPDATE SET touches = tally_async.touches + 1, last = excluded.last",
+        };
         conn.batch_execute(&format!(
-            "INSERT INTO tally_async (item, touches, last) VALUES ({}, 1, {}) \
-             ON CONFLICT (item) DO UPDATE SET touches = tally_async.touches + 1, last = excluded.last",
+            "INSERT INTO tally_async (item, touches, last) VALUES ({}, 1, {}) {on_conflict}",
             e.item, e.n
         ))?;
         if !self.before {
@@ -783,6 +786,11 @@ fn an_old_rebuild_does_not_undo_a_migrate_of_a_new_shape() {
                 &store,
                 "SELECT COUNT(*) AS n FROM information_schema.columns \
                  WHERE table_schema = current_schema() AND table_name = 'tally' AND column_name = 'extra'",
+            ),
+            Backend::Mysql => count(
+                &store,
+                "SELECT COUNT(*) AS n FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = 'tally' AND column_name = 'extra'",
             ),
             Backend::Sqlite => count(
                 &store,

@@ -650,7 +650,7 @@ fn appends_go_on_during_a_rebuild() {
     for db in TestDatabase::all() {
         let events = match db.backend() {
             Backend::Sqlite => 30_000,
-            Backend::Postgres => 12_000,
+            Backend::Postgres | Backend::Mysql => 12_000,
         };
         {
             let loader = db.store_with(StoreOptions {

@@ -67,7 +67,7 @@ impl Counter {
             .connection()
             .unwrap()
             .batch_execute(&format!(
-                "CREATE TABLE {n}_counts (stream_id TEXT PRIMARY KEY, n BIGINT NOT NULL, last_version BIGINT NOT NULL);
+                "CREATE TABLE {n}_counts (stream_id VARCHAR(255) PRIMARY KEY, n BIGINT NOT NULL, last_version BIGINT NOT NULL);
                  CREATE TABLE {n}_applied (global_position BIGINT PRIMARY KEY, node TEXT)"
             ))
             .unwrap();
@@ -91,7 +91,7 @@ impl AsyncProjection for Counter {
         std::thread::sleep(self.delay);
         let (p1, p2, p3) = match conn.backend() {
             Backend::Postgres => ("$1", "$2", "$3"),
-            Backend::Sqlite => ("?", "?", "?"),
+            Backend::Sqlite | Backend::Mysql => ("?", "?", "?"),
         };
         let n = &self.name;
         if Some(tick.n) == self.poison && !self.fixed.load(Ordering::SeqCst) {
@@ -117,9 +117,13 @@ impl AsyncProjection for Counter {
         ))
         .bind::<BigInt, _>(event.global_position)
         .execute(conn)?;
+        let on_conflict = match conn.backend() {
+            Backend::Mysql => "ON DUPLICATE KEY UPDATE".to_owned(),
+            _ => "ON CONFLICT (stream_id) DO UPDATE SET".to_owned(),
+        };
         diesel::sql_query(format!(
             "INSERT INTO {n}_counts (stream_id, n, last_version) VALUES ({p1}, 1, {p2}) \
-             ON CONFLICT (stream_id) DO UPDATE SET n = {n}_counts.n + 1, last_version = {p3}"
+             {on_conflict} n = {n}_counts.n + 1, last_version = {p3}"
         ))
         .bind::<Text, _>(&event.stream_id)
         .bind::<BigInt, _>(event.stream_version)
@@ -650,7 +654,7 @@ fn a_store_error_in_the_runner_is_recorded_in_status() {
                 .unwrap();
         }
         let created = match db.backend() {
-            Backend::Sqlite => "'2024-01-01 00:00:00'",
+            Backend::Sqlite | Backend::Mysql => "'2024-01-01 00:00:00'",
             Backend::Postgres => "now()",
         };
         let mut conn = store.connection().unwrap();

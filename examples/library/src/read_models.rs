@@ -123,14 +123,21 @@ fn reader_imported(
     let Some(user_id) = e.borrowed_by else {
         return Ok(());
     };
-    let param = match conn.backend() {
-        es_diesel::Backend::Sqlite => "?",
-        es_diesel::Backend::Postgres => "$1",
+    let sql = match conn.backend() {
+        es_diesel::Backend::Sqlite => {
+            "INSERT INTO readers (user_id, name, last_login, books_out) VALUES (?, NULL, NULL, 1) \
+             ON CONFLICT (user_id) DO UPDATE SET books_out = readers.books_out + 1"
+        }
+        es_diesel::Backend::Postgres => {
+            "INSERT INTO readers (user_id, name, last_login, books_out) VALUES ($1, NULL, NULL, 1) \
+             ON CONFLICT (user_id) DO UPDATE SET books_out = readers.books_out + 1"
+        }
+        es_diesel::Backend::Mysql => {
+            "INSERT INTO readers (user_id, name, last_login, books_out) VALUES (?, NULL, NULL, 1) \
+             ON DUPLICATE KEY UPDATE books_out = books_out + 1"
+        }
     };
-    diesel::sql_query(format!(
-        "INSERT INTO readers (user_id, name, last_login, books_out) VALUES ({param}, NULL, NULL, 1) \
-         ON CONFLICT (user_id) DO UPDATE SET books_out = readers.books_out + 1"
-    ))
+    diesel::sql_query(sql)
     .bind::<diesel::sql_types::BigInt, _>(user_id)
     .execute(conn)?;
     Ok(())

@@ -5,6 +5,11 @@
 //! schema is migration 1, written to be run again after a crash half-way
 //! (`IF NOT EXISTS` throughout), and concurrent `migrate`s wait for each
 //! other on a named lock instead (`Mysql::lock_migrations`).
+//!
+//! JSON columns are LONGTEXT without a `JSON_VALID` check: the store
+//! writes only JSON it has parsed, and MariaDB's JSON functions refuse
+//! documents nested deeper than 32 levels, which the other backends (and
+//! the store) accept.
 
 /// (version, statements).
 pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
@@ -12,7 +17,7 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
         1,
         r#"
 CREATE TABLE IF NOT EXISTS es_events (
-    global_position BIGINT      NOT NULL PRIMARY KEY,
+    global_position BIGINT      NOT NULL DEFAULT 0 PRIMARY KEY,
     event_id        CHAR(36) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     stream_id       MEDIUMTEXT  NOT NULL,
     -- Stream ids may be kilobytes long, beyond what an index entry holds, so
@@ -21,9 +26,9 @@ CREATE TABLE IF NOT EXISTS es_events (
     stream_version  BIGINT      NOT NULL CHECK (stream_version > 0),
     event_type      VARCHAR(500) NOT NULL,
     event_version   SMALLINT    NOT NULL CHECK (event_version > 0),
-    payload         LONGTEXT    NOT NULL CHECK (JSON_VALID(payload)),
-    metadata        LONGTEXT    NOT NULL CHECK (JSON_VALID(metadata)),
-    created_at      DATETIME(6) NOT NULL,
+    payload         LONGTEXT    NOT NULL,
+    metadata        LONGTEXT    NOT NULL,
+    created_at      DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     UNIQUE KEY es_events_event_id (event_id),
     UNIQUE KEY es_events_stream (stream_hash, stream_version),
     KEY es_events_by_type (event_type, global_position)
@@ -36,6 +41,15 @@ CREATE TABLE IF NOT EXISTS es_log_head (
     position BIGINT  NOT NULL
 ) ENGINE = InnoDB;
 INSERT IGNORE INTO es_log_head (id, position) VALUES (1, 0);
+-- Rows inserted by hand without a position take the next one as appends do,
+-- holding the head until they commit, and are followed like any other.
+CREATE TRIGGER IF NOT EXISTS es_events_position BEFORE INSERT ON es_events FOR EACH ROW
+BEGIN
+    IF NEW.global_position = 0 THEN
+        UPDATE es_log_head SET position = position + 1 WHERE id = 1;
+        SET NEW.global_position = (SELECT position FROM es_log_head WHERE id = 1);
+    END IF;
+END;
 -- REPLACE deletes the row it conflicts with and fires the delete trigger;
 -- INSERT ... ON DUPLICATE KEY UPDATE fires the update trigger.
 CREATE TRIGGER IF NOT EXISTS es_events_no_update BEFORE UPDATE ON es_events FOR EACH ROW
@@ -75,7 +89,7 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
     stream_hash    BINARY(16)   AS (UNHEX(MD5(stream_id))) STORED,
     shape          BIGINT       NOT NULL,
     stream_version BIGINT       NOT NULL CHECK (stream_version > 0),
-    state          LONGTEXT     NOT NULL CHECK (JSON_VALID(state)),
+    state          LONGTEXT     NOT NULL,
     created_at     DATETIME(6)  NOT NULL,
     UNIQUE KEY es_snapshots_stream (aggregate_type, stream_hash)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
