@@ -524,12 +524,8 @@ impl<'a> Model<'a> {
     /// in bytes of InnoDB's index entry (MySQL cannot index LONGTEXT), split
     /// evenly between the variable-width columns of its widest key.
     fn mysql_indexed_width(&self, field: usize) -> Option<usize> {
-        let variable = |i: &usize| {
-            matches!(
-                self.fields[*i].kind,
-                Kind::Text | Kind::Json | Kind::Binary
-            )
-        };
+        let variable =
+            |i: &usize| matches!(self.fields[*i].kind, Kind::Text | Kind::Json | Kind::Binary);
         if !variable(&field) {
             return None;
         }
@@ -542,7 +538,13 @@ impl<'a> Model<'a> {
                 let fixed: usize = cols
                     .iter()
                     .filter(|i| !variable(i))
-                    .map(|i| if self.fields[*i].kind == Kind::Uuid { 144 } else { 8 })
+                    .map(|i| {
+                        if self.fields[*i].kind == Kind::Uuid {
+                            144
+                        } else {
+                            8
+                        }
+                    })
                     .sum::<usize>()
                     + 64;
                 let n = cols.iter().filter(|i| variable(i)).count();

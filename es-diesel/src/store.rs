@@ -53,7 +53,7 @@ impl std::fmt::Debug for EventStore {
 impl EventStore {
     /// Opens a store with default options. The URL chooses the backend:
     /// a SQLite file path (`library.db`, `sqlite://library.db`), `:memory:`,
-    /// or `postgres://user@host/db`.
+    /// `postgres://user@host/db` or `mysql://user@host/db` (MySQL or MariaDB).
     pub fn open(url: &str) -> Result<Self> {
         Self::open_with(url, StoreOptions::default())
     }

@@ -435,10 +435,9 @@ fn admin_commands_on_an_unmigrated_database_say_to_migrate() {
                 err.to_string().starts_with("the PostgreSQL database `"),
                 "{err}"
             ),
-            es_diesel::Backend::Mysql => assert!(
-                err.to_string().starts_with("the MySQL database `"),
-                "{err}"
-            ),
+            es_diesel::Backend::Mysql => {
+                assert!(err.to_string().starts_with("the MySQL database `"), "{err}")
+            }
         }
         // Still nothing created.
         assert!(store.check_migrated().is_err());

@@ -256,7 +256,7 @@ impl AsyncProjection for VersionCheck {
 
 /// Placeholders as the backend writes them.
 fn sql_for(backend: es_diesel::Backend, sql: &str) -> String {
-    if backend == es_diesel::Backend::Sqlite {
+    if backend != es_diesel::Backend::Postgres {
         return sql.to_owned();
     }
     let mut n = 0;

@@ -181,7 +181,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectionError> {
         .unwrap_or(url);
     if path.is_empty() {
         return Err(ConnectionError::InvalidConnectionUrl(
-            "empty database URL; give a SQLite file path such as library.db, :memory:, or postgres://user@host/db".into(),
+            "empty database URL; give a SQLite file path such as library.db, :memory:, postgres://user@host/db or mysql://user@host/db".into(),
         ));
     }
     let memory = path == ":memory:" || path.contains("mode=memory");
@@ -476,7 +476,9 @@ mod tests {
             Target::Mysql("mysql://root@127.0.0.1:3306/test".into())
         );
         assert_eq!(
-            parse_url("mysql://root:pw@db:3306/books").unwrap().to_string(),
+            parse_url("mysql://root:pw@db:3306/books")
+                .unwrap()
+                .to_string(),
             "the MySQL database `books` at db:3306"
         );
         assert_eq!(

@@ -58,7 +58,8 @@ impl std::fmt::Display for Backend {
 
 impl Backend {
     /// Every backend, in the order of their [`BACKENDS`] slots.
-    pub(crate) const ALL: [Backend; BACKENDS] = [Backend::Sqlite, Backend::Postgres, Backend::Mysql];
+    pub(crate) const ALL: [Backend; BACKENDS] =
+        [Backend::Sqlite, Backend::Postgres, Backend::Mysql];
 
     /// `per_backend!` keeps a backend's texts in slot `backend as usize`.
     const SLOTS_MATCH: () = {

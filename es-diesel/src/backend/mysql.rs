@@ -93,7 +93,8 @@ impl Dialect for Mysql {
         .n;
         if got != 1 {
             return Err(Error::Database(diesel::result::Error::QueryBuilderError(
-                format!("another migrate held the migration lock for {MIGRATE_LOCK_WAIT_S} s").into(),
+                format!("another migrate held the migration lock for {MIGRATE_LOCK_WAIT_S} s")
+                    .into(),
             )));
         }
         Ok(())
@@ -116,7 +117,10 @@ impl Dialect for Mysql {
     }
 
     fn json_field(&self, json: &str, key: &str, ty: ColumnType) -> String {
-        let path = quote_literal(&format!("$.\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\"")));
+        let path = quote_literal(&format!(
+            "$.\"{}\"",
+            key.replace('\\', "\\\\").replace('"', "\\\"")
+        ));
         let value = format!("JSON_VALUE({json}, {path})");
         match ty {
             ColumnType::Json => format!("JSON_EXTRACT({json}, {path})"),

@@ -229,9 +229,7 @@ impl<ST> QueryFragment<Mysql> for On<'_, Mysql, ST> {
             Bind::BigInt(v) => out.push_bind_param::<BigInt, _>(v),
             Bind::NullableBigInt(v) => out.push_bind_param::<Nullable<BigInt>, _>(v),
             Bind::SmallInt(v) => out.push_bind_param::<SmallInt, _>(v),
-            Bind::Timestamp(v) => {
-                out.push_bind_param::<diesel::sql_types::Datetime, _>(v)
-            }
+            Bind::Timestamp(v) => out.push_bind_param::<diesel::sql_types::Datetime, _>(v),
             Bind::Uuid(_) | Bind::TextArray(_) => Err(diesel::result::Error::QueryBuilderError(
                 "MySQL has no UUID or array parameters: bind text, one value each".into(),
             )),

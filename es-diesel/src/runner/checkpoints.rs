@@ -59,9 +59,7 @@ pub(crate) fn ensure(conn: &mut DbConnection, name: &str) -> Result<()> {
              VALUES (?, 0, 0, 'idle'){ignore}"
         )
     });
-    Stmt::new(sql)
-    .bind(Bind::Text(name))
-    .execute(conn)?;
+    Stmt::new(sql).bind(Bind::Text(name)).execute(conn)?;
     Ok(())
 }
 

@@ -45,7 +45,7 @@ never changes its schema.";
     after_help = EXIT_STATUS
 )]
 struct Cli {
-    /// SQLite file, :memory:, or postgres://user@host/db
+    /// SQLite file, :memory:, postgres://user@host/db or mysql://user@host/db
     #[arg(
         long,
         env = "DATABASE_URL",

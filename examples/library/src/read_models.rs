@@ -138,8 +138,8 @@ fn reader_imported(
         }
     };
     diesel::sql_query(sql)
-    .bind::<diesel::sql_types::BigInt, _>(user_id)
-    .execute(conn)?;
+        .bind::<diesel::sql_types::BigInt, _>(user_id)
+        .execute(conn)?;
     Ok(())
 }
 
