@@ -297,3 +297,41 @@ fn a_writer_that_dies_holding_the_head_is_rolled_back() {
     assert_eq!(ticks(&seen), [1]);
     assert_eq!(store.stream_version("ghost").unwrap(), 0);
 }
+
+/// A caller's transaction at REPEATABLE READ reads the snapshot of its
+/// first read; an append in it after another append to the same stream
+/// committed still lands on the stream's real version.
+#[test]
+fn an_append_in_a_repeatable_read_transaction_sees_the_last_commit() {
+    let Some(db) = TestDatabase::mysql() else {
+        return;
+    };
+    let store = db.store();
+    store
+        .append("s", ExpectedVersion::NoStream, [Tick { n: 1 }])
+        .unwrap();
+    let mut conn = store.connection().unwrap();
+    conn.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .unwrap();
+    write_transaction(&mut conn, |c| -> Result<(), Error> {
+        // The snapshot is taken here, at version 1.
+        assert_eq!(store.read_all(0, 10).unwrap().len(), 1);
+        c.batch_execute("SELECT COUNT(*) FROM es_events")?;
+        store.append("s", ExpectedVersion::Exact(1), [Tick { n: 2 }])?;
+        let mut w = StreamWrite::new("s", ExpectedVersion::Exact(2));
+        w.push(&Tick { n: 3 })?;
+        let rec = append_in(c, &[w])?;
+        assert_eq!(rec[0].stream_version, 3);
+        let mut stale = StreamWrite::new("s", ExpectedVersion::Exact(1));
+        stale.push(&Tick { n: 4 })?;
+        assert!(matches!(
+            append_in(c, &[stale]),
+            Err(Error::Conflict { .. })
+        ));
+        Ok(())
+    })
+    .unwrap();
+    drop(conn);
+    let (seen, _) = follow_all(&store, Checkpoint::default());
+    assert_eq!(ticks(&seen), [1, 2, 3]);
+}

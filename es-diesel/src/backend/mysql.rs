@@ -220,17 +220,73 @@ fn insert(
     Stmt::new("UPDATE es_log_head SET position = position + ? WHERE id = 1")
         .bind(Bind::BigInt(n))
         .execute(conn)?;
-    let head = Stmt::new(
+    // The head as this transaction just wrote it; the stream's last version
+    // read from the end of its index (MAX() would read every version).
+    let mut head = Stmt::new(
         "SELECT (SELECT position FROM es_log_head WHERE id = 1) AS position, \
-         (SELECT COALESCE(MAX(stream_version), 0) FROM es_events \
-         WHERE stream_hash = UNHEX(MD5(?)) AND stream_id = ?) AS version",
+         COALESCE((SELECT stream_version FROM es_events WHERE stream_hash = UNHEX(MD5(?)) \
+         AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), 0) AS version",
     )
     .bind(Bind::Text(stream))
     .bind(Bind::Text(stream))
     .get_result::<Head>(conn)?;
+    // Under the head lock the version read is the stream's, unless the
+    // caller's transaction runs at REPEATABLE READ and reads the snapshot
+    // of its first read: before refusing, or after a collision, read it
+    // again with a locking read, which sees the last commit.
+    let mut reread = false;
     if !expected.is_satisfied_by(head.version) {
-        return Ok(Vec::new());
+        reread = true;
+        head.version = locked_version(conn, stream)?;
+        if !expected.is_satisfied_by(head.version) {
+            return Ok(Vec::new());
+        }
     }
+    loop {
+        match insert_at(conn, stream, expected, chunk, &head) {
+            Err(Error::Conflict { .. }) if !reread => {
+                reread = true;
+                let now = locked_version(conn, stream)?;
+                if now == head.version {
+                    return Err(Error::Conflict {
+                        stream: stream.to_owned(),
+                        expected,
+                        actual: now,
+                    });
+                }
+                if !expected.is_satisfied_by(now) {
+                    return Ok(Vec::new());
+                }
+                head.version = now;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The stream's last committed version, whatever the transaction's
+/// snapshot.
+fn locked_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
+    Ok(Stmt::new(
+        "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events \
+         WHERE stream_hash = UNHEX(MD5(?)) AND stream_id = ? LOCK IN SHARE MODE",
+    )
+    .bind(Bind::Text(stream))
+    .bind(Bind::Text(stream))
+    .get_result::<Number>(conn)?
+    .n)
+}
+
+/// Inserts the chunk at the positions ending at `head.position`, after
+/// version `head.version` of the stream.
+fn insert_at(
+    conn: &mut DbConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+    head: &Head,
+) -> Result<Vec<Appended>> {
+    let n = chunk.len() as i64;
     let first = head.position - n + 1;
     let mut sql = String::with_capacity(200 + chunk.len() * 32);
     sql.push_str(

@@ -132,8 +132,11 @@ pub(crate) fn read_types(
 pub(crate) fn stream_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
     let d = conn.dialect();
     let sql = per_backend!(d => {
+        // Not MAX(): MySQL would read every version of the stream to check
+        // the stream id; this reads the index from its end.
         format!(
-            "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE {}",
+            "SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
+             ORDER BY stream_version DESC LIMIT 1), 0) AS n",
             d.stream_is()
         )
     });
