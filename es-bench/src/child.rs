@@ -8,7 +8,7 @@
 use crate::workload::{self, State};
 use crate::{framework, raw, Args, BackendArg, BenchError, Impl, Phase, Result, SyncArg};
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection};
+use diesel::{Connection, MysqlConnection, PgConnection};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -62,7 +62,7 @@ impl Sample {
 
 /// Measures one run of `phase` by `imp` on a fresh database.
 pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Result<Sample> {
-    let db = FreshDb::create(backend, &args.database_url)?;
+    let db = FreshDb::create(backend, args)?;
     let mut task = Task {
         step: Step::Prepare,
         imp,
@@ -219,8 +219,79 @@ pub fn postgres_settings(url: &str) -> Result<String> {
     ))
 }
 
+#[derive(diesel::QueryableByName)]
+struct MysqlSettings {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    flush_log: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    log_bin: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    sync_binlog: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct SslCipher {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    cipher: String,
+}
+
+/// As [`postgres_settings`]: the durability settings of the MySQL or
+/// MariaDB server (InnoDB's log flush at commit, the binary log) and
+/// whether connections use TLS.
+pub fn mysql_settings(url: &str) -> Result<String> {
+    use diesel::RunQueryDsl;
+    let mut conn = MysqlConnection::establish(&mysql_scheme(url))?;
+    let s: MysqlSettings = diesel::sql_query(
+        "SELECT VERSION() AS version, \
+         CAST(@@innodb_flush_log_at_trx_commit AS CHAR) AS flush_log, \
+         IF(@@log_bin, 'ON', 'OFF') AS log_bin, CAST(@@sync_binlog AS CHAR) AS sync_binlog",
+    )
+    .get_result(&mut conn)?;
+    // The session status table is in performance_schema on MySQL, in
+    // information_schema on MariaDB.
+    let tls = [
+        "performance_schema.session_status",
+        "information_schema.SESSION_STATUS",
+    ]
+    .iter()
+    .find_map(|table| {
+        diesel::sql_query(format!(
+            "SELECT CAST(VARIABLE_VALUE AS CHAR) AS cipher FROM {table} WHERE VARIABLE_NAME = 'Ssl_cipher'"
+        ))
+        .get_result::<SslCipher>(&mut conn)
+        .ok()
+    })
+    .map_or("TLS unknown", |c| {
+        if c.cipher.is_empty() {
+            "without TLS"
+        } else {
+            "use TLS"
+        }
+    });
+    let server = if s.version.contains("MariaDB") {
+        "MariaDB"
+    } else {
+        "MySQL"
+    };
+    Ok(format!(
+        "{server} {}, InnoDB, innodb_flush_log_at_trx_commit = {}, log_bin = {}, sync_binlog = {} (server settings, not changed); connections {tls}",
+        s.version, s.flush_log, s.log_bin, s.sync_binlog
+    ))
+}
+
+/// Diesel knows the `mysql://` scheme only; the framework also takes `mariadb://`.
+fn mysql_scheme(url: &str) -> String {
+    match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    }
+}
+
 /// A database nobody else uses, removed when dropped: a new SQLite file
-/// (in the system temporary directory, on disk) or a new PostgreSQL schema.
+/// (in the system temporary directory, on disk), a new PostgreSQL schema,
+/// or a new MySQL database.
 enum FreshDb {
     Sqlite {
         _dir: tempfile::TempDir,
@@ -231,10 +302,25 @@ enum FreshDb {
         schema: String,
         url: String,
     },
+    Mysql {
+        admin_url: String,
+        database: String,
+        url: String,
+    },
+}
+
+/// A name no other run uses.
+fn scratch_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "es_bench_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl FreshDb {
-    fn create(backend: BackendArg, postgres_url: &str) -> Result<FreshDb> {
+    fn create(backend: BackendArg, args: &Args) -> Result<FreshDb> {
         match backend {
             BackendArg::Sqlite => {
                 let dir = tempfile::Builder::new().prefix("es-bench-").tempdir()?;
@@ -242,12 +328,8 @@ impl FreshDb {
                 Ok(FreshDb::Sqlite { _dir: dir, url })
             }
             BackendArg::Postgres => {
-                static COUNTER: AtomicU64 = AtomicU64::new(0);
-                let schema = format!(
-                    "es_bench_{}_{}",
-                    std::process::id(),
-                    COUNTER.fetch_add(1, Ordering::Relaxed)
-                );
+                let postgres_url = &args.database_url;
+                let schema = scratch_name();
                 let mut admin = PgConnection::establish(postgres_url)?;
                 admin.batch_execute(&format!(
                     "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
@@ -260,12 +342,39 @@ impl FreshDb {
                     url,
                 })
             }
+            BackendArg::Mysql => {
+                let admin_url = mysql_scheme(&args.mysql_url);
+                let database = scratch_name();
+                let mut admin = MysqlConnection::establish(&admin_url)?;
+                admin.batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS `{database}`; \
+                     CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                ))?;
+                // The server's URL with the new database as its path.
+                let (base, query) = match admin_url.split_once('?') {
+                    Some((base, query)) => (base, format!("?{query}")),
+                    None => (admin_url.as_str(), String::new()),
+                };
+                let scheme_end = base.find("://").map_or(0, |i| i + 3);
+                let server = match base[scheme_end..].find('/') {
+                    Some(slash) => &base[..scheme_end + slash],
+                    None => base,
+                };
+                let url = format!("{server}/{database}{query}");
+                Ok(FreshDb::Mysql {
+                    admin_url,
+                    database,
+                    url,
+                })
+            }
         }
     }
 
     fn url(&self) -> &str {
         match self {
-            FreshDb::Sqlite { url, .. } | FreshDb::Postgres { url, .. } => url,
+            FreshDb::Sqlite { url, .. }
+            | FreshDb::Postgres { url, .. }
+            | FreshDb::Mysql { url, .. } => url,
         }
     }
 }
@@ -284,6 +393,22 @@ impl Drop for FreshDb {
                 });
             if let Err(e) = dropped {
                 eprintln!("es-bench: warning: could not drop schema {schema}: {e}");
+            }
+        }
+        if let FreshDb::Mysql {
+            admin_url,
+            database,
+            ..
+        } = self
+        {
+            let dropped = MysqlConnection::establish(admin_url)
+                .map_err(|e| e.to_string())
+                .and_then(|mut c| {
+                    c.batch_execute(&format!("DROP DATABASE IF EXISTS `{database}`"))
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = dropped {
+                eprintln!("es-bench: warning: could not drop database {database}: {e}");
             }
         }
     }

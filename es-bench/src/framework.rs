@@ -13,7 +13,7 @@ use crate::workload::{self, Command, LogEvent, State};
 use crate::{BenchError, Phase, Result};
 use diesel::prelude::*;
 use es_diesel::{
-    projector, Aggregate, Event, EventStore, ExecuteError, ExpectedVersion, ReadModel,
+    projector, Aggregate, Backend, Event, EventStore, ExecuteError, ExpectedVersion, ReadModel,
     RebuildOptions, Recorded, SqliteSync, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
@@ -367,12 +367,17 @@ pub fn state(store: &EventStore, phase: Phase) -> Result<State> {
         rm_checksum: None,
     };
     if matches!(phase, Phase::B | Phase::D) {
-        // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back.
-        let rm: ReadModelState = diesel::sql_query(
+        // SUM of a BIGINT is NUMERIC on PostgreSQL, DECIMAL on MySQL: cast
+        // back (MySQL's CAST calls its 64-bit integer SIGNED).
+        let int = match store.backend() {
+            Backend::Mysql => "SIGNED",
+            Backend::Sqlite | Backend::Postgres => "BIGINT",
+        };
+        let rm: ReadModelState = diesel::sql_query(format!(
             "SELECT COUNT(*) AS books, COUNT(borrowed_by) AS borrowed_now, \
-             CAST(COALESCE(SUM(times_borrowed), 0) AS BIGINT) AS times_borrowed, \
-             CAST(COALESCE(SUM(book_id * borrowed_by), 0) AS BIGINT) AS checksum FROM book_list",
-        )
+             CAST(COALESCE(SUM(times_borrowed), 0) AS {int}) AS times_borrowed, \
+             CAST(COALESCE(SUM(book_id * borrowed_by), 0) AS {int}) AS checksum FROM book_list",
+        ))
         .get_result(&mut *conn)?;
         state.rm_books = Some(rm.books);
         state.rm_borrowed_now = Some(rm.borrowed_now);

@@ -1,6 +1,7 @@
 //! `es-bench`: the `library` workload (`es-bench/WORKLOAD.md`) run
 //! through the framework's public API and as hand-written Diesel, on
-//! SQLite and PostgreSQL, with events/s and peak RSS per phase.
+//! SQLite, PostgreSQL and MySQL/MariaDB, with events/s and peak RSS per
+//! phase.
 //!
 //! Every (backend, phase, implementation, run) gets a fresh database and
 //! two child processes of this same binary: one prepares the database
@@ -134,6 +135,8 @@ impl fmt::Display for Impl {
 pub enum BackendArg {
     Sqlite,
     Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
 }
 
 impl fmt::Display for BackendArg {
@@ -141,6 +144,7 @@ impl fmt::Display for BackendArg {
         f.write_str(match self {
             BackendArg::Sqlite => "sqlite",
             BackendArg::Postgres => "postgres",
+            BackendArg::Mysql => "mysql",
         })
     }
 }
@@ -186,6 +190,14 @@ pub struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     database_url: String,
+    /// MySQL or MariaDB server; every run creates and drops its own database
+    /// in it (the user must be allowed to).
+    #[arg(
+        long,
+        env = "ES_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    mysql_url: String,
     /// Commands of phases A, B, C (and log size of E1, E2, minus registrations).
     #[arg(long, default_value_t = 20_000)]
     events: u64,
@@ -271,8 +283,12 @@ fn run(args: &Args) -> Result<()> {
     backends.dedup();
     for &backend in &backends {
         let mut results = report::Results::new(backend);
-        if backend == BackendArg::Postgres {
-            let server = child::postgres_settings(&args.database_url)?;
+        let server = match backend {
+            BackendArg::Postgres => Some(child::postgres_settings(&args.database_url)?),
+            BackendArg::Mysql => Some(child::mysql_settings(&args.mysql_url)?),
+            BackendArg::Sqlite => None,
+        };
+        if let Some(server) = server {
             eprintln!("{server}");
             results.server = Some(server);
         }

@@ -3,19 +3,24 @@
 //! measured against, so it takes every shortcut a careful author would:
 //! only the columns it needs, cached prepared statements (Diesel's DSL),
 //! autocommit single statements (one round trip per append), JSON parsed
-//! only for the events whose payload matters, and on PostgreSQL the inline
-//! read-model update folded into the append statement.
+//! only for the events whose payload matters, on PostgreSQL the inline
+//! read-model update folded into the append statement, and on MySQL
+//! phase B's transaction without BEGIN (autocommit off) and with a
+//! prepared COMMIT.
 //!
 //! Tables (`raw_events`, `raw_book_list`) are its own; `raw_events` has a
 //! bigserial global position, `UNIQUE (stream_id, version)` as the
-//! optimistic-concurrency guard, and a JSONB payload (TEXT on SQLite).
+//! optimistic-concurrency guard, and a JSONB payload (TEXT on SQLite; on
+//! MySQL an `AUTO_INCREMENT` position, VARCHAR ids, a JSON payload, InnoDB).
 
 use crate::workload::{self, Command, LogEntry, LogEvent, State};
 use crate::{BenchError, Phase, Result};
 use diesel::connection::SimpleConnection;
 use diesel::deserialize::{self, FromSql};
+use diesel::mysql::{Mysql, MysqlConnection, MysqlValue};
 use diesel::pg::{Pg, PgConnection, PgValue};
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
@@ -33,7 +38,8 @@ const INSERT_BATCH: usize = 1_000;
 const READ_PAGE: i64 = 10_000;
 
 /// A JSON document as text; stored as JSONB on PostgreSQL (binary format:
-/// a version byte, then the text) and as TEXT on SQLite.
+/// a version byte, then the text), as TEXT on SQLite, and sent to and read
+/// from MySQL's JSON column as text.
 #[derive(Debug, Clone, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = Jsonb)]
 #[diesel(sql_type = Text)]
@@ -66,6 +72,18 @@ impl ToSql<Text, Sqlite> for Json {
 impl FromSql<Text, Sqlite> for Json {
     fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
         <String as FromSql<Text, Sqlite>>::from_sql(value).map(Json)
+    }
+}
+
+impl ToSql<Text, Mysql> for Json {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Mysql>) -> serialize::Result {
+        <str as ToSql<Text, Mysql>>::to_sql(self.0.as_str(), out)
+    }
+}
+
+impl FromSql<Text, Mysql> for Json {
+    fn from_sql(value: MysqlValue<'_>) -> deserialize::Result<Self> {
+        <String as FromSql<Text, Mysql>>::from_sql(value).map(Json)
     }
 }
 
@@ -215,10 +233,11 @@ fn is_conflict(e: &DieselError) -> bool {
     )
 }
 
-/// The Diesel code of one backend; the two differ only in the payload's
-/// SQL type and in the inline read-model update of phase B (`$extra`).
+/// The Diesel code of one backend; they differ only in the payload's SQL
+/// type, the integer type of a `CAST` (`$int`), and the bulk upsert and
+/// inline read-model update of phase B (`$extra`).
 macro_rules! raw_backend {
-    ($name:ident, $conn:ty, $payload:ident, { $($extra:item)* }) => {
+    ($name:ident, $conn:ty, $payload:ident, $int:literal, { $($extra:item)* }) => {
         pub(crate) mod $name {
             use super::*;
 
@@ -243,8 +262,12 @@ macro_rules! raw_backend {
                 }
             }
 
+            // Every field a value, never DEFAULT: Diesel then caches the
+            // INSERT's prepared statement (with the derive's default, each
+            // field may be DEFAULT, and the statement is prepared again on
+            // every call: one more round trip per append on a server).
             #[derive(Insertable)]
-            #[diesel(table_name = raw_events)]
+            #[diesel(table_name = raw_events, treat_none_as_default_value = false)]
             struct Row<'a> {
                 stream_id: &'a str,
                 version: i64,
@@ -381,7 +404,13 @@ macro_rules! raw_backend {
             }
 
             pub fn read_model_state(conn: &mut $conn) -> QueryResult<ReadModelState> {
-                diesel::sql_query(READ_MODEL_STATE_SQL).get_result(conn)
+                diesel::sql_query(concat!(
+                    "SELECT COUNT(*) AS books, COUNT(borrowed_by) AS borrowed_now, \
+                     CAST(COALESCE(SUM(times_borrowed), 0) AS ", $int, ") AS times_borrowed, \
+                     CAST(COALESCE(SUM(book_id * borrowed_by), 0) AS ", $int, ") AS checksum \
+                     FROM raw_book_list"
+                ))
+                .get_result(conn)
             }
 
             $($extra)*
@@ -389,7 +418,7 @@ macro_rules! raw_backend {
     };
 }
 
-raw_backend!(pg, PgConnection, Jsonb, {
+raw_backend!(pg, PgConnection, Jsonb, "BIGINT", {
     /// Multi-row upserts, one transaction.
     pub fn insert_books(conn: &mut PgConnection, rows: &[BookRow]) -> QueryResult<()> {
         use diesel::upsert::excluded;
@@ -448,7 +477,7 @@ raw_backend!(pg, PgConnection, Jsonb, {
     }
 });
 
-raw_backend!(sqlite, SqliteConnection, Text, {
+raw_backend!(sqlite, SqliteConnection, Text, "BIGINT", {
     /// SQLite cannot combine a multi-row INSERT with ON CONFLICT in Diesel;
     /// one cached single-row upsert per book inside one transaction is the
     /// fast path there anyway (no round trips).
@@ -502,6 +531,133 @@ raw_backend!(sqlite, SqliteConnection, Text, {
     }
 });
 
+// MySQL's CAST has no BIGINT: SIGNED is its 64-bit integer.
+raw_backend!(mysql, MysqlConnection, Text, "SIGNED", {
+    /// Multi-row upserts (`INSERT … ON DUPLICATE KEY UPDATE`, the new row's
+    /// values read with `VALUES(col)`, which Diesel has no DSL for on
+    /// MySQL), one transaction.
+    pub fn insert_books(conn: &mut MysqlConnection, rows: &[BookRow]) -> QueryResult<()> {
+        use diesel::dsl::{sql, DuplicatedKeys};
+        use raw_book_list::{author, borrowed_by, times_borrowed, title};
+        conn.transaction(|conn| {
+            for chunk in rows.chunks(INSERT_BATCH) {
+                let chunk: Vec<Book<'_>> = chunk
+                    .iter()
+                    .map(|b| Book {
+                        book_id: b.book_id,
+                        title: &b.title,
+                        author: &b.author,
+                        borrowed_by: b.borrowed_by,
+                        times_borrowed: b.times_borrowed,
+                    })
+                    .collect();
+                diesel::insert_into(raw_book_list::table)
+                    .values(&chunk)
+                    .on_conflict(DuplicatedKeys)
+                    .do_update()
+                    .set((
+                        title.eq(sql::<Text>("VALUES(`title`)")),
+                        author.eq(sql::<Text>("VALUES(`author`)")),
+                        borrowed_by.eq(sql::<Nullable<BigInt>>("VALUES(`borrowed_by`)")),
+                        times_borrowed.eq(sql::<BigInt>("VALUES(`times_borrowed`)")),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Phase B runs its connection with autocommit off, as JDBC and the
+    /// Python DB-API run MySQL transactions: the first statement (the load)
+    /// opens the transaction, COMMIT ends it. Diesel's `transaction` would
+    /// send BEGIN and COMMIT through `batch_execute`, which on MySQL turns
+    /// multi-statement mode on and off around each: three round trips
+    /// apiece instead of none and one.
+    pub fn autocommit_off(conn: &mut MysqlConnection) -> QueryResult<()> {
+        conn.batch_execute("SET autocommit = 0")
+    }
+
+    /// MySQL has neither a data-modifying CTE nor RETURNING: the event
+    /// insert and the read-model update in one transaction (opened by the
+    /// load, see [`autocommit_off`]), then COMMIT. Four round trips per
+    /// command, load included, each a cached prepared statement.
+    pub fn append_with_read_model(
+        conn: &mut MysqlConnection,
+        row: &NewRow,
+        book_id: i64,
+        borrowed_by: Option<i64>,
+        inc: i64,
+    ) -> QueryResult<()> {
+        let written = insert(conn, row).and_then(|()| {
+            // Diesel connects with CLIENT_FOUND_ROWS: this counts the rows
+            // matched, not only those changed.
+            let n = UpdateBook {
+                book_id,
+                borrowed_by,
+                inc,
+            }
+            .execute(conn)?;
+            check_one_book(n, book_id)
+        });
+        match written {
+            Ok(()) => Commit.execute(conn).map(drop),
+            Err(e) => {
+                conn.batch_execute("ROLLBACK")?;
+                Err(e)
+            }
+        }
+    }
+
+    // Diesel prepares every `diesel::update` and `sql_query` again on each
+    // call (one more round trip on a server); these two statements of
+    // phase B have a fixed text, so they are written as query fragments
+    // with a static id, whose prepared statements Diesel caches.
+
+    /// `UPDATE raw_book_list SET borrowed_by = ?, times_borrowed =
+    /// times_borrowed + ? WHERE book_id = ?`.
+    struct UpdateBook {
+        book_id: i64,
+        borrowed_by: Option<i64>,
+        inc: i64,
+    }
+
+    impl QueryId for UpdateBook {
+        type QueryId = UpdateBook;
+        const HAS_STATIC_QUERY_ID: bool = true;
+    }
+
+    impl QueryFragment<Mysql> for UpdateBook {
+        fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+            out.push_sql("UPDATE raw_book_list SET borrowed_by = ");
+            out.push_bind_param::<Nullable<BigInt>, _>(&self.borrowed_by)?;
+            out.push_sql(", times_borrowed = times_borrowed + ");
+            out.push_bind_param::<BigInt, _>(&self.inc)?;
+            out.push_sql(" WHERE book_id = ");
+            out.push_bind_param::<BigInt, _>(&self.book_id)?;
+            Ok(())
+        }
+    }
+
+    impl RunQueryDsl<MysqlConnection> for UpdateBook {}
+
+    /// `COMMIT` (a statement MySQL prepares).
+    struct Commit;
+
+    impl QueryId for Commit {
+        type QueryId = Commit;
+        const HAS_STATIC_QUERY_ID: bool = true;
+    }
+
+    impl QueryFragment<Mysql> for Commit {
+        fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+            out.push_sql("COMMIT");
+            Ok(())
+        }
+    }
+
+    impl RunQueryDsl<MysqlConnection> for Commit {}
+});
+
 fn check_one_book(updated: usize, book_id: i64) -> QueryResult<()> {
     if updated == 1 {
         Ok(())
@@ -546,10 +702,6 @@ fn apply(books: &mut HashMap<i64, BookRow>, event_type: &str, payload: &str) -> 
     }
     Ok(())
 }
-
-const READ_MODEL_STATE_SQL: &str = "SELECT COUNT(*) AS books, COUNT(borrowed_by) AS borrowed_now, \
-     CAST(COALESCE(SUM(times_borrowed), 0) AS BIGINT) AS times_borrowed, \
-     CAST(COALESCE(SUM(book_id * borrowed_by), 0) AS BIGINT) AS checksum FROM raw_book_list";
 
 #[derive(QueryableByName)]
 pub struct ReadModelState {
@@ -599,10 +751,33 @@ CREATE TABLE raw_book_list (
     times_borrowed INTEGER NOT NULL
 );";
 
-/// A raw connection to either backend.
+// InnoDB (durability as the server is configured). Indexed text is
+// VARCHAR (MySQL indexes no TEXT without a prefix length), compared
+// byte for byte (utf8mb4_bin) like TEXT on the other backends. JSON is
+// MySQL's binary JSON, validated on insert (on MariaDB a LONGTEXT with a
+// JSON_VALID check), as JSONB is on PostgreSQL.
+const MYSQL_SCHEMA: &str = "
+CREATE TABLE raw_events (
+    global_position BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    stream_id       VARCHAR(255) NOT NULL,
+    version         BIGINT       NOT NULL,
+    event_type      VARCHAR(255) NOT NULL,
+    payload         JSON         NOT NULL,
+    UNIQUE KEY raw_events_stream (stream_id, version)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE raw_book_list (
+    book_id        BIGINT       NOT NULL PRIMARY KEY,
+    title          VARCHAR(255) NOT NULL,
+    author         VARCHAR(255) NOT NULL,
+    borrowed_by    BIGINT,
+    times_borrowed BIGINT       NOT NULL
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;";
+
+/// A raw connection to any of the backends.
 pub enum Conn {
     Pg(PgConnection),
     Sqlite(SqliteConnection),
+    Mysql(MysqlConnection),
 }
 
 /// Runs the same code on whichever connection `conn` holds, with `$m`
@@ -618,6 +793,10 @@ macro_rules! on {
                 use sqlite as $m;
                 $body
             }
+            Conn::Mysql($c) => {
+                use mysql as $m;
+                $body
+            }
         }
     };
 }
@@ -628,6 +807,14 @@ impl Conn {
     pub fn open(url: &str, sync: SqliteSync) -> Result<Conn> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Conn::Pg(PgConnection::establish(url)?));
+        }
+        // The server's session defaults (isolation, durability) as found.
+        if url.starts_with("mysql://") {
+            return Ok(Conn::Mysql(MysqlConnection::establish(url)?));
+        }
+        if let Some(rest) = url.strip_prefix("mariadb://") {
+            let url = format!("mysql://{rest}");
+            return Ok(Conn::Mysql(MysqlConnection::establish(&url)?));
         }
         let mut conn = SqliteConnection::establish(url)?;
         let sync = match sync {
@@ -647,6 +834,7 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64) -> Result<()> 
     match conn {
         Conn::Pg(c) => c.batch_execute(PG_SCHEMA)?,
         Conn::Sqlite(c) => c.batch_execute(SQLITE_SCHEMA)?,
+        Conn::Mysql(c) => c.batch_execute(MYSQL_SCHEMA)?,
     }
     let registrations: Vec<NewRow> = workload::registrations()
         .map(|e| NewRow::from_entry(&e))
@@ -717,10 +905,15 @@ pub fn run(
             on!(&mut *conn, m, c => commands.iter().try_for_each(|&cmd| m::execute(c, cmd)))?;
             Ok(())
         }),
-        Phase::B => timed(&mut || {
-            on!(&mut *conn, m, c => commands.iter().try_for_each(|&cmd| m::execute_inline(c, cmd)))?;
-            Ok(())
-        }),
+        Phase::B => {
+            if let Conn::Mysql(c) = &mut *conn {
+                mysql::autocommit_off(c)?;
+            }
+            timed(&mut || {
+                on!(&mut *conn, m, c => commands.iter().try_for_each(|&cmd| m::execute_inline(c, cmd)))?;
+                Ok(())
+            })
+        }
         Phase::C => phase_c(url, sync, commands),
         Phase::D => {
             on!(&mut *conn, m, c => m::clear_read_model(c))?;
@@ -851,6 +1044,9 @@ mod tests {
                         .batch_execute(
                             "DROP TABLE IF EXISTS raw_events; DROP TABLE IF EXISTS raw_book_list",
                         )
+                        .unwrap(),
+                    Conn::Mysql(c) => c
+                        .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
                         .unwrap(),
                 }
                 let count = phase.command_count(n, m);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// Everything measured on one backend.
 pub struct Results {
     backend: BackendArg,
-    /// How the server runs (PostgreSQL), for the table's header.
+    /// How the server runs (PostgreSQL, MySQL), for the table's header.
     pub server: Option<String>,
     order: Vec<Phase>,
     entries: BTreeMap<(Phase, Impl), Vec<Sample>>,
@@ -107,7 +107,7 @@ impl Results {
 
     pub fn print_table(&self, args: &Args) {
         let durability = match self.backend {
-            BackendArg::Postgres => self
+            BackendArg::Postgres | BackendArg::Mysql => self
                 .server
                 .clone()
                 .unwrap_or_else(|| "server settings not read".to_owned()),

@@ -19,6 +19,9 @@ fn bench(backend: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     if let Ok(url) = std::env::var("ES_TEST_POSTGRES_URL") {
         cmd.args(["--database-url", &url]);
     }
+    if let Ok(url) = std::env::var("ES_TEST_MYSQL_URL") {
+        cmd.args(["--mysql-url", &url]);
+    }
     let out = cmd.output().expect("run es-bench");
     assert!(
         out.status.success(),
@@ -89,6 +92,19 @@ fn postgres_json_lines() {
         return;
     }
     check(&bench("postgres", &[]), "postgres");
+}
+
+#[test]
+fn mysql_json_lines() {
+    if std::env::var("ES_TEST_MYSQL_URL").is_err() {
+        assert!(
+            std::env::var("ES_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+            "ES_TEST_REQUIRE_ALL=1 but ES_TEST_MYSQL_URL is not set"
+        );
+        eprintln!("SKIPPED: set ES_TEST_MYSQL_URL to run the MySQL benchmark test");
+        return;
+    }
+    check(&bench("mysql", &[]), "mysql");
 }
 
 #[test]

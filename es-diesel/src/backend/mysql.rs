@@ -33,8 +33,9 @@ use super::{quote_literal, Backend, Bind, DbConnection, Dialect, Stmt};
 use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
+use diesel::connection::TransactionManager;
 use diesel::sql_types::BigInt;
-use diesel::QueryableByName;
+use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
@@ -183,7 +184,17 @@ impl Dialect for Mysql {
         expected: ExpectedVersion,
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>> {
-        insert(conn, stream, expected, chunk)
+        type Tm = <DbConnection as Connection>::TransactionManager;
+        let in_transaction = Tm::transaction_manager_status_mut(conn)
+            .transaction_depth()?
+            .is_some();
+        if in_transaction {
+            insert(conn, stream, expected, chunk)
+        } else {
+            // Autocommitted, the head's update would release its lock before
+            // the insert, and positions could commit out of order.
+            super::write_transaction(conn, |c| insert(c, stream, expected, chunk))
+        }
     }
 
     fn read_after(

@@ -466,7 +466,11 @@ fn decide_and_append<A: Aggregate>(
     }
     let writes = std::slice::from_ref(&write);
     let project = store.projects(writes)?;
-    let recorded = if in_transaction || (!project && write.events.len() <= CHUNK) {
+    // Without a transaction only where an append is one statement: on
+    // MySQL the head taken by its first statement would be released at once.
+    let one_statement =
+        !project && write.events.len() <= CHUNK && conn.dialect().one_statement_append();
+    let recorded = if in_transaction || one_statement {
         append_events(conn, writes, project)?
     } else {
         write_transaction(conn, |c| append_events(c, writes, project))?
