@@ -1,7 +1,9 @@
 //! Following the log without ever skipping an event.
 //!
 //! On SQLite one writer commits at a time, so positions become visible in
-//! order and a checkpoint is just a position.
+//! order and a checkpoint is just a position. On MySQL appends queue on the
+//! log's head row, which each holds until it commits, with the same result
+//! (see `backend/mysql.rs`).
 //!
 //! On PostgreSQL identity values are handed out at INSERT and become visible
 //! at COMMIT, so position 11 can be visible while position 10 is still in
