@@ -5,17 +5,23 @@
 //!
 //! Auto-increment values commit out of order, and MySQL has neither
 //! PostgreSQL's snapshot functions nor its advisory locks in `pg_locks`, so
-//! the log hands out positions itself: the first statement of every append
-//! is `UPDATE es_log_head SET position = position + n`, which takes the
-//! row lock of the one head row and keeps it until the transaction ends.
-//! Appends therefore run one after another, each taking the positions after
-//! the previous one's. InnoDB makes a transaction visible to new reads
-//! before it releases its locks (`trx_t::commit_in_memory`: the transaction
-//! is deregistered, then its locks released), so when an append can read
-//! the head, every append before it is visible: no reader ever sees a
-//! position while a lower one is still to commit, and followers read by
-//! position alone, as on SQLite. A rolled-back append leaves a hole in the
-//! positions that nothing waits for.
+//! the log hands out positions itself: the insert trigger of `es_events`
+//! (migration 1) gives each row the next position with `UPDATE es_log_head
+//! SET position = position + 1`, which takes the row lock of the one head
+//! row and keeps it until the transaction ends (the statement's own, when
+//! the append is autocommitted). Appends therefore commit one after
+//! another, each with the positions after the previous one's. InnoDB makes
+//! a transaction visible to new reads before it releases its locks
+//! (`trx_t::commit_in_memory`: the transaction is deregistered, then its
+//! locks released), so when an append can take the head, every append
+//! before it is visible: no reader ever sees a position while a lower one
+//! is still to commit, and followers read by position alone, as on SQLite.
+//! A rolled-back append gives its positions back (the head's update rolls
+//! back with it).
+//!
+//! An append is one statement (an INSERT … SELECT that reads the stream's
+//! version, checks the expectation and inserts), atomic without a
+//! transaction around it, then a read of the positions it got.
 //!
 //! The cost is SQLite's: appends to different streams do not overlap. An
 //! append holds the head from its first insert to its commit, inline
@@ -33,9 +39,6 @@ use super::{quote_literal, Backend, Bind, DbConnection, Dialect, Stmt};
 use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::connection::TransactionManager;
-use diesel::sql_types::BigInt;
-use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent};
 
@@ -168,6 +171,10 @@ impl Dialect for Mysql {
         .bind(Bind::Timestamp(Utc::now().naive_utc()))
     }
 
+    fn one_statement_append(&self) -> bool {
+        true
+    }
+
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         // The head lock covers every stream.
         if !streams.is_empty() {
@@ -184,17 +191,7 @@ impl Dialect for Mysql {
         expected: ExpectedVersion,
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>> {
-        type Tm = <DbConnection as Connection>::TransactionManager;
-        let in_transaction = Tm::transaction_manager_status_mut(conn)
-            .transaction_depth()?
-            .is_some();
-        if in_transaction {
-            insert(conn, stream, expected, chunk)
-        } else {
-            // Autocommitted, the head's update would release its lock before
-            // the insert, and positions could commit out of order.
-            super::write_transaction(conn, |c| insert(c, stream, expected, chunk))
-        }
+        insert(conn, stream, expected, chunk)
     }
 
     fn read_after(
@@ -209,70 +206,124 @@ impl Dialect for Mysql {
     }
 }
 
-#[derive(QueryableByName)]
-struct Head {
-    #[diesel(sql_type = BigInt)]
-    position: i64,
-    #[diesel(sql_type = BigInt)]
-    version: i64,
-}
-
-/// Takes the head (see the module docs) and the positions of the chunk,
-/// reads the stream's version under it, and inserts the chunk if the
-/// expectation holds. Positions taken by an append that finds the stream at
-/// another version are never used: a hole, as after a rollback.
+/// One statement: reads the stream's last version, checks the expectation
+/// and inserts the chunk, each row taking the next position from the head
+/// in the insert trigger (migration 1), which holds the head's lock until
+/// the statement, or the caller's transaction, commits. Then the positions
+/// are read back by event id. A concurrent writer of the same version loses
+/// on the unique index.
 fn insert(
     conn: &mut DbConnection,
     stream: &str,
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let n = chunk.len() as i64;
-    Stmt::new("UPDATE es_log_head SET position = position + ? WHERE id = 1")
-        .bind(Bind::BigInt(n))
-        .execute(conn)?;
-    // The head as this transaction just wrote it; the stream's last version
-    // read from the end of its index (MAX() would read every version).
-    let mut head = Stmt::new(
-        "SELECT (SELECT position FROM es_log_head WHERE id = 1) AS position, \
-         COALESCE((SELECT stream_version FROM es_events WHERE stream_hash = UNHEX(MD5(?)) \
-         AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), 0) AS version",
-    )
-    .bind(Bind::Text(stream))
-    .bind(Bind::Text(stream))
-    .get_result::<Head>(conn)?;
-    // Under the head lock the version read is the stream's, unless the
-    // caller's transaction runs at REPEATABLE READ and reads the snapshot
-    // of its first read: before refusing, or after a collision, read it
-    // again with a locking read, which sees the last commit.
-    let mut reread = false;
-    if !expected.is_satisfied_by(head.version) {
-        reread = true;
-        head.version = locked_version(conn, stream)?;
-        if !expected.is_satisfied_by(head.version) {
-            return Ok(Vec::new());
+    // Microseconds: what DATETIME(6) keeps.
+    let now = Utc::now().naive_utc();
+    let now = now
+        .with_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap_or(now);
+    match insert_checked(conn, stream, expected, chunk, now) {
+        Ok(0) => {}
+        Ok(_) => return read_back(conn, chunk),
+        // Only a concurrent append of the same version collides.
+        Err(Error::Conflict { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    // The version was taken, or the expectation failed on what the
+    // statement read. A caller's transaction at REPEATABLE READ reads the
+    // snapshot of its first read in places: before refusing, read the
+    // version with a locking read, which sees the last commit.
+    let actual = locked_version(conn, stream)?;
+    if !expected.is_satisfied_by(actual) {
+        return Ok(Vec::new());
+    }
+    match insert_checked(conn, stream, ExpectedVersion::Exact(actual), chunk, now)? {
+        0 => Ok(Vec::new()),
+        _ => read_back(conn, chunk),
+    }
+}
+
+/// The INSERT … SELECT of [`insert`]; the number of rows inserted (0 when
+/// the expectation does not hold).
+fn insert_checked(
+    conn: &mut DbConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+    now: chrono::NaiveDateTime,
+) -> Result<usize> {
+    let mut sql = String::with_capacity(700 + chunk.len() * 60);
+    sql.push_str(
+        "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
+         event_version, payload, metadata, created_at) \
+         SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, ? \
+         FROM (SELECT COALESCE((SELECT stream_version FROM es_events \
+         WHERE stream_hash = UNHEX(MD5(?)) AND stream_id = ? \
+         ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur, (",
+    );
+    for k in 1..=chunk.len() {
+        if k == 1 {
+            sql.push_str(
+                "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
+            );
+        } else {
+            use std::fmt::Write;
+            let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
         }
     }
-    loop {
-        match insert_at(conn, stream, expected, chunk, &head) {
-            Err(Error::Conflict { .. }) if !reread => {
-                reread = true;
-                let now = locked_version(conn, stream)?;
-                if now == head.version {
-                    return Err(Error::Conflict {
-                        stream: stream.to_owned(),
-                        expected,
-                        actual: now,
-                    });
-                }
-                if !expected.is_satisfied_by(now) {
-                    return Ok(Vec::new());
-                }
-                head.version = now;
-            }
-            other => return other,
-        }
+    sql.push_str(") AS e");
+    match expected {
+        ExpectedVersion::Any => {}
+        ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
+        ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
+        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
     }
+    // The trigger numbers the rows in insertion order.
+    sql.push_str(" ORDER BY e.k");
+    let mut q = Stmt::with_capacity(&sql, 4 + chunk.len() * 5);
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
+    q.push(Bind::Text(stream));
+    q.push(Bind::Timestamp(now));
+    q.push(Bind::Text(stream));
+    q.push(Bind::Text(stream));
+    for ev in chunk {
+        q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
+    }
+    if let ExpectedVersion::Exact(v) = expected {
+        q.push(Bind::BigInt(v));
+    }
+    q.execute(conn)
+        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+}
+
+/// The positions and versions the chunk's rows got, in version order.
+fn read_back(conn: &mut DbConnection, chunk: &[NewEvent]) -> Result<Vec<Appended>> {
+    let ids: Vec<String> = chunk
+        .iter()
+        .map(|e| e.event_id.hyphenated().to_string())
+        .collect();
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut q = Stmt::with_capacity(
+        format!(
+            "SELECT global_position, stream_version, created_at FROM es_events \
+             WHERE event_id IN ({marks}) ORDER BY stream_version"
+        ),
+        ids.len(),
+    );
+    if !cached_shape(chunk.len()) {
+        q.dont_cache();
+    }
+    for id in &ids {
+        q.push(Bind::Text(id));
+    }
+    Ok(q.load::<Appended>(conn)?)
 }
 
 /// The stream's last committed version, whatever the transaction's
@@ -286,71 +337,4 @@ fn locked_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
     .bind(Bind::Text(stream))
     .get_result::<Number>(conn)?
     .n)
-}
-
-/// Inserts the chunk at the positions ending at `head.position`, after
-/// version `head.version` of the stream.
-fn insert_at(
-    conn: &mut DbConnection,
-    stream: &str,
-    expected: ExpectedVersion,
-    chunk: &[NewEvent],
-    head: &Head,
-) -> Result<Vec<Appended>> {
-    let n = chunk.len() as i64;
-    let first = head.position - n + 1;
-    let mut sql = String::with_capacity(200 + chunk.len() * 32);
-    sql.push_str(
-        "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
-         event_version, payload, metadata, created_at) VALUES ",
-    );
-    for k in 0..chunk.len() {
-        sql.push_str(if k == 0 {
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        } else {
-            ", (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        });
-    }
-    // Microseconds: what DATETIME(6) keeps, so the returned time is the
-    // stored one.
-    let now = Utc::now().naive_utc();
-    let now = now
-        .with_nanosecond(now.nanosecond() / 1000 * 1000)
-        .unwrap_or(now);
-    let mut q = Stmt::with_capacity(&sql, chunk.len() * 9);
-    if !cached_shape(chunk.len()) {
-        q.dont_cache();
-    }
-    let mut appended = Vec::with_capacity(chunk.len());
-    for (k, ev) in chunk.iter().enumerate() {
-        let k = k as i64;
-        q.push(Bind::BigInt(first + k));
-        q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
-        q.push(Bind::Text(stream));
-        q.push(Bind::BigInt(head.version + k + 1));
-        q.push(Bind::Text(ev.event_type));
-        q.push(Bind::SmallInt(ev.event_version as i16));
-        q.push(Bind::Text(&ev.payload));
-        q.push(metadata_bind(&ev.metadata));
-        q.push(Bind::Timestamp(now));
-        appended.push(Appended {
-            global_position: first + k,
-            stream_version: head.version + k + 1,
-            created_at: now,
-        });
-    }
-    match q.execute(conn) {
-        Ok(_) => Ok(appended),
-        Err(e) => Err(match map_insert_error(e, stream, expected, chunk) {
-            // Under the head lock the version read above is the stream's.
-            Error::Conflict {
-                stream, expected, ..
-            } => Error::Conflict {
-                stream,
-                expected,
-                actual: head.version,
-            },
-            other => other,
-        }),
-    }
 }
