@@ -116,6 +116,8 @@ struct YourFirstModelExamples;
 #[doc = include_str!("../../docs/production-postgres.md")]
 struct ProductionPostgresExamples;
 
+#[cfg(feature = "tokio")]
+mod async_store;
 mod backend;
 pub mod cli;
 mod command;
@@ -135,6 +137,8 @@ use log::{append, read};
 use schema::migrations;
 
 pub use append::StreamWrite;
+#[cfg(feature = "tokio")]
+pub use async_store::{AsyncEventStore, AsyncRunners};
 pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
 pub use command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use error::{Error, Result};
