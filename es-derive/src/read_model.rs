@@ -474,10 +474,9 @@ impl<'a> Model<'a> {
             .map(|(i, f)| {
                 let null = if f.nullable { "" } else { " NOT NULL" };
                 let ty = match self.mysql_indexed_width(i) {
-                    Some(width) if db == Db::Mysql => match f.kind {
-                        Kind::Binary => format!("VARBINARY({width})"),
-                        _ => format!("VARCHAR({})", width / 4),
-                    },
+                    // Bytes: MySQL's text collations pad with spaces, so
+                    // keys `k` and `k ` would be one row.
+                    Some(width) if db == Db::Mysql => format!("VARBINARY({width})"),
                     _ => f.kind.ddl(db).to_owned(),
                 };
                 format!("{} {ty}{null}", q(&f.name))

@@ -208,6 +208,7 @@ impl Error {
 
 impl From<diesel::result::Error> for Error {
     fn from(source: diesel::result::Error) -> Self {
+        crate::backend::note_if_connection_lost(&source);
         match transient_reason(&source) {
             Some(reason) => Error::Transient { reason, source },
             None => Error::Database(source),
@@ -215,8 +216,9 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
-/// PostgreSQL's deadlock (40P01) and serialization failure (40001). Diesel
-/// names the second; the first is known by its message.
+/// PostgreSQL's deadlock (40P01) and serialization failure (40001), MySQL's
+/// deadlock and lock wait timeout. Diesel names the serialization failures;
+/// the others are known by their message.
 fn transient_reason(e: &diesel::result::Error) -> Option<&'static str> {
     use diesel::result::{DatabaseErrorKind, Error as E};
     match e {
@@ -225,6 +227,11 @@ fn transient_reason(e: &diesel::result::Error) -> Option<&'static str> {
         }
         E::DatabaseError(_, info) if info.message().starts_with("deadlock detected") => {
             Some("deadlock")
+        }
+        // MySQL's lock wait timeout (1205); its deadlock (1213) is named
+        // by Diesel above.
+        E::DatabaseError(_, info) if info.message().contains("try restarting transaction") => {
+            Some("lock wait timeout")
         }
         _ => None,
     }

@@ -87,7 +87,8 @@ impl EventStore {
             .min_idle(Some(if memory { 1 } else { 0 }))
             .connection_timeout(options.connection_timeout)
             // No `SELECT 1` round trip per checkout: a connection the server
-            // closed fails its next query with an error, and is then dropped.
+            // closed fails its next query with an error, and is then dropped
+            // (see `Manager::has_broken`).
             .test_on_check_out(false)
             // An in-memory database lives and dies with its one connection.
             .idle_timeout(if memory {

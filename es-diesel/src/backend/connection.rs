@@ -342,7 +342,45 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut DbConnection) -> bool {
-        conn.is_broken()
+        // Diesel knows a broken transaction, not a closed socket: a
+        // connection whose server went away (restarted, `wait_timeout`, a
+        // KILL) would go back to the pool and fail every checkout after.
+        let lost = CONNECTION_LOST.with(|lost| lost.replace(false));
+        lost || conn.is_broken()
+    }
+}
+
+thread_local! {
+    /// Set when a statement on this thread failed because the connection
+    /// to the server was lost; read when the thread's pooled connection
+    /// goes back to the pool (another connection of the thread may have
+    /// failed instead: then a healthy one is replaced, which costs a
+    /// reconnect, nothing else).
+    static CONNECTION_LOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Notes a lost connection, so that the pool drops it instead of handing
+/// it out again. Called for every database error the store converts.
+pub(crate) fn note_if_connection_lost(e: &diesel::result::Error) {
+    use diesel::result::{DatabaseErrorKind, Error as E};
+    let lost = match e {
+        E::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
+        E::DatabaseError(_, info) => {
+            let m = info.message().to_ascii_lowercase();
+            // MySQL's CR_SERVER_GONE_ERROR and CR_SERVER_LOST; libpq's.
+            m.contains("server has gone away")
+                || m.contains("lost connection to")
+                // MySQL closes the connection after refusing a statement
+                // larger than `max_allowed_packet`.
+                || m.contains("max_allowed_packet")
+                || m.contains("server closed the connection")
+                || m.contains("no connection to the server")
+                || m.contains("terminating connection")
+        }
+        _ => false,
+    };
+    if lost {
+        CONNECTION_LOST.with(|flag| flag.set(true));
     }
 }
 

@@ -16,7 +16,9 @@ pub(crate) mod shadow;
 mod sqlite;
 mod stmt;
 
-pub(crate) use connection::{parse_url, private_write_transaction, read_only_snapshot, Listener};
+pub(crate) use connection::{
+    note_if_connection_lost, parse_url, private_write_transaction, read_only_snapshot, Listener,
+};
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::CHUNK;
 pub(crate) use stmt::{Bind, Stmt};
@@ -271,6 +273,16 @@ pub(crate) trait Dialect: Send + Sync {
         Ok(None)
     }
 
+    /// `es_events` for a query of several event types in position order: read
+    /// along the positions. With an index on (type, position), a planner
+    /// that reads each type's range would sort all the matches after the
+    /// start before returning the first page, which makes paging through a
+    /// log quadratic. One type reads its range of that index, in order.
+    fn events_in_position_order(&self, types: usize) -> &'static str {
+        let _ = types;
+        "es_events"
+    }
+
     /// The database clock in milliseconds since the epoch, as an expression.
     fn now_ms(&self) -> &'static str;
 }
@@ -328,8 +340,9 @@ fn read_by_position(
         }
         None => (String::new(), Vec::new()),
     };
+    let from = d.events_in_position_order(types.map_or(0, <[&str]>::len));
     let sql = format!(
-        "SELECT {}, 0 AS tx FROM es_events WHERE global_position > ? {filter} \
+        "SELECT {}, 0 AS tx FROM {from} WHERE global_position > ? {filter} \
          ORDER BY global_position LIMIT ?",
         d.event_columns()
     );

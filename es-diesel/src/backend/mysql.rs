@@ -171,6 +171,14 @@ impl Dialect for Mysql {
         .bind(Bind::Timestamp(Utc::now().naive_utc()))
     }
 
+    fn events_in_position_order(&self, types: usize) -> &'static str {
+        if types > 1 {
+            "es_events IGNORE INDEX (es_events_by_type)"
+        } else {
+            "es_events"
+        }
+    }
+
     fn one_statement_append(&self) -> bool {
         true
     }

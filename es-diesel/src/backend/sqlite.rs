@@ -78,6 +78,15 @@ impl Dialect for Sqlite {
         .bind(Bind::Timestamp(Utc::now().naive_utc()))
     }
 
+    fn events_in_position_order(&self, types: usize) -> &'static str {
+        // The rowid is no index: NOT INDEXED keeps the range scan on it.
+        if types > 1 {
+            "es_events NOT INDEXED"
+        } else {
+            "es_events"
+        }
+    }
+
     fn serial_writers(&self) -> bool {
         true
     }

@@ -115,9 +115,10 @@ pub(crate) fn read_types(
     let d = conn.dialect();
     let (any, binds) = d.any_of(types, ListOf::Text);
     let sql = format!(
-        "SELECT {} FROM es_events WHERE event_type {any} AND global_position > ? \
+        "SELECT {} FROM {} WHERE event_type {any} AND global_position > ? \
          ORDER BY global_position LIMIT ?",
-        d.event_columns()
+        d.event_columns(),
+        d.events_in_position_order(types.len())
     );
     let mut q = Stmt::with_capacity(sql, binds.len() + 2).rows::<EventSql>();
     binds.into_iter().for_each(|b| q.push(b));

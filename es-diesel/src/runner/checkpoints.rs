@@ -2,6 +2,7 @@
 //! checkpoint, its runner's lease and its state. The one place that reads
 //! or writes the table.
 
+use crate::backend::rows::Number;
 use crate::backend::{per_backend, Bind, DbConnection, Stmt};
 use crate::error::Result;
 use crate::follow::Checkpoint;
@@ -51,6 +52,16 @@ pub(crate) struct StatusRow {
 /// Creates the projection's row (at the start of the log, idle) unless it
 /// exists.
 pub(crate) fn ensure(conn: &mut DbConnection, name: &str) -> Result<()> {
+    // Only when missing: an insert that finds the row takes a shared lock
+    // on it on MySQL, and the lease update that follows in the same
+    // transaction would then deadlock with another runner doing the same.
+    let exists = Stmt::new("SELECT COUNT(*) AS n FROM es_checkpoints WHERE projection = ?")
+        .bind(Bind::Text(name))
+        .get_result::<Number>(conn)?
+        .n;
+    if exists > 0 {
+        return Ok(());
+    }
     let d = conn.dialect();
     let sql = per_backend!(d => {
         let (insert, ignore) = d.insert_ignore();
