@@ -283,6 +283,12 @@ pub(crate) trait Dialect: Send + Sync {
         "es_events"
     }
 
+    /// Before reading the whole log (a rebuild): makes sure the planner
+    /// knows the log's size, where it plans by statistics.
+    fn prepare_full_scan(&self, conn: &mut DbConnection) {
+        let _ = conn;
+    }
+
     /// The database clock in milliseconds since the epoch, as an expression.
     fn now_ms(&self) -> &'static str;
 }

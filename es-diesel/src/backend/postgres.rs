@@ -182,6 +182,25 @@ impl Dialect for Postgres {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Without statistics (a log just bulk-loaded or imported, before
+    /// autovacuum's analyze), PostgreSQL plans a page of several event types
+    /// as a bitmap scan of every later match and a sort: each batch of a
+    /// rebuild would read the rest of the log. One ANALYZE (a sample, tens
+    /// of milliseconds) gives it the ordered index scan.
+    fn prepare_full_scan(&self, conn: &mut DbConnection) {
+        let stale = Stmt::new(
+            "SELECT COUNT(*) AS n FROM pg_stat_user_tables \
+             WHERE relid = 'es_events'::regclass AND n_mod_since_analyze > GREATEST(1000, n_live_tup / 10)",
+        )
+        .get_result::<Number>(conn);
+        if matches!(stale, Ok(Number { n: 1.. })) {
+            use diesel::connection::SimpleConnection;
+            if let Err(e) = conn.batch_execute("ANALYZE es_events") {
+                tracing::debug!(error = %e, "could not analyze es_events before a rebuild");
+            }
+        }
+    }
+
     fn settled_horizon(&self, conn: &mut DbConnection) -> Result<Option<i64>> {
         loop {
             if let Some(h) = horizon(conn)? {

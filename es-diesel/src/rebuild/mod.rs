@@ -262,6 +262,7 @@ fn build_and_swap(
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
     tracing::Span::current().record("head", head);
+    conn.dialect().prepare_full_scan(conn);
     let mut rows = (entry.new_rows)();
     // The shadow starts empty, and nothing but this rebuild writes to it.
     let mut only_in_memory = true;
