@@ -6,7 +6,7 @@
 //! `VmHWM` (peak RSS of its address space after exec) as a cross-check.
 
 use crate::workload::{self, State};
-use crate::{framework, raw, Args, BackendArg, BenchError, Impl, Phase, Result, SyncArg};
+use crate::{framework, latency, raw, Args, BackendArg, BenchError, Impl, Phase, Result, SyncArg};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, MysqlConnection, PgConnection};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,8 @@ struct Task {
     sqlite_sync: SyncArg,
     events: u64,
     replay_events: u64,
+    /// Events preloaded before the phase (0 for the phases without).
+    preload_events: u64,
 }
 
 /// What the run child prints on stdout.
@@ -42,6 +44,8 @@ struct ChildReport {
     events: i64,
     state: State,
     vm_hwm_kib: Option<u64>,
+    /// Per-command latency (A, B, C).
+    latency: Option<latency::Summary>,
 }
 
 /// One measured run.
@@ -52,6 +56,7 @@ pub struct Sample {
     pub state: State,
     pub peak_rss_kib: u64,
     pub vm_hwm_kib: Option<u64>,
+    pub latency: Option<latency::Summary>,
 }
 
 impl Sample {
@@ -71,6 +76,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         sqlite_sync: args.sqlite_sync,
         events: args.events,
         replay_events: args.replay_events,
+        preload_events: phase.preload(args.preload_events),
     };
     spawn(&task)?;
     task.step = Step::Run;
@@ -86,6 +92,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         state: report.state,
         peak_rss_kib,
         vm_hwm_kib: report.vm_hwm_kib,
+        latency: report.latency,
     })
 }
 
@@ -138,41 +145,51 @@ pub fn child_main(task: &str) -> Result<()> {
     let task: Task = serde_json::from_str(task)?;
     let sync = task.sqlite_sync.sqlite_sync();
     let n = task.phase.command_count(task.events, task.replay_events);
+    let preload = task.preload_events;
     match task.step {
         Step::Prepare => match task.imp {
             Impl::Es => framework::prepare(
                 &framework::open(&task.url, sync, task.phase)?,
                 task.phase,
                 n,
+                preload,
             ),
-            Impl::Raw => raw::prepare(&mut raw::Conn::open(&task.url, sync)?, task.phase, n),
+            Impl::Raw => raw::prepare(
+                &mut raw::Conn::open(&task.url, sync)?,
+                task.phase,
+                n,
+                preload,
+            ),
         },
         Step::Run => {
             let commands: Vec<workload::Command> = match task.phase {
                 Phase::A | Phase::B | Phase::C => workload::commands(n).collect(),
                 _ => Vec::new(),
             };
-            let (elapsed, state) = match task.imp {
+            let (elapsed, mut latencies, state) = match task.imp {
                 Impl::Es => {
                     let store = framework::open(&task.url, sync, task.phase)?;
-                    let elapsed = framework::run(&store, task.phase, &commands)?;
-                    (elapsed, framework::state(&store, task.phase)?)
+                    let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;
+                    (elapsed, latencies, framework::state(&store, task.phase)?)
                 }
                 Impl::Raw => {
                     let mut conn = raw::Conn::open(&task.url, sync)?;
-                    let outcome = raw::run(&mut conn, &task.url, sync, task.phase, &commands, n)?;
+                    let outcome = raw::run(
+                        &mut conn, &task.url, sync, task.phase, &commands, n, preload,
+                    )?;
                     let state = match outcome.read_state {
                         Some(s) => s,
                         None => raw::state(&mut conn, task.phase)?,
                     };
-                    (outcome.elapsed, state)
+                    (outcome.elapsed, outcome.latencies, state)
                 }
             };
             let report = ChildReport {
                 elapsed_s: elapsed.as_secs_f64(),
-                events: task.phase.rated_events(n),
+                events: task.phase.rated_events(n, preload),
                 state,
                 vm_hwm_kib: vm_hwm_kib(),
+                latency: latency::Summary::of(&mut latencies),
             };
             println!("{}", serde_json::to_string(&report)?);
             Ok(())

@@ -10,7 +10,7 @@
 //! (see [`open`]); `migrate` still creates the empty `book_list` table there.
 
 use crate::workload::{self, Command, LogEvent, State};
-use crate::{BenchError, Phase, Result};
+use crate::{latency, BenchError, Phase, Result};
 use diesel::prelude::*;
 use es_diesel::{
     projector, Aggregate, Backend, Event, EventStore, ExecuteError, ExpectedVersion, ReadModel,
@@ -162,26 +162,39 @@ pub fn open(url: &str, sqlite_sync: SqliteSync, phase: Phase) -> Result<EventSto
     Ok(EventStore::open_with(url, options)?)
 }
 
-/// Untimed set-up of a fresh database for `phase`: schema, registrations,
-/// and for D the log of `replay_events` commands.
-pub fn prepare(store: &EventStore, phase: Phase, replay_events: u64) -> Result<()> {
+/// Untimed set-up of a fresh database for `phase`: schema, the `preload`
+/// events of `--preload-events` (history on books the workload does not
+/// touch), registrations, and for D the log of `replay_events` commands.
+/// On PostgreSQL a preloaded log is then vacuumed and analyzed, as raw's
+/// is, so that autovacuum's reaction to the bulk load does not fall into
+/// the timed phase.
+pub fn prepare(store: &EventStore, phase: Phase, replay_events: u64, preload: u64) -> Result<()> {
     store.migrate()?;
+    append_log(store, workload::preload_events(preload))?;
     match phase {
-        Phase::A | Phase::B | Phase::C => register(store),
+        Phase::A | Phase::B | Phase::C => register(store)?,
         Phase::D => {
             register(store)?;
-            seed(store, replay_events)
+            seed(store, replay_events)?;
         }
-        Phase::E1 | Phase::E2 | Phase::E3 => Err(BenchError::RawOnly(phase)),
+        Phase::E1 | Phase::E2 | Phase::E3 => return Err(BenchError::RawOnly(phase)),
     }
+    if preload > 0 && store.backend() == Backend::Postgres {
+        use diesel::connection::SimpleConnection;
+        store
+            .connection()?
+            .batch_execute("VACUUM ANALYZE es_events")?;
+    }
+    Ok(())
 }
 
-/// The timed part of `phase`; returns the wall time.
-pub fn run(store: &EventStore, phase: Phase, commands: &[Command]) -> Result<Duration> {
+/// The timed part of `phase`; returns the wall time and, for A, B and C,
+/// each command's latency in nanoseconds (in no particular order).
+pub fn run(store: &EventStore, phase: Phase, commands: &[Command]) -> Result<(Duration, Vec<u64>)> {
     match phase {
         Phase::A | Phase::B => sequential(store, commands),
         Phase::C => concurrent(store, commands),
-        Phase::D => rebuild(store),
+        Phase::D => Ok((rebuild(store)?, Vec::new())),
         Phase::E1 | Phase::E2 | Phase::E3 => Err(BenchError::RawOnly(phase)),
     }
 }
@@ -210,11 +223,18 @@ pub fn register(store: &EventStore) -> Result<()> {
 }
 
 /// Writes the log of `n` commands after the registrations without deciding
-/// anything (untimed seed of phase D). Each batch is one atomic append;
-/// within a batch the events are grouped by stream, so the global order
-/// differs from command order inside a batch while every stream keeps its
-/// order (the read model's final state does not depend on it).
+/// anything (untimed seed of phase D).
 pub fn seed(store: &EventStore, n: u64) -> Result<()> {
+    append_log(store, workload::command_events(n))
+}
+
+/// Appends precomputed log entries (the seed of D, the preloaded history)
+/// with `append_streams`, 10,000 events per call. Each call is one atomic
+/// append expecting every stream at the version before its first event
+/// there; within a call the events are grouped by stream, so the global
+/// order differs from the entries' order inside a call while every stream
+/// keeps its order (the read model's final state does not depend on it).
+fn append_log(store: &EventStore, entries: impl Iterator<Item = workload::LogEntry>) -> Result<()> {
     const BATCH: usize = 10_000;
     let mut batch: Vec<StreamWrite> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -229,7 +249,7 @@ pub fn seed(store: &EventStore, n: u64) -> Result<()> {
         index.clear();
         Ok(())
     };
-    for entry in workload::command_events(n) {
+    for entry in entries {
         let stream = entry.stream_id();
         let at = *index.entry(stream.clone()).or_insert_with(|| {
             batch.push(StreamWrite::new(
@@ -246,9 +266,15 @@ pub fn seed(store: &EventStore, n: u64) -> Result<()> {
             LogEvent::BookReturned { book_id, user_id } => {
                 write.push(&BookReturned { book_id, user_id })?
             }
-            other => {
-                unreachable!("command_events() yields borrows and returns only, got {other:?}")
-            }
+            LogEvent::BookRegistered { book_id } => write.push(&BookRegistered {
+                book_id,
+                title: workload::book_title(book_id),
+                author: workload::book_author(book_id),
+            })?,
+            LogEvent::UserRegistered { user_id } => write.push(&UserRegistered {
+                user_id,
+                name: workload::user_name(user_id),
+            })?,
         };
         pending += 1;
         if pending == BATCH {
@@ -272,18 +298,18 @@ fn execute(store: &EventStore, command: Command) -> Result<()> {
 
 /// A and B: the commands one after the other, one transaction each (B's
 /// store runs the `book_list` projectors in it).
-fn sequential(store: &EventStore, commands: &[Command]) -> Result<Duration> {
+fn sequential(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec<u64>)> {
     // The pool opens connections lazily; open one before the clock.
     drop(store.connection()?);
+    let mut latencies = Vec::with_capacity(commands.len());
     let start = Instant::now();
-    for &c in commands {
-        execute(store, c)?;
-    }
-    Ok(start.elapsed())
+    latency::each(commands, &mut latencies, |c| execute(store, c))?;
+    Ok((start.elapsed(), latencies))
 }
 
 /// C: four writers on disjoint streams sharing one store (and its pool).
-fn concurrent(store: &EventStore, commands: &[Command]) -> Result<Duration> {
+/// Each writer records its commands' latencies in its own vector.
+fn concurrent(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec<u64>)> {
     let parts: Vec<Vec<Command>> = (0..workload::WRITERS)
         .map(|w| workload::writer_commands(commands, w))
         .collect();
@@ -293,17 +319,20 @@ fn concurrent(store: &EventStore, commands: &[Command]) -> Result<Duration> {
             .collect::<std::result::Result<_, _>>()?;
         drop(warm);
     }
+    let mut latencies: Vec<Vec<u64>> = parts.iter().map(|p| Vec::with_capacity(p.len())).collect();
     let start = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
-            .map(|part| s.spawn(move || part.iter().try_for_each(|&c| execute(store, c))))
+            .zip(&mut latencies)
+            .map(|(part, out)| s.spawn(move || latency::each(part, out, |c| execute(store, c))))
             .collect();
         handles
             .into_iter()
             .try_for_each(|h| h.join().map_err(|_| BenchError::WriterPanicked)?)
     })?;
-    Ok(start.elapsed())
+    let elapsed = start.elapsed();
+    Ok((elapsed, latencies.concat()))
 }
 
 /// D: `rebuild` empties `book_list` and replays the book events of the log
@@ -395,15 +424,45 @@ mod tests {
     /// Prepares and runs `phase` as the child processes do: a store opened
     /// for the phase for each step.
     fn prepare_and_run(db: &TestDatabase, phase: Phase, n: u64) -> State {
+        prepare_and_run_preloaded(db, phase, n, 0)
+    }
+
+    fn prepare_and_run_preloaded(db: &TestDatabase, phase: Phase, n: u64, preload: u64) -> State {
         let url = db.url();
-        prepare(&open(url, SqliteSync::Normal, phase).unwrap(), phase, n).unwrap();
+        prepare(
+            &open(url, SqliteSync::Normal, phase).unwrap(),
+            phase,
+            n,
+            preload,
+        )
+        .unwrap();
         let store = open(url, SqliteSync::Normal, phase).unwrap();
         let commands: Vec<Command> = match phase {
             Phase::D => Vec::new(),
             _ => workload::commands(n).collect(),
         };
-        run(&store, phase, &commands).unwrap();
+        let (_, latencies) = run(&store, phase, &commands).unwrap();
+        assert_eq!(latencies.len(), commands.len(), "a latency per command");
         state(&store, phase).unwrap()
+    }
+
+    #[test]
+    fn a_c_d_on_a_preloaded_log_end_in_the_expected_state() {
+        let (n, preload) = (200, 1_250);
+        for (phase, expected) in [
+            (Phase::A, workload::expected(n).log_only()),
+            (Phase::C, workload::expected(n).log_only()),
+            (Phase::D, workload::expected(n)),
+        ] {
+            for db in TestDatabase::all() {
+                assert_eq!(
+                    prepare_and_run_preloaded(&db, phase, n, preload),
+                    expected.with_preload(preload),
+                    "{phase} on {}",
+                    db.backend()
+                );
+            }
+        }
     }
 
     #[test]
@@ -452,7 +511,7 @@ mod tests {
     fn d_seeds_an_empty_read_model_and_the_rebuild_fills_it() {
         for db in TestDatabase::all() {
             let store = open(db.url(), SqliteSync::Normal, Phase::D).unwrap();
-            prepare(&store, Phase::D, 200).unwrap();
+            prepare(&store, Phase::D, 200, 0).unwrap();
             assert_eq!(book_list_rows(&store), 0, "seed on {}", db.backend());
             run(&store, Phase::D, &[]).unwrap();
             assert_eq!(

@@ -14,6 +14,7 @@
 
 mod child;
 mod framework;
+mod latency;
 mod raw;
 mod report;
 mod workload;
@@ -46,22 +47,44 @@ impl Phase {
     }
 
     /// The events the rate is computed from: the commands of A, B and C
-    /// (registrations are untimed), every row written or read otherwise.
-    fn rated_events(self, commands: u64) -> i64 {
+    /// (registrations and the preloaded log are untimed), every row written
+    /// or read otherwise (for D the preloaded events too).
+    fn rated_events(self, commands: u64, preload: u64) -> i64 {
         match self {
             Phase::A | Phase::B | Phase::C => commands as i64,
-            Phase::D | Phase::E1 | Phase::E2 | Phase::E3 => {
-                commands as i64 + workload::REGISTRATIONS
-            }
+            Phase::D => commands as i64 + workload::REGISTRATIONS + preload as i64,
+            Phase::E1 | Phase::E2 | Phase::E3 => commands as i64 + workload::REGISTRATIONS,
         }
     }
 
-    /// The state a run of this phase must end in.
-    fn expected(self, events: u64, replay_events: u64) -> workload::State {
+    /// Whether `--preload-events` applies: A, C (appends on a large log)
+    /// and D (which rebuilds from the whole log).
+    fn preloads(self) -> bool {
+        matches!(self, Phase::A | Phase::C | Phase::D)
+    }
+
+    /// Whether the phase executes commands, whose latencies are recorded.
+    fn has_commands(self) -> bool {
+        matches!(self, Phase::A | Phase::B | Phase::C)
+    }
+
+    /// The state a run of this phase must end in, on a log with `preload`
+    /// extra events (ignored by the phases that do not preload).
+    fn expected(self, events: u64, replay_events: u64, preload: u64) -> workload::State {
         let full = workload::expected(self.command_count(events, replay_events));
-        match self {
+        let state = match self {
             Phase::B | Phase::D => full,
             _ => full.log_only(),
+        };
+        state.with_preload(self.preload(preload))
+    }
+
+    /// The `--preload-events` this phase runs with.
+    fn preload(self, preload_events: u64) -> u64 {
+        if self.preloads() {
+            preload_events
+        } else {
+            0
         }
     }
 
@@ -210,6 +233,10 @@ pub struct Args {
     /// Runs per phase and implementation; the rate reported is the median.
     #[arg(long, default_value_t = 3)]
     runs: u32,
+    /// Events bulk-loaded (untimed) into the log before phases A, C and D,
+    /// on streams the workload does not touch (books 1000001..).
+    #[arg(long, default_value_t = 0)]
+    preload_events: u64,
     /// SQLite `PRAGMA synchronous` (journal mode is always WAL).
     #[arg(long, value_enum, default_value_t = SyncArg::Full)]
     sqlite_sync: SyncArg,
@@ -298,7 +325,7 @@ fn run(args: &Args) -> Result<()> {
             } else {
                 &[Impl::Es, Impl::Raw]
             };
-            let expected = phase.expected(args.events, args.replay_events);
+            let expected = phase.expected(args.events, args.replay_events, args.preload_events);
             for run in 1..=args.runs {
                 // Alternate the order so that drift (WAL growth, caches) does not favour one side.
                 let mut order = impls.to_vec();
@@ -317,8 +344,16 @@ fn run(args: &Args) -> Result<()> {
                             actual: Box::new(sample.state),
                         });
                     }
+                    let latency = sample.latency.map_or_else(String::new, |l| {
+                        format!(
+                            ", latency p50 {:.1} / p99 {:.1} / max {:.1} µs",
+                            l.p50_ns as f64 / 1e3,
+                            l.p99_ns as f64 / 1e3,
+                            l.max_ns as f64 / 1e3
+                        )
+                    });
                     eprintln!(
-                        "{backend} {phase} {imp} run {run}/{}: {:.0} events/s ({} events in {:.3} s), peak RSS {} KiB (VmHWM {} KiB), state ok",
+                        "{backend} {phase} {imp} run {run}/{}: {:.0} events/s ({} events in {:.3} s){latency}, peak RSS {} KiB (VmHWM {} KiB), state ok",
                         args.runs,
                         sample.events_per_s(),
                         sample.events,
@@ -331,7 +366,7 @@ fn run(args: &Args) -> Result<()> {
             }
         }
         if args.json {
-            results.print_json()?;
+            results.print_json(args)?;
         } else {
             results.print_table(args);
         }
@@ -356,10 +391,27 @@ mod tests {
 
     #[test]
     fn rated_events_follow_the_workload() {
-        assert_eq!(Phase::A.rated_events(20_000), 20_000);
-        assert_eq!(Phase::E1.rated_events(20_000), 21_100);
-        assert_eq!(Phase::D.rated_events(1_000_000), 1_001_100);
+        assert_eq!(Phase::A.rated_events(20_000, 500), 20_000);
+        assert_eq!(Phase::E1.rated_events(20_000, 0), 21_100);
+        assert_eq!(Phase::D.rated_events(1_000_000, 0), 1_001_100);
+        assert_eq!(Phase::D.rated_events(1_000_000, 200_000), 1_201_100);
         assert_eq!(Phase::D.command_count(5, 7), 7);
         assert_eq!(Phase::C.command_count(5, 7), 5);
+    }
+
+    #[test]
+    fn preload_applies_to_a_c_d_only() {
+        let plain = |p: Phase| p.expected(300, 400, 0);
+        for p in [Phase::A, Phase::C, Phase::D] {
+            assert_eq!(p.expected(300, 400, 250), plain(p).with_preload(250), "{p}");
+            assert_eq!(
+                p.expected(300, 400, 250).log_events,
+                plain(p).log_events + 250
+            );
+        }
+        for p in [Phase::B, Phase::E1, Phase::E2, Phase::E3] {
+            assert_eq!(p.expected(300, 400, 250), plain(p), "{p}");
+            assert_eq!(p.preload(250), 0);
+        }
     }
 }

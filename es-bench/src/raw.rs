@@ -14,7 +14,7 @@
 //! MySQL an `AUTO_INCREMENT` position, VARCHAR ids, a JSON payload, InnoDB).
 
 use crate::workload::{self, Command, LogEntry, LogEvent, State};
-use crate::{BenchError, Phase, Result};
+use crate::{latency, BenchError, Phase, Result};
 use diesel::connection::SimpleConnection;
 use diesel::deserialize::{self, FromSql};
 use diesel::mysql::{Mysql, MysqlConnection, MysqlValue};
@@ -829,13 +829,35 @@ impl Conn {
     }
 }
 
-/// Untimed set-up of a fresh database for `phase`.
-pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64) -> Result<()> {
+/// Multi-row INSERTs of precomputed log entries, streamed in slices so
+/// the preparing process stays small.
+fn insert_log(conn: &mut Conn, mut entries: impl Iterator<Item = LogEntry>) -> Result<()> {
+    loop {
+        let slice: Vec<NewRow> = entries
+            .by_ref()
+            .take(100 * INSERT_BATCH)
+            .map(|e| NewRow::from_entry(&e))
+            .collect();
+        if slice.is_empty() {
+            return Ok(());
+        }
+        on!(&mut *conn, m, c => m::insert_batches(c, &slice))?;
+    }
+}
+
+/// Untimed set-up of a fresh database for `phase`: schema, the `preload`
+/// events of `--preload-events` (history on books the workload does not
+/// touch), registrations, and for D and E3 the log of `replay_events`
+/// commands. On PostgreSQL a preloaded log is then vacuumed and analyzed
+/// (as the framework's is), so that autovacuum's reaction to the bulk load
+/// does not fall into the timed phase.
+pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64, preload: u64) -> Result<()> {
     match conn {
         Conn::Pg(c) => c.batch_execute(PG_SCHEMA)?,
         Conn::Sqlite(c) => c.batch_execute(SQLITE_SCHEMA)?,
         Conn::Mysql(c) => c.batch_execute(MYSQL_SCHEMA)?,
     }
+    insert_log(conn, workload::preload_events(preload))?;
     let registrations: Vec<NewRow> = workload::registrations()
         .map(|e| NewRow::from_entry(&e))
         .collect();
@@ -856,34 +878,29 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64) -> Result<()> 
         }
         Phase::D | Phase::E3 => {
             on!(conn, m, c => m::insert_batches(c, &registrations))?;
-            // The seed is streamed in slices so the preparing process stays small.
-            let mut events = workload::command_events(replay_events);
-            loop {
-                let slice: Vec<NewRow> = events
-                    .by_ref()
-                    .take(100 * INSERT_BATCH)
-                    .map(|e| NewRow::from_entry(&e))
-                    .collect();
-                if slice.is_empty() {
-                    break;
-                }
-                on!(conn, m, c => m::insert_batches(c, &slice))?;
-            }
+            insert_log(conn, workload::command_events(replay_events))?;
         }
         Phase::E1 | Phase::E2 => {}
+    }
+    if let (Conn::Pg(c), true) = (&mut *conn, preload > 0) {
+        c.batch_execute("VACUUM ANALYZE raw_events")?;
     }
     Ok(())
 }
 
-/// What a timed phase did: its wall time, and for E3 the state of the rows
-/// it read (which exist only in its memory).
+/// What a timed phase did: its wall time, for A, B and C each command's
+/// latency in nanoseconds (in no particular order), and for E3 the state of
+/// the rows it read (which exist only in its memory).
 pub struct Outcome {
     pub elapsed: Duration,
+    pub latencies: Vec<u64>,
     pub read_state: Option<State>,
 }
 
-/// The timed part of `phase`. Inputs that the workload says are
-/// precomputed (E1, E2) are built before the clock starts.
+/// The timed part of `phase` (`n` commands, or the log size of D and E
+/// without registrations and the `preload` events). Inputs that the
+/// workload says are precomputed (E1, E2) are built before the clock
+/// starts.
 pub fn run(
     conn: &mut Conn,
     url: &str,
@@ -891,28 +908,37 @@ pub fn run(
     phase: Phase,
     commands: &[Command],
     n: u64,
+    preload: u64,
 ) -> Result<Outcome> {
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Outcome> {
         let start = Instant::now();
         f()?;
         Ok(Outcome {
             elapsed: start.elapsed(),
+            latencies: Vec::new(),
             read_state: None,
         })
     };
+    let mut latencies = Vec::with_capacity(commands.len());
     match phase {
-        Phase::A => timed(&mut || {
-            on!(&mut *conn, m, c => commands.iter().try_for_each(|&cmd| m::execute(c, cmd)))?;
-            Ok(())
-        }),
+        Phase::A => {
+            let mut out = timed(&mut || {
+                on!(&mut *conn, m, c => latency::each(commands, &mut latencies, |cmd| m::execute(c, cmd)))?;
+                Ok(())
+            })?;
+            out.latencies = latencies;
+            Ok(out)
+        }
         Phase::B => {
             if let Conn::Mysql(c) = &mut *conn {
                 mysql::autocommit_off(c)?;
             }
-            timed(&mut || {
-                on!(&mut *conn, m, c => commands.iter().try_for_each(|&cmd| m::execute_inline(c, cmd)))?;
+            let mut out = timed(&mut || {
+                on!(&mut *conn, m, c => latency::each(commands, &mut latencies, |cmd| m::execute_inline(c, cmd)))?;
                 Ok(())
-            })
+            })?;
+            out.latencies = latencies;
+            Ok(out)
         }
         Phase::C => phase_c(url, sync, commands),
         Phase::D => {
@@ -922,7 +948,7 @@ pub fn run(
                 applied = on!(&mut *conn, m, c => m::rebuild(c))?;
                 Ok(())
             })?;
-            let expected = workload::REGISTRATIONS + n as i64;
+            let expected = workload::REGISTRATIONS + n as i64 + preload as i64;
             if applied != expected {
                 return Err(BenchError::Inconsistent(format!(
                     "rebuild applied {applied} events, the log has {expected}"
@@ -950,6 +976,7 @@ pub fn run(
             let borrowed = rows.iter().filter(|r| r.3 == "BookBorrowed").count() as i64;
             Ok(Outcome {
                 elapsed,
+                latencies: Vec::new(),
                 read_state: Some(State {
                     log_events: rows.len() as i64,
                     borrowed_events: borrowed,
@@ -963,7 +990,8 @@ pub fn run(
     }
 }
 
-/// C: four writers, each on its own connection (opened before the clock).
+/// C: four writers, each on its own connection (opened before the clock)
+/// and recording its commands' latencies in its own vector.
 fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome> {
     let mut conns = (0..workload::WRITERS)
         .map(|_| Conn::open(url, sync))
@@ -971,14 +999,16 @@ fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome>
     let parts: Vec<Vec<Command>> = (0..workload::WRITERS)
         .map(|w| workload::writer_commands(commands, w))
         .collect();
+    let mut latencies: Vec<Vec<u64>> = parts.iter().map(|p| Vec::with_capacity(p.len())).collect();
     let start = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = conns
             .iter_mut()
             .zip(&parts)
-            .map(|(conn, part)| {
+            .zip(&mut latencies)
+            .map(|((conn, part), out)| {
                 s.spawn(
-                    move || on!(conn, m, c => part.iter().try_for_each(|&cmd| m::execute(c, cmd))),
+                    move || on!(conn, m, c => latency::each(part, out, |cmd| m::execute(c, cmd))),
                 )
             })
             .collect();
@@ -988,8 +1018,10 @@ fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome>
                 .map_err(BenchError::from)
         })
     })?;
+    let elapsed = start.elapsed();
     Ok(Outcome {
-        elapsed: start.elapsed(),
+        elapsed,
+        latencies: latencies.concat(),
         read_state: None,
     })
 }
@@ -1020,6 +1052,55 @@ mod tests {
     use super::*;
     use es_diesel::testing::TestDatabase;
 
+    /// A connection to `db` without raw's tables (each phase creates its own).
+    fn fresh(db: &TestDatabase) -> Conn {
+        let mut conn = Conn::open(db.url(), SqliteSync::Normal).unwrap();
+        match &mut conn {
+            Conn::Pg(c) => c
+                .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
+                .unwrap(),
+            Conn::Sqlite(c) => c
+                .batch_execute(
+                    "DROP TABLE IF EXISTS raw_events; DROP TABLE IF EXISTS raw_book_list",
+                )
+                .unwrap(),
+            Conn::Mysql(c) => c
+                .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
+                .unwrap(),
+        }
+        conn
+    }
+
+    #[test]
+    fn a_c_d_on_a_preloaded_log_end_in_the_expected_state() {
+        let (n, preload) = (200, 1_250);
+        for db in TestDatabase::all() {
+            for phase in [Phase::A, Phase::C, Phase::D] {
+                let mut conn = fresh(&db);
+                prepare(&mut conn, phase, n, preload).unwrap();
+                let commands: Vec<Command> =
+                    workload::commands(if phase == Phase::D { 0 } else { n }).collect();
+                let outcome = run(
+                    &mut conn,
+                    db.url(),
+                    SqliteSync::Normal,
+                    phase,
+                    &commands,
+                    n,
+                    preload,
+                )
+                .unwrap();
+                assert_eq!(outcome.latencies.len(), commands.len(), "{phase}");
+                assert_eq!(
+                    state(&mut conn, phase).unwrap(),
+                    phase.expected(n, n, preload),
+                    "{phase} on {}",
+                    db.backend()
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_phase_ends_in_the_expected_state() {
         let (n, m) = (300, 2_500);
@@ -1034,23 +1115,9 @@ mod tests {
         ];
         for db in TestDatabase::all() {
             for phase in phases {
-                // Each phase on its own tables: drop the previous ones.
-                let mut conn = Conn::open(db.url(), SqliteSync::Normal).unwrap();
-                match &mut conn {
-                    Conn::Pg(c) => c
-                        .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
-                        .unwrap(),
-                    Conn::Sqlite(c) => c
-                        .batch_execute(
-                            "DROP TABLE IF EXISTS raw_events; DROP TABLE IF EXISTS raw_book_list",
-                        )
-                        .unwrap(),
-                    Conn::Mysql(c) => c
-                        .batch_execute("DROP TABLE IF EXISTS raw_events, raw_book_list")
-                        .unwrap(),
-                }
+                let mut conn = fresh(&db);
                 let count = phase.command_count(n, m);
-                prepare(&mut conn, phase, count).unwrap();
+                prepare(&mut conn, phase, count, 0).unwrap();
                 let commands: Vec<Command> =
                     workload::commands(if phase.raw_only() || phase == Phase::D {
                         0
@@ -1065,13 +1132,20 @@ mod tests {
                     phase,
                     &commands,
                     count,
+                    0,
                 )
                 .unwrap();
+                assert_eq!(outcome.latencies.len(), commands.len(), "{phase}");
                 let state = match outcome.read_state {
                     Some(s) => s,
                     None => state(&mut conn, phase).unwrap(),
                 };
-                assert_eq!(state, phase.expected(n, m), "{phase} on {}", db.backend());
+                assert_eq!(
+                    state,
+                    phase.expected(n, m, 0),
+                    "{phase} on {}",
+                    db.backend()
+                );
             }
         }
     }

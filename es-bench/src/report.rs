@@ -21,6 +21,32 @@ struct Summary {
     events_per_s: f64,
     peak_rss_kib: u64,
     state: State,
+    latency: Option<Latency>,
+}
+
+/// Per-command latency over the runs, in microseconds: the median of the
+/// runs' p50 and p99, the highest of their maxima.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn over(runs: &[Sample]) -> Option<Latency> {
+        let runs: Vec<&crate::latency::Summary> =
+            runs.iter().filter_map(|s| s.latency.as_ref()).collect();
+        if runs.is_empty() {
+            return None;
+        }
+        let us = |ns: u64| ns as f64 / 1e3;
+        Some(Latency {
+            p50: median(runs.iter().map(|l| us(l.p50_ns)).collect()),
+            p99: median(runs.iter().map(|l| us(l.p99_ns)).collect()),
+            max: runs.iter().map(|l| us(l.max_ns)).fold(0.0, f64::max),
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -36,6 +62,15 @@ struct JsonLine<'a> {
     /// How a command obtains the book's state (A, B, C).
     #[serde(skip_serializing_if = "Option::is_none")]
     approach: Option<&'a str>,
+    /// Events preloaded into the log before the phase (A, C, D).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preload_events: Option<u64>,
+    /// Per-command latency in µs (A, B, C).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_us: Option<Latency>,
+    /// The framework's p99 over raw's (on the framework's lines of A, B, C).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_vs_raw: Option<f64>,
 }
 
 /// How both implementations obtain a book's state per command.
@@ -80,10 +115,17 @@ impl Results {
             events_per_s: median(v.iter().map(Sample::events_per_s).collect()),
             peak_rss_kib: v.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
             state: v[0].state,
+            latency: Latency::over(v),
         })
     }
 
-    pub fn print_json(&self) -> Result<()> {
+    /// The framework's p99 latency over raw's, if both were measured.
+    fn p99_ratio(&self, phase: Phase) -> Option<f64> {
+        let p99 = |imp| self.summary(phase, imp)?.latency.map(|l| l.p99);
+        Some(p99(Impl::Es)? / p99(Impl::Raw)?)
+    }
+
+    pub fn print_json(&self, args: &Args) -> Result<()> {
         for &phase in &self.order {
             for imp in [Impl::Es, Impl::Raw] {
                 let Some(s) = self.summary(phase, imp) else {
@@ -97,7 +139,16 @@ impl Results {
                     events_per_s: s.events_per_s,
                     peak_rss_kib: s.peak_rss_kib,
                     state: s.state,
-                    approach: matches!(phase, Phase::A | Phase::B | Phase::C).then_some(APPROACH),
+                    approach: phase.has_commands().then_some(APPROACH),
+                    preload_events: phase
+                        .preloads()
+                        .then_some(phase.preload(args.preload_events)),
+                    latency_us: s.latency,
+                    p99_vs_raw: if imp == Impl::Es {
+                        self.p99_ratio(phase)
+                    } else {
+                        None
+                    },
                 };
                 println!("{}", serde_json::to_string(&line)?);
             }
@@ -123,11 +174,19 @@ impl Results {
         };
         println!();
         println!(
-            "== {}: --events {} --replay-events {} --runs {} (events/s = median of runs; peak RSS = max ru_maxrss of the run's process)",
-            self.backend, args.events, args.replay_events, args.runs
+            "== {}: --events {} --replay-events {} --preload-events {} --runs {} (events/s = median of runs; peak RSS = max ru_maxrss of the run's process)",
+            self.backend, args.events, args.replay_events, args.preload_events, args.runs
         );
         println!("   durability: {durability}");
         println!("   state per command (A, B, C): {APPROACH}: the whole book stream is read and folded, no cache, both implementations");
+        if args.preload_events > 0 {
+            println!(
+                "   preloaded log (A, C, D): {} events on books {}.. ({} per stream) written untimed before the registrations; D replays them too",
+                args.preload_events,
+                crate::workload::PRELOAD_FIRST_BOOK,
+                crate::workload::PRELOAD_STREAM_EVENTS
+            );
+        }
         println!(
             "{:<5} {:>9} {:>17} {:>12} {:>8} {:>13} {:>13}",
             "phase",
@@ -167,7 +226,42 @@ impl Results {
                 rss(&raw)
             );
         }
+        self.print_latency();
         self.print_goals(args);
+    }
+
+    /// The per-command latency of the phases that execute commands.
+    fn print_latency(&self) {
+        let phases: Vec<Phase> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|&p| p.has_commands())
+            .collect();
+        if phases.is_empty() {
+            return;
+        }
+        println!("latency per command, µs (load + fold + decide + append, retries included; p50, p99: median of runs; max: highest of runs)");
+        println!(
+            "{:<5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}",
+            "phase", "fw p50", "fw p99", "fw max", "raw p50", "raw p99", "raw max", "fw/raw p99"
+        );
+        for phase in phases {
+            let lat = |imp| self.summary(phase, imp).and_then(|s| s.latency);
+            let cells = |l: Option<Latency>| match l {
+                Some(l) => [l.p50, l.p99, l.max].map(|v| format!("{v:.1}")),
+                None => ["-", "-", "-"].map(str::to_owned),
+            };
+            let [ep50, ep99, emax] = cells(lat(Impl::Es));
+            let [rp50, rp99, rmax] = cells(lat(Impl::Raw));
+            let ratio = self
+                .p99_ratio(phase)
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+            println!(
+                "{:<5} {ep50:>9} {ep99:>9} {emax:>10} {rp50:>9} {rp99:>9} {rmax:>10} {ratio:>10}",
+                phase.to_string()
+            );
+        }
     }
 
     fn print_goals(&self, args: &Args) {
@@ -175,9 +269,9 @@ impl Results {
         let e1 = rate(Phase::E1, Impl::Raw);
         let mut lines = Vec::new();
         // `goal` None: a direction ("approach E1"), not a threshold.
-        let mut versus = |phase: Phase, base: Option<f64>, base_name: &str, goal: Option<f64>| {
+        let versus = |phase: Phase, base: Option<f64>, base_name: &str, goal: Option<f64>| {
             if !self.order.contains(&phase) {
-                return;
+                return None;
             }
             let goal_text = goal.map_or_else(|| "approach it".to_owned(), |g| format!(">= {g}"));
             let line = match (rate(phase, Impl::Es), base) {
@@ -194,13 +288,40 @@ impl Results {
                     "{phase}: {base_name} not measured in this invocation (goal {goal_text})"
                 ),
             };
-            lines.push(line);
+            Some(line)
         };
-        versus(Phase::A, rate(Phase::A, Impl::Raw), "raw A", Some(0.9));
-        versus(Phase::A, e1, "E1", None);
-        versus(Phase::B, e1, "E1", Some(0.8));
-        versus(Phase::C, rate(Phase::C, Impl::Raw), "raw C", Some(0.9));
-        versus(Phase::D, rate(Phase::D, Impl::Raw), "raw D", Some(0.5));
+        lines.extend(versus(
+            Phase::A,
+            rate(Phase::A, Impl::Raw),
+            "raw A",
+            Some(0.9),
+        ));
+        lines.extend(versus(Phase::A, e1, "E1", None));
+        lines.extend(versus(Phase::B, e1, "E1", Some(0.8)));
+        lines.extend(versus(
+            Phase::C,
+            rate(Phase::C, Impl::Raw),
+            "raw C",
+            Some(0.9),
+        ));
+        if self.order.contains(&Phase::C) {
+            const P99_GOAL: f64 = 1.5;
+            lines.push(match self.p99_ratio(Phase::C) {
+                Some(r) => format!(
+                    "C: framework p99 latency / raw p99 = {r:.2} (goal <= {P99_GOAL}): {}",
+                    if r <= P99_GOAL { "met" } else { "MISSED" }
+                ),
+                None => format!(
+                    "C: p99 latency of framework or raw not measured in this invocation (goal <= {P99_GOAL})"
+                ),
+            });
+        }
+        lines.extend(versus(
+            Phase::D,
+            rate(Phase::D, Impl::Raw),
+            "raw D",
+            Some(0.5),
+        ));
         if let Some(d) = self.summary(Phase::D, Impl::Es) {
             let ok = d.peak_rss_kib < 64 * 1024;
             lines.push(format!(

@@ -146,6 +146,38 @@ pub fn command_events(n: u64) -> impl Iterator<Item = LogEntry> {
     })
 }
 
+/// Events per stream of the preloaded log (the last stream may be shorter).
+pub const PRELOAD_STREAM_EVENTS: u64 = 100;
+/// The first book of the preloaded log: its books are `PRELOAD_FIRST_BOOK..`,
+/// streams the workload never touches (its books are `1..=BOOKS`).
+pub const PRELOAD_FIRST_BOOK: i64 = 1_000_001;
+
+/// The `n` events of `--preload-events`: history on books the workload does
+/// not touch, written before the registrations. Book `PRELOAD_FIRST_BOOK + s`
+/// gets `PRELOAD_STREAM_EVENTS` events (fewer for the last one): its
+/// `BookRegistered`, then borrows (odd versions after the first: version 2,
+/// 4, …, by user `1 + (book_id + version) % USERS`) each followed by the
+/// return by that borrower.
+pub fn preload_events(n: u64) -> impl Iterator<Item = LogEntry> {
+    (0..n).map(|i| {
+        let book_id = PRELOAD_FIRST_BOOK + (i / PRELOAD_STREAM_EVENTS) as i64;
+        let version = (i % PRELOAD_STREAM_EVENTS) as i64 + 1;
+        let borrower = |v: i64| 1 + (book_id + v) % USERS;
+        let event = match version {
+            1 => LogEvent::BookRegistered { book_id },
+            v if v % 2 == 0 => LogEvent::BookBorrowed {
+                book_id,
+                user_id: borrower(v),
+            },
+            v => LogEvent::BookReturned {
+                book_id,
+                user_id: borrower(v - 1),
+            },
+        };
+        LogEntry { event, version }
+    })
+}
+
 /// The whole log after `n` commands: registrations, then the commands' events.
 pub fn reference_log(n: u64) -> impl Iterator<Item = LogEntry> {
     registrations().chain(command_events(n))
@@ -189,6 +221,44 @@ impl std::fmt::Display for State {
             opt(self.rm_times_borrowed),
             opt(self.rm_checksum)
         )
+    }
+}
+
+impl State {
+    /// This state on a log that also holds the `n` events of
+    /// [`preload_events`]: the log, its borrows and, where the state has a
+    /// read model, the preloaded books' rows.
+    pub fn with_preload(self, n: u64) -> State {
+        if n == 0 {
+            return self;
+        }
+        let mut borrowed_by: Vec<(i64, Option<i64>)> = Vec::new();
+        let mut borrowed_events = 0;
+        for entry in preload_events(n) {
+            match entry.event {
+                LogEvent::BookRegistered { book_id } => borrowed_by.push((book_id, None)),
+                LogEvent::BookBorrowed { user_id, .. } => {
+                    borrowed_events += 1;
+                    borrowed_by.last_mut().expect("registered first").1 = Some(user_id);
+                }
+                LogEvent::BookReturned { .. } => {
+                    borrowed_by.last_mut().expect("registered first").1 = None
+                }
+                LogEvent::UserRegistered { .. } => unreachable!("no users are preloaded"),
+            }
+        }
+        let now = borrowed_by
+            .iter()
+            .filter_map(|&(book, user)| user.map(|u| (book, u)));
+        let add = |v: Option<i64>, x: i64| v.map(|v| v + x);
+        State {
+            log_events: self.log_events + n as i64,
+            borrowed_events: self.borrowed_events + borrowed_events,
+            rm_books: add(self.rm_books, borrowed_by.len() as i64),
+            rm_borrowed_now: add(self.rm_borrowed_now, now.clone().count() as i64),
+            rm_times_borrowed: add(self.rm_times_borrowed, borrowed_events),
+            rm_checksum: add(self.rm_checksum, now.map(|(b, u)| b * u).sum()),
+        }
     }
 }
 
@@ -272,6 +342,46 @@ mod tests {
             assert_eq!(entry.version, *v + 1, "{entry:?}");
             *v = entry.version;
         }
+    }
+
+    #[test]
+    fn preloaded_log_is_gapless_and_adds_to_the_expected_state() {
+        let n = 250;
+        let log: Vec<LogEntry> = preload_events(n).collect();
+        assert_eq!(log.len(), 250);
+        let mut last = std::collections::HashMap::new();
+        for entry in &log {
+            let v = last.entry(entry.stream_id()).or_insert(0);
+            assert_eq!(entry.version, *v + 1, "{entry:?}");
+            *v = entry.version;
+            // Disjoint from the workload's streams.
+            let book = match entry.event {
+                LogEvent::BookRegistered { book_id }
+                | LogEvent::BookBorrowed { book_id, .. }
+                | LogEvent::BookReturned { book_id, .. } => book_id,
+                LogEvent::UserRegistered { .. } => panic!("{entry:?}"),
+            };
+            assert!(book >= PRELOAD_FIRST_BOOK);
+        }
+        // Three books of 100, 100 and 50 events: the registration, then
+        // borrow (even versions) and return; each ends with a borrow (of
+        // version 100, 100 and 50), so all three are out.
+        assert_eq!(last.len(), 3);
+        let base = expected(10);
+        let s = base.with_preload(n);
+        assert_eq!(s.log_events, base.log_events + 250);
+        assert_eq!(s.borrowed_events, base.borrowed_events + 50 + 50 + 25);
+        assert_eq!(s.rm_books, Some(1_003));
+        assert_eq!(s.rm_borrowed_now, base.rm_borrowed_now.map(|v| v + 3));
+        let out = |book: i64, version: i64| book * (1 + (book + version) % USERS);
+        let b = PRELOAD_FIRST_BOOK;
+        assert_eq!(
+            s.rm_checksum,
+            base.rm_checksum
+                .map(|v| v + out(b, 100) + out(b + 1, 100) + out(b + 2, 50))
+        );
+        assert_eq!(base.log_only().with_preload(n), s.log_only());
+        assert_eq!(base.with_preload(0), base);
     }
 
     #[test]

@@ -73,7 +73,89 @@ fn check(lines: &[serde_json::Value], backend: &str) {
             commands.then_some("load + fold (no snapshots)"),
             "{l}"
         );
+        check_latency(l);
+        let preloads = matches!(l["phase"].as_str().unwrap(), "A" | "C" | "D");
+        assert_eq!(l["preload_events"].as_u64(), preloads.then_some(0), "{l}");
     }
+}
+
+/// A, B, C lines carry p50 <= p99 <= max (µs), and the framework's the
+/// ratio of its p99 to raw's; other lines neither.
+fn check_latency(l: &serde_json::Value) {
+    let commands = matches!(l["phase"].as_str().unwrap(), "A" | "B" | "C");
+    let lat = &l["latency_us"];
+    assert_eq!(lat.is_null(), !commands, "{l}");
+    if commands {
+        let (p50, p99, max) = (
+            lat["p50"].as_f64().unwrap(),
+            lat["p99"].as_f64().unwrap(),
+            lat["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{l}");
+    }
+    let ratio = l["p99_vs_raw"].as_f64();
+    assert_eq!(ratio.is_some(), commands && l["impl"] == "es", "{l}");
+    assert!(ratio.is_none_or(|r| r > 0.0), "{l}");
+}
+
+#[test]
+fn preloaded_log_counts_in_a_c_d_and_the_checks_hold() {
+    // The binary itself stops with an error on a state mismatch.
+    let lines = bench(
+        "sqlite",
+        &[
+            "--sqlite-sync",
+            "normal",
+            "--phases",
+            "A,B,C,D",
+            "--preload-events",
+            "450",
+        ],
+    );
+    assert_eq!(lines.len(), 8);
+    for l in &lines {
+        let (preload, events, log) = match l["phase"].as_str().unwrap() {
+            "A" | "C" => (Some(450), 200, 1_750),
+            "B" => (None, 200, 1_300),
+            _ => (Some(450), 2_050, 2_050),
+        };
+        assert_eq!(l["preload_events"].as_u64(), preload, "{l}");
+        assert_eq!(l["events"], events, "{l}");
+        assert_eq!(l["state"]["log_events"], log, "{l}");
+        check_latency(l);
+    }
+    let d = lines.iter().find(|l| l["phase"] == "D").unwrap();
+    // The 1,000 books and the 5 preloaded ones (100, 100, 100, 100, 50 events).
+    assert_eq!(d["state"]["rm_books"], 1_005, "{d}");
+}
+
+#[test]
+fn table_shows_latencies_and_the_p99_goal() {
+    let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
+        .args([
+            "--backend",
+            "sqlite",
+            "--sqlite-sync",
+            "normal",
+            "--phases",
+            "A,C",
+        ])
+        .args(["--events", "200", "--runs", "1", "--preload-events", "100"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("--preload-events 100"), "{table}");
+    assert!(table.contains("latency per command, µs"), "{table}");
+    assert!(table.contains("fw/raw p99"), "{table}");
+    assert!(
+        table.contains("C: framework p99 latency / raw p99 = "),
+        "{table}"
+    );
 }
 
 #[test]
