@@ -733,9 +733,10 @@ fn hostile_stream_ids_are_distinct_and_read_back_identically() {
     }
 }
 
-/// Event type names: 500 characters (4-byte ones too) are stored and read
-/// back exactly; 501 is refused with an error that names the event type
-/// column, nothing is written, and the store goes on.
+/// Event type names: 2,000 bytes (500 4-byte characters) are stored and read
+/// back exactly, names differing by trailing spaces stay apart, and 2,001
+/// bytes are refused with an error that names the event type column,
+/// nothing is written, and the store goes on.
 #[test]
 fn event_type_names_at_and_over_the_limit() {
     let Some(db) = TestDatabase::mysql() else {
@@ -756,14 +757,25 @@ fn event_type_names_at_and_over_the_limit() {
         let by_type = store.read_types(&[ty.as_str()], 0, 10).unwrap();
         assert_eq!(by_type.len(), 1, "read_types by a 500-char name");
     }
+    // Names that differ only by trailing spaces are different types.
+    for ty in ["P", "P ", "P  "] {
+        let mut w = StreamWrite::new("padded", ExpectedVersion::Any);
+        w.push_new(event(ty));
+        store.append_streams(&[w]).unwrap();
+    }
+    for ty in ["P", "P ", "P  "] {
+        let by_type = store.read_types(&[ty], 0, 10).unwrap();
+        assert_eq!(by_type.len(), 1, "read_types by {ty:?}");
+        assert_eq!(by_type[0].event_type, ty);
+    }
     let head = store.head().unwrap();
     let mut w = StreamWrite::new("types-over", ExpectedVersion::NoStream);
-    w.push_new(event(&"T".repeat(501)));
+    w.push_new(event(&"T".repeat(2001)));
     match store.append_streams(&[w]) {
         Ok(rec) => {
             let back = store.read_all(head, 1).unwrap();
             assert!(
-                back[0].event_type.len() == 501,
+                back[0].event_type.len() == 2001,
                 "type cut to {}",
                 back[0].event_type.len()
             );

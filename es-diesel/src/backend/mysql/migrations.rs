@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS es_events (
     -- uniqueness and stream lookups go through the md5 of the id.
     stream_hash     BINARY(16)  AS (UNHEX(MD5(stream_id))) STORED,
     stream_version  BIGINT      NOT NULL CHECK (stream_version > 0),
-    event_type      VARCHAR(500) NOT NULL,
+    -- Bytes, compared exactly: text collations pad with spaces, so types
+    -- `A` and `A ` would match each other's filters.
+    event_type      VARBINARY(2000) NOT NULL,
     event_version   SMALLINT    NOT NULL CHECK (event_version > 0),
     payload         LONGTEXT    NOT NULL,
     metadata        LONGTEXT    NOT NULL,
