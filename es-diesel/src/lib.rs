@@ -116,6 +116,10 @@ struct YourFirstModelExamples;
 #[doc = include_str!("../../docs/production-postgres.md")]
 struct ProductionPostgresExamples;
 
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/mysql.md")]
+struct MysqlExamples;
+
 #[cfg(feature = "tokio")]
 mod async_store;
 mod backend;
