@@ -126,6 +126,19 @@ impl EventStore {
             && !crate::projection::registry()?.no_inline_projector_for(writes))
     }
 
+    /// Whether `writes` can be appended without BEGIN and COMMIT around
+    /// them: one statement that writes only events (no inline projector,
+    /// `project` false) is atomic by itself. Where an append takes several
+    /// statements (SQLite's version read, an `Any` stream's lock), it needs
+    /// the transaction.
+    pub(crate) fn appends_in_one_statement(&self, writes: &[StreamWrite], project: bool) -> bool {
+        self.backend.dialect().one_statement_append()
+            && !project
+            && writes.len() == 1
+            && writes[0].expected != ExpectedVersion::Any
+            && writes[0].events.len() <= crate::append::CHUNK
+    }
+
     /// Whether this store runs inline projectors on append.
     pub(crate) fn inline_projectors(&self) -> bool {
         self.inline_projectors
@@ -225,13 +238,7 @@ impl EventStore {
     pub fn append_streams(&self, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
         // Stream ids are checked by `append_events`, before anything is written.
         let mut conn = self.connection()?;
-        // One statement that writes only events is atomic by itself: no
-        // BEGIN and COMMIT round trips around it.
-        let single_statement = self.backend.dialect().one_statement_append()
-            && writes.len() == 1
-            && writes[0].expected != ExpectedVersion::Any
-            && writes[0].events.len() <= crate::append::CHUNK
-            && !self.projects(writes)?;
+        let single_statement = self.appends_in_one_statement(writes, self.projects(writes)?);
         let mut attempt = 0;
         loop {
             let result = if single_statement {

@@ -35,7 +35,7 @@ use super::insert::{cached_shape, map_insert_error, metadata_bind};
 use super::rows::{Appended, EventTuple, Number};
 mod migrations;
 
-use super::{quote_literal, Backend, Bind, DbConnection, Dialect, Stmt};
+use super::{per_backend, quote_literal, Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
@@ -153,15 +153,23 @@ impl Dialect for Mysql {
         // judged on the stored row (a shape change alone still replaces it).
         // The stream_id condition keeps an md5 collision from overwriting
         // another stream's snapshot.
-        const NEWER: &str = "(stream_id = VALUES(stream_id) AND \
-             (stream_version < VALUES(stream_version) OR shape <> VALUES(shape)))";
-        Stmt::new(format!(
+        macro_rules! newer {
+            () => {
+                "(stream_id = VALUES(stream_id) AND \
+                 (stream_version < VALUES(stream_version) OR shape <> VALUES(shape)))"
+            };
+        }
+        Stmt::new(concat!(
             "INSERT INTO es_snapshots (aggregate_type, stream_id, shape, stream_version, state, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE \
-             state = IF({NEWER}, VALUES(state), state), \
-             created_at = IF({NEWER}, VALUES(created_at), created_at), \
-             stream_version = IF({NEWER}, VALUES(stream_version), stream_version), \
-             shape = IF({NEWER}, VALUES(shape), shape)"
+             VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE state = IF(",
+            newer!(),
+            ", VALUES(state), state), created_at = IF(",
+            newer!(),
+            ", VALUES(created_at), created_at), stream_version = IF(",
+            newer!(),
+            ", VALUES(stream_version), stream_version), shape = IF(",
+            newer!(),
+            ", VALUES(shape), shape)"
         ))
         .bind(Bind::Text(aggregate_type))
         .bind(Bind::Text(stream))
@@ -231,9 +239,13 @@ fn insert(
     let now = now
         .with_nanosecond(now.nanosecond() / 1000 * 1000)
         .unwrap_or(now);
-    match insert_checked(conn, stream, expected, chunk, now) {
+    let ids: Vec<String> = chunk
+        .iter()
+        .map(|e| e.event_id.hyphenated().to_string())
+        .collect();
+    match insert_checked(conn, stream, expected, chunk, &ids, now) {
         Ok(0) => {}
-        Ok(_) => return read_back(conn, chunk),
+        Ok(_) => return read_back(conn, &ids),
         // Only a concurrent append of the same version collides.
         Err(Error::Conflict { .. }) => {}
         Err(e) => return Err(e),
@@ -246,29 +258,40 @@ fn insert(
     if !expected.is_satisfied_by(actual) {
         return Ok(Vec::new());
     }
-    match insert_checked(conn, stream, ExpectedVersion::Exact(actual), chunk, now)? {
+    match insert_checked(
+        conn,
+        stream,
+        ExpectedVersion::Exact(actual),
+        chunk,
+        &ids,
+        now,
+    )? {
         0 => Ok(Vec::new()),
-        _ => read_back(conn, chunk),
+        _ => read_back(conn, &ids),
     }
 }
 
-/// The INSERT … SELECT of [`insert`]; the number of rows inserted (0 when
-/// the expectation does not hold).
+/// The INSERT … SELECT of [`insert`] (`ids`: the chunk's event ids as
+/// text); the number of rows inserted (0 when the expectation does not
+/// hold).
 fn insert_checked(
     conn: &mut DbConnection,
     stream: &str,
     expected: ExpectedVersion,
     chunk: &[NewEvent],
+    ids: &[String],
     now: chrono::NaiveDateTime,
 ) -> Result<usize> {
+    use std::fmt::Write;
     let mut sql = String::with_capacity(700 + chunk.len() * 60);
-    sql.push_str(
+    let _ = write!(
+        sql,
         "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
          event_version, payload, metadata, created_at) \
          SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, ? \
-         FROM (SELECT COALESCE((SELECT stream_version FROM es_events \
-         WHERE stream_hash = UNHEX(MD5(?)) AND stream_id = ? \
+         FROM (SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
          ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur, (",
+        Mysql.stream_is()
     );
     for k in 1..=chunk.len() {
         if k == 1 {
@@ -276,7 +299,6 @@ fn insert_checked(
                 "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
             );
         } else {
-            use std::fmt::Write;
             let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
         }
     }
@@ -297,8 +319,8 @@ fn insert_checked(
     q.push(Bind::Timestamp(now));
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
-    for ev in chunk {
-        q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
+    for (ev, id) in chunk.iter().zip(ids) {
+        q.push(Bind::Text(id));
         q.push(Bind::Text(ev.event_type));
         q.push(Bind::SmallInt(ev.event_version as i16));
         q.push(Bind::Text(&ev.payload));
@@ -311,38 +333,34 @@ fn insert_checked(
         .map_err(|e| map_insert_error(e, stream, expected, chunk))
 }
 
-/// The positions and versions the chunk's rows got, in version order.
-fn read_back(conn: &mut DbConnection, chunk: &[NewEvent]) -> Result<Vec<Appended>> {
-    let ids: Vec<String> = chunk
-        .iter()
-        .map(|e| e.event_id.hyphenated().to_string())
-        .collect();
-    let marks = vec!["?"; ids.len()].join(", ");
+/// The positions and versions the rows of these event ids got, in version
+/// order.
+fn read_back(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<Appended>> {
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (any, binds) = Mysql.any_of(&ids, ListOf::Uuid);
     let mut q = Stmt::with_capacity(
         format!(
             "SELECT global_position, stream_version, created_at FROM es_events \
-             WHERE event_id IN ({marks}) ORDER BY stream_version"
+             WHERE event_id {any} ORDER BY stream_version"
         ),
-        ids.len(),
+        binds.len(),
     );
-    if !cached_shape(chunk.len()) {
+    if !cached_shape(ids.len()) {
         q.dont_cache();
     }
-    for id in &ids {
-        q.push(Bind::Text(id));
-    }
+    binds.into_iter().for_each(|b| q.push(b));
     Ok(q.load::<Appended>(conn)?)
 }
 
 /// The stream's last committed version, whatever the transaction's
 /// snapshot.
 fn locked_version(conn: &mut DbConnection, stream: &str) -> Result<i64> {
-    Ok(Stmt::new(
-        "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events \
-         WHERE stream_hash = UNHEX(MD5(?)) AND stream_id = ? LOCK IN SHARE MODE",
-    )
-    .bind(Bind::Text(stream))
-    .bind(Bind::Text(stream))
-    .get_result::<Number>(conn)?
-    .n)
+    let d: &'static dyn Dialect = &Mysql;
+    let sql = per_backend!(d => format!(
+        "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE {} LOCK IN SHARE MODE",
+        d.stream_is()
+    ));
+    let mut q = Stmt::new(sql);
+    d.push_stream(&mut q, stream);
+    Ok(q.get_result::<Number>(conn)?.n)
 }

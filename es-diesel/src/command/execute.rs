@@ -2,7 +2,7 @@
 //! is one), decide, append with the expected version, retry on conflict.
 
 use super::snapshot;
-use crate::append::{micros, StreamWrite, ACTUAL_UNKNOWN, CHUNK};
+use crate::append::{micros, StreamWrite, ACTUAL_UNKNOWN};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::{check_stream_id, Error, Result};
 use crate::projection::append_events;
@@ -466,11 +466,7 @@ fn decide_and_append<A: Aggregate>(
     }
     let writes = std::slice::from_ref(&write);
     let project = store.projects(writes)?;
-    // Without a transaction only where an append is one statement: on
-    // MySQL the head taken by its first statement would be released at once.
-    let one_statement =
-        !project && write.events.len() <= CHUNK && conn.dialect().one_statement_append();
-    let recorded = if in_transaction || one_statement {
+    let recorded = if in_transaction || store.appends_in_one_statement(writes, project) {
         append_events(conn, writes, project)?
     } else {
         write_transaction(conn, |c| append_events(c, writes, project))?
