@@ -245,12 +245,14 @@ impl Manager {
 }
 
 impl Manager {
-    /// A connection of its own that listens for appends, where the backend
-    /// announces them (PostgreSQL's NOTIFY); `None` otherwise or when it
-    /// cannot be opened.
+    /// A connection of its own on which a runner waits for appends, where
+    /// the backend lets it watch the log cheaply (PostgreSQL); `None`
+    /// otherwise or when it cannot be opened.
     pub(crate) fn listen(&self) -> Option<Listener> {
         match self.establish().ok()? {
             DbConnection::Postgres(mut c) => {
+                // Only a hint since migration 10: the store no longer
+                // NOTIFYs, but an application may.
                 diesel::RunQueryDsl::execute(diesel::sql_query("LISTEN es_events"), &mut c).ok()?;
                 Some(Listener(c))
             }
@@ -259,8 +261,41 @@ impl Manager {
     }
 }
 
-/// A connection that hears of appends.
+/// Where the log stood when a runner last read it: the follow horizon and
+/// the next order key (see [`crate::follow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LogMark {
+    horizon: i64,
+    next_key: i64,
+}
+
+/// A connection that watches the log for appends.
+///
+/// A NOTIFY in the append transaction would take PostgreSQL's global
+/// notify lock at commit and hold it through the commit's flush, so that
+/// appending transactions, even to different streams, would commit one
+/// at a time. Instead a waiting runner looks at the order-key sequence (a
+/// read of one row, no lock): no key drawn since its last read means no
+/// new event. Once a key was drawn it waits for the horizon to pass the
+/// one it read below, which is when a read can return more.
 pub(crate) struct Listener(PgConnection);
+
+#[derive(diesel::QueryableByName)]
+struct MarkRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    horizon: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    next_key: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct NextKey {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    next_key: i64,
+}
+
+const NEXT_KEY: &str =
+    "SELECT last_value + CASE WHEN is_called THEN 1 ELSE 0 END AS next_key FROM es_order_keys";
 
 impl Listener {
     /// Takes every announcement that arrived: whether there was any, and
@@ -275,6 +310,44 @@ impl Listener {
             }
         }
         (woken, broken)
+    }
+
+    /// The log's mark now, to be taken before a read; `None` while an
+    /// append is between announcing itself and publishing its key.
+    pub(crate) fn mark(&mut self) -> diesel::QueryResult<Option<LogMark>> {
+        // The horizon first: the sequence read after it is at least the
+        // bound the horizon was computed from.
+        let row: MarkRow = diesel::RunQueryDsl::get_result(
+            diesel::sql_query(format!(
+                "SELECT es_follow_horizon() AS horizon, ({NEXT_KEY}) AS next_key"
+            )),
+            &mut self.0,
+        )?;
+        Ok(row.horizon.map(|horizon| LogMark {
+            horizon,
+            next_key: row.next_key,
+        }))
+    }
+
+    /// Whether a read now may return events that a read after `mark` did
+    /// not: the horizon moved past it. While nothing was in flight at the
+    /// mark and no key has been drawn since, one read of the sequence says
+    /// no.
+    pub(crate) fn moved_since(&mut self, mark: Option<LogMark>) -> diesel::QueryResult<bool> {
+        if let Some(m) = mark {
+            if m.horizon == m.next_key {
+                let now: NextKey =
+                    diesel::RunQueryDsl::get_result(diesel::sql_query(NEXT_KEY), &mut self.0)?;
+                if now.next_key == m.next_key {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(match (self.mark()?, mark) {
+            (Some(now), Some(then)) => now.horizon > then.horizon,
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::QueryableByName;
+use es_core::Metadata;
 
 /// `SELECT .. AS n` of a whole number (a count, a version, a position).
 #[derive(QueryableByName)]
@@ -37,18 +38,173 @@ pub(crate) type EventSql = (
     diesel::sql_types::Timestamp,
 );
 
-/// An event row, loaded by position.
+/// An event row, loaded by position. The envelope columns that need parsing
+/// are parsed straight from the driver's buffer, without a `String` each.
 pub(crate) type EventTuple = (
     i64,
-    String,
+    StoredId,
     String,
     i64,
     String,
     i16,
     String,
-    String,
-    chrono::NaiveDateTime,
+    StoredMetadata,
+    StoredTime,
 );
+
+/// `event_id` parsed from its text, or why it is not a UUID.
+pub(crate) struct StoredId(pub std::result::Result<uuid::Uuid, String>);
+
+impl StoredId {
+    fn parse(text: &[u8]) -> Self {
+        StoredId(uuid::Uuid::try_parse_ascii(text).map_err(|e| {
+            format!(
+                "event_id {:?} is not a UUID: {e}",
+                String::from_utf8_lossy(text)
+            )
+        }))
+    }
+}
+
+/// `metadata` parsed from its JSON text, or why it is not a JSON object.
+pub(crate) struct StoredMetadata(pub std::result::Result<Metadata, String>);
+
+impl StoredMetadata {
+    fn parse(text: &[u8]) -> Self {
+        if text == b"{}" {
+            return StoredMetadata(Ok(Metadata::default()));
+        }
+        StoredMetadata(
+            serde_json::from_slice::<Metadata>(text)
+                .map_err(|e| format!("metadata is not a JSON object: {e}")),
+        )
+    }
+}
+
+/// `created_at` (UTC).
+pub(crate) struct StoredTime(pub chrono::NaiveDateTime);
+
+/// Parses `YYYY-MM-DD HH:MM:SS[.f…]`, the form the store writes on SQLite,
+/// without chrono's format machinery (which tries each of Diesel's formats in
+/// turn, a few thousand instructions per row); `None` for any other form.
+fn parse_sqlite_time(s: &[u8]) -> Option<chrono::NaiveDateTime> {
+    fn num(s: &[u8]) -> Option<u32> {
+        s.iter().try_fold(0u32, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        })
+    }
+    if s.len() < 19
+        || s[4] != b'-'
+        || s[7] != b'-'
+        || s[10] != b' '
+        || s[13] != b':'
+        || s[16] != b':'
+    {
+        return None;
+    }
+    let nanos = match &s[19..] {
+        [] => 0,
+        [b'.', frac @ ..] if !frac.is_empty() && frac.len() <= 9 => {
+            num(frac)? * 10u32.pow(9 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    let date =
+        chrono::NaiveDate::from_ymd_opt(num(&s[0..4])? as i32, num(&s[5..7])?, num(&s[8..10])?)?;
+    let time = chrono::NaiveTime::from_hms_nano_opt(
+        num(&s[11..13])?,
+        num(&s[14..16])?,
+        num(&s[17..19])?,
+        nanos,
+    )?;
+    Some(date.and_time(time))
+}
+
+mod from_sql {
+    use super::{parse_sqlite_time, StoredId, StoredMetadata, StoredTime};
+    use chrono::NaiveDateTime;
+    use diesel::deserialize::{FromSql, Result};
+    use diesel::mysql::{Mysql, MysqlValue};
+    use diesel::pg::{Pg, PgValue};
+    use diesel::sql_types::{Text, Timestamp};
+    use diesel::sqlite::{Sqlite, SqliteValue};
+
+    macro_rules! queryable {
+        ($($t:ty),*) => {$(
+            impl<ST, DB> diesel::deserialize::Queryable<ST, DB> for $t
+            where
+                DB: diesel::backend::Backend,
+                ST: diesel::sql_types::SingleValue,
+                $t: FromSql<ST, DB>,
+            {
+                type Row = Self;
+                fn build(row: Self) -> Result<Self> {
+                    Ok(row)
+                }
+            }
+        )*};
+    }
+    queryable!(StoredId, StoredMetadata, StoredTime);
+
+    impl FromSql<Text, Sqlite> for StoredId {
+        fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> Result<Self> {
+            Ok(StoredId::parse(value.read_text().as_bytes()))
+        }
+    }
+
+    impl FromSql<Text, Pg> for StoredId {
+        fn from_sql(value: PgValue<'_>) -> Result<Self> {
+            Ok(StoredId::parse(value.as_bytes()))
+        }
+    }
+
+    impl FromSql<Text, Mysql> for StoredId {
+        fn from_sql(value: MysqlValue<'_>) -> Result<Self> {
+            Ok(StoredId::parse(value.as_bytes()))
+        }
+    }
+
+    impl FromSql<Text, Sqlite> for StoredMetadata {
+        fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> Result<Self> {
+            Ok(StoredMetadata::parse(value.read_text().as_bytes()))
+        }
+    }
+
+    impl FromSql<Text, Pg> for StoredMetadata {
+        fn from_sql(value: PgValue<'_>) -> Result<Self> {
+            Ok(StoredMetadata::parse(value.as_bytes()))
+        }
+    }
+
+    impl FromSql<Text, Mysql> for StoredMetadata {
+        fn from_sql(value: MysqlValue<'_>) -> Result<Self> {
+            Ok(StoredMetadata::parse(value.as_bytes()))
+        }
+    }
+
+    impl FromSql<Timestamp, Sqlite> for StoredTime {
+        fn from_sql(mut value: SqliteValue<'_, '_, '_>) -> Result<Self> {
+            if value.value_type() == Some(diesel::sqlite::SqliteType::Text) {
+                if let Some(t) = parse_sqlite_time(value.read_text().as_bytes()) {
+                    return Ok(StoredTime(t));
+                }
+            }
+            <NaiveDateTime as FromSql<Timestamp, Sqlite>>::from_sql(value).map(StoredTime)
+        }
+    }
+
+    impl FromSql<Timestamp, Pg> for StoredTime {
+        fn from_sql(value: PgValue<'_>) -> Result<Self> {
+            <NaiveDateTime as FromSql<Timestamp, Pg>>::from_sql(value).map(StoredTime)
+        }
+    }
+
+    impl FromSql<Timestamp, Mysql> for StoredTime {
+        fn from_sql(value: MysqlValue<'_>) -> Result<Self> {
+            <NaiveDateTime as FromSql<Timestamp, Mysql>>::from_sql(value).map(StoredTime)
+        }
+    }
+}
 
 /// What an append statement returns per inserted event.
 #[derive(QueryableByName)]

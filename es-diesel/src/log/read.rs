@@ -2,9 +2,9 @@
 //! Every read is a bounded page.
 
 use crate::backend::rows::{EventSql, EventTuple, Number};
-use crate::backend::{per_backend, Bind, DbConnection, ListOf, Stmt};
+use crate::backend::{per_backend, Bind, DbConnection, Stmt};
 use crate::error::{Error, Result};
-use es_core::{Metadata, Payload, RecordedEvent};
+use es_core::{Payload, RecordedEvent};
 
 /// Checks a stored row and turns it into a recorded event.
 pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
@@ -20,14 +20,8 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
         created_at,
     ) = row;
     let malformed = |reason: String| Error::Malformed { position, reason };
-    let event_id = uuid::Uuid::parse_str(&event_id)
-        .map_err(|e| malformed(format!("event_id {event_id:?} is not a UUID: {e}")))?;
-    let metadata = if metadata == "{}" {
-        Metadata::default()
-    } else {
-        Metadata::from_json(&metadata)
-            .map_err(|e| malformed(format!("metadata is not a JSON object: {e}")))?
-    };
+    let event_id = event_id.0.map_err(malformed)?;
+    let metadata = metadata.0.map_err(malformed)?;
     let event_version = u16::try_from(event_version)
         .ok()
         .filter(|v| *v > 0)
@@ -44,7 +38,7 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
         event_type,
         event_version,
         metadata,
-        created_at: created_at.and_utc(),
+        created_at: created_at.0.and_utc(),
         event: Payload(payload),
     })
 }
@@ -67,9 +61,10 @@ pub(crate) fn read_stream(
     let d = conn.dialect();
     let sql = per_backend!(d => {
         format!(
-            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version LIMIT ?",
+            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version {}",
             d.event_columns(),
-            d.stream_is()
+            d.stream_is(),
+            d.limit()
         )
     });
     let mut q = Stmt::with_capacity(sql, 4).rows::<EventSql>();
@@ -90,8 +85,9 @@ pub(crate) fn read_all(
     let d = conn.dialect();
     let sql = per_backend!(d => {
         format!(
-            "SELECT {} FROM es_events WHERE global_position > ? ORDER BY global_position LIMIT ?",
-            d.event_columns()
+            "SELECT {} FROM es_events WHERE global_position > ? ORDER BY global_position {}",
+            d.event_columns(),
+            d.limit()
         )
     });
     let rows = Stmt::new(sql)
@@ -113,12 +109,13 @@ pub(crate) fn read_types(
         return Ok(Vec::new());
     }
     let d = conn.dialect();
-    let (any, binds) = d.any_of(types, ListOf::Text);
+    let (is, binds) = d.type_is_any_of(types);
     let sql = format!(
-        "SELECT {} FROM {} WHERE event_type {any} AND global_position > ? \
-         ORDER BY global_position LIMIT ?",
+        "SELECT {} FROM {} WHERE {is} AND global_position > ? \
+         ORDER BY global_position {}",
         d.event_columns(),
-        d.events_in_position_order(types.len())
+        d.events_in_position_order(types.len()),
+        d.limit()
     );
     let mut q = Stmt::with_capacity(sql, binds.len() + 2).rows::<EventSql>();
     binds.into_iter().for_each(|b| q.push(b));

@@ -12,7 +12,9 @@ use crate::backend::{Bind, Stmt};
 use crate::error::{Error, Result};
 use crate::follow::{count_visible_after, read_visible_after};
 use crate::follow::{read_after, Checkpoint};
-use crate::projection::{handled_types, registry, Handler, HandlerKind, Projector, RowBatch};
+use crate::projection::{
+    handled_types, registry, Handler, HandlerKind, Projector, Registry, RowBatch,
+};
 use crate::read_model::ReadModelEntry;
 use crate::{read, EventStore};
 use claim::{needs_build, Claim};
@@ -259,6 +261,7 @@ fn build_and_swap(
     let name = entry.schema.name;
     let asynchronous = entry.schema.asynchronous;
     let types = handled_types(registry()?, name);
+    let handlers = ModelHandlers::of(registry()?, name);
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
     tracing::Span::current().record("head", head);
@@ -279,18 +282,17 @@ fn build_and_swap(
             let Some(last) = batch.last().map(|f| f.checkpoint) else {
                 return Ok(0);
             };
-            let recorded: Vec<RecordedEvent> = batch.into_iter().map(|f| f.event).collect();
             let flush = rows.len() >= options.max_rows_in_memory;
             project_batch(
                 c,
-                name,
+                &handlers,
                 rows.as_mut(),
-                &recorded,
+                batch.iter().map(|f| &f.event),
                 flush,
                 &mut only_in_memory,
             )?;
             checkpoint = last;
-            Ok(recorded.len())
+            Ok(batch.len())
         })?;
         if n == 0 {
             break;
@@ -352,17 +354,16 @@ fn build_and_swap(
             let Some(last) = batch.last().map(|f| f.checkpoint) else {
                 break;
             };
-            let recorded: Vec<RecordedEvent> = batch.into_iter().map(|f| f.event).collect();
             let flush = rows.len() >= options.max_rows_in_memory;
             project_batch(
                 c,
-                name,
+                &handlers,
                 rows.as_mut(),
-                &recorded,
+                batch.iter().map(|f| &f.event),
                 flush,
                 &mut only_in_memory,
             )?;
-            events += recorded.len() as u64;
+            events += batch.len() as u64;
             checkpoint = last;
         }
         if !rows.is_empty() {
@@ -411,8 +412,41 @@ fn build_and_swap(
     Ok(report)
 }
 
-/// Applies the projectors of read model `name` to `batch`: row-level ones
-/// folded in memory and written in bulk, SQL-level ones in order between.
+/// The handlers of one read model's projectors, by event type: looked up
+/// once per rebuild instead of hashing each event's type into the registry
+/// and skipping the other read models' projectors.
+pub(crate) struct ModelHandlers {
+    by_type: Vec<(&'static str, Vec<(&'static Projector, &'static Handler)>)>,
+}
+
+impl ModelHandlers {
+    pub(crate) fn of(reg: &Registry, name: &str) -> ModelHandlers {
+        let by_type = handled_types(reg, name)
+            .into_iter()
+            .map(|t| {
+                let of_model = reg
+                    .handlers(t)
+                    .iter()
+                    .filter(|(p, _)| p.read_model == name)
+                    .copied()
+                    .collect();
+                (t, of_model)
+            })
+            .collect();
+        ModelHandlers { by_type }
+    }
+
+    fn get(&self, event_type: &str) -> &[(&'static Projector, &'static Handler)] {
+        self.by_type
+            .iter()
+            .find(|(t, _)| *t == event_type)
+            .map_or(&[], |(_, h)| h.as_slice())
+    }
+}
+
+/// Applies the projectors of one read model (`handlers`) to `batch`:
+/// row-level ones folded in memory and written in bulk, SQL-level ones in
+/// order between.
 ///
 /// Row-level results stay in memory after the batch unless `flush` says
 /// otherwise (or a SQL-level projector is about to read the table), so a
@@ -421,21 +455,17 @@ fn build_and_swap(
 /// `only_in_memory`: the table holds no row that is not in `rows` (it was
 /// emptied and nothing has been written back since), so rows are not looked
 /// up; it turns false at the first write-back.
-pub(crate) fn project_batch(
+pub(crate) fn project_batch<'e>(
     conn: &mut DbConnection,
-    name: &str,
+    handlers: &ModelHandlers,
     rows: &mut dyn RowBatch,
-    batch: &[RecordedEvent],
+    batch: impl Iterator<Item = &'e RecordedEvent>,
     flush: bool,
     only_in_memory: &mut bool,
 ) -> Result<()> {
-    let reg = registry()?;
     let mut segment: Vec<(&RecordedEvent, &'static Projector, &'static Handler)> = Vec::new();
     for ev in batch {
-        for (p, h) in reg.handlers(&ev.event_type) {
-            if p.read_model != name {
-                continue;
-            }
+        for &(p, h) in handlers.get(&ev.event_type) {
             match &h.kind {
                 HandlerKind::Row { .. } => segment.push((ev, p, h)),
                 HandlerKind::Sql { apply } => {

@@ -31,7 +31,7 @@ pub(crate) use checkpoints::{hold_for_rebuild, rebuilt, restart};
 pub use read_models::async_read_models;
 pub use status::{ProjectionMode, ProjectionStatus};
 
-use crate::backend::{write_transaction, DbConnection, Listener};
+use crate::backend::{write_transaction, DbConnection, Listener, LogMark};
 use crate::error::{Error, Result};
 use crate::follow::read_after;
 use crate::EventStore;
@@ -60,7 +60,8 @@ pub struct RunnerOptions {
     /// committing what it has, once half the lease has gone by.
     pub batch_size: usize,
     /// How long an idle runner waits before looking at the log again
-    /// (PostgreSQL runners are woken earlier by NOTIFY).
+    /// (PostgreSQL runners watch the log's order keys and wake within
+    /// milliseconds of an append's commit).
     pub idle_poll: Duration,
     /// How long a lease lasts without renewal; a dead runner's projection is
     /// taken over, and shown as `stale`, after at most this long. One event
@@ -83,6 +84,9 @@ impl Default for RunnerOptions {
         }
     }
 }
+
+/// How often a waiting runner looks whether the log moved (PostgreSQL).
+const WAKE_POLL: Duration = Duration::from_millis(10);
 
 fn default_node_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".to_owned());
@@ -114,6 +118,8 @@ pub struct Runner {
     options: RunnerOptions,
     lease_renewed: Option<Instant>,
     listener: Option<Listener>,
+    /// Where the log stood before the last step (PostgreSQL).
+    mark: Option<LogMark>,
     failures: u32,
 }
 
@@ -156,6 +162,7 @@ impl Runner {
             options,
             lease_renewed: None,
             listener: None,
+            mark: None,
             failures: 0,
         }
     }
@@ -380,24 +387,50 @@ impl Runner {
         }
     }
 
-    /// Waits for new events: a NOTIFY on PostgreSQL, or `idle_poll`.
-    fn wait(&mut self, stop: &AtomicBool, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        if self.store.backend().dialect().notifies_appends() && self.listener.is_none() {
+    /// On PostgreSQL, notes where the log stands before a step reads it,
+    /// so that [`Runner::wait`] can tell when there is more to read.
+    fn mark_log(&mut self) {
+        if !self.store.backend().dialect().notifies_appends() {
+            return;
+        }
+        if self.listener.is_none() {
             self.listener = self.store.manager().listen();
         }
-        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-            if let Some(listener) = &mut self.listener {
-                let (woken, broken) = listener.drain();
-                if let Some(e) = broken {
-                    tracing::warn!(projection = self.name(), error = %e, "lost the connection listening for appends; polling until it is back");
+        self.mark = None;
+        if let Some(listener) = &mut self.listener {
+            match listener.mark() {
+                Ok(mark) => self.mark = mark,
+                Err(e) => {
+                    tracing::warn!(projection = self.name(), error = %e, "lost the connection watching for appends; polling until it is back");
                     self.listener = None;
                 }
-                if woken {
-                    return;
+            }
+        }
+    }
+
+    /// Waits for new events, at most `timeout` (`idle_poll`): on
+    /// PostgreSQL, looks every few milliseconds whether the log moved past
+    /// the mark taken before the last step (or a NOTIFY came).
+    fn wait(&mut self, stop: &AtomicBool, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(WAKE_POLL.min(timeout));
+            if let Some(listener) = &mut self.listener {
+                let (woken, broken) = listener.drain();
+                let moved = match broken {
+                    Some(e) => Err(e),
+                    None if woken => Ok(true),
+                    None => listener.moved_since(self.mark),
+                };
+                match moved {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(projection = self.name(), error = %e, "lost the connection watching for appends; polling until it is back");
+                        self.listener = None;
+                    }
                 }
             }
-            std::thread::sleep(Duration::from_millis(10).min(timeout));
         }
     }
 
@@ -411,6 +444,7 @@ impl Runner {
             .min(self.options.lease / 4)
             .max(Duration::from_millis(1));
         while !stop.load(Ordering::Relaxed) {
+            self.mark_log();
             match self.step() {
                 Ok(Step::Applied(n)) if n > 0 => continue,
                 Ok(Step::Applied(_)) | Ok(Step::Standby) => self.wait(stop, idle),
