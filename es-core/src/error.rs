@@ -39,6 +39,13 @@ pub enum EncodeError {
         event_type: &'static str,
         depth: usize,
     },
+    /// A tag cannot be stored (see [`crate::validate_tag`]).
+    #[error("event `{event_type}` cannot be stored: {source}")]
+    Tag {
+        event_type: &'static str,
+        #[source]
+        source: crate::TagError,
+    },
     /// The metadata cannot be stored or read back.
     #[error("event `{event_type}` cannot be stored: {source}")]
     Metadata {
@@ -56,6 +63,7 @@ impl EncodeError {
             | EncodeError::Nul { event_type, .. }
             | EncodeError::NonFinite { event_type, .. }
             | EncodeError::TooDeep { event_type, .. }
+            | EncodeError::Tag { event_type, .. }
             | EncodeError::Metadata { event_type, .. } => event_type,
         }
     }

@@ -27,6 +27,15 @@ pub trait Event: Sized + Send + Sync + 'static {
     fn handles(event_type: &str) -> bool {
         Self::EVENT_TYPES.contains(&event_type)
     }
+
+    /// What this event is about, as tags such as `"course:c1"` (see
+    /// [`crate::tag`]): stored in an index beside the event, so that a
+    /// [`Query`](crate::Query) finds the events of several streams that
+    /// concern one thing. Declared with `#[event(tag = "course:{course_id}")]`;
+    /// none by default.
+    fn tags(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// An event struct: exactly one stored type name and one current version.
@@ -51,6 +60,9 @@ pub struct NewEvent {
     /// JSON text.
     pub payload: String,
     pub metadata: Metadata,
+    /// What the event is about (see [`Event::tags`]), sorted, without
+    /// repeats.
+    pub tags: Vec<String>,
 }
 
 impl NewEvent {
@@ -63,12 +75,15 @@ impl NewEvent {
         let event_type = event.event_type();
         let payload = event.encode()?;
         EncodeError::check_payload(event_type, &payload)?;
+        let tags = crate::tag::normalize(event.tags());
+        crate::tag::check_tags(event_type, &tags)?;
         Ok(NewEvent {
             event_id: Uuid::now_v7(),
             event_type,
             event_version: event.event_version(),
             payload,
             metadata: Metadata::default(),
+            tags,
         })
     }
 
@@ -77,6 +92,7 @@ impl NewEvent {
     /// by hand) and the metadata as in [`Metadata::validate`].
     pub fn check(&self) -> Result<(), EncodeError> {
         EncodeError::check_payload(self.event_type, &self.payload)?;
+        crate::tag::check_tags(self.event_type, &self.tags)?;
         self.metadata
             .validate()
             .map_err(|source| EncodeError::Metadata {
@@ -94,6 +110,12 @@ impl NewEvent {
         self.event_id = event_id;
         self
     }
+
+    /// Replaces the tags (sorted and deduplicated here).
+    pub fn with_tags(mut self, tags: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.tags = crate::tag::normalize(tags.into_iter().map(Into::into).collect());
+        self
+    }
 }
 
 /// A Rust type that `#[derive(Event)]` registered under a stored name.
@@ -108,7 +130,17 @@ pub struct EventRegistration {
     /// different type owns (the fields a consumer crate reads, or an old
     /// version kept to write test logs), so it may share the owner's name.
     pub copy: bool,
+    /// The tags of a stored payload of this type (decoded, upcast, then
+    /// [`Event::tags`]), when the type declares tags: how `migrate` tags
+    /// events appended before the declaration.
+    pub tags: Option<TagsOf>,
+    /// The tag declaration as written (`#[event(tag = ..)]`), compared by
+    /// `migrate` to the one the stored tags were computed with.
+    pub tag_spec: &'static str,
 }
+
+/// The tags of a stored event: (event_version, payload) -> tags.
+pub type TagsOf = fn(u16, &str) -> Result<Vec<String>, DecodeError>;
 
 inventory::collect!(EventRegistration);
 

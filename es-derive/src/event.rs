@@ -66,6 +66,10 @@ pub fn derive_inner(input: &DeriveInput) -> syn::Result<TokenStream> {
 }
 
 struct ContainerAttrs {
+    /// `tag = "fmt"` or `tag = field`, in order.
+    tags: Vec<TagAttr>,
+    /// `tags = path::to::fn`.
+    tags_fn: Option<syn::Path>,
     name: Option<(String, LitStr)>,
     copy: Option<syn::Path>,
     version: Option<u16>,
@@ -84,6 +88,8 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
     let mut view = Once::new("view");
     let mut krate = Once::new("crate");
     let mut copy = Once::new("copy");
+    let mut tags = Vec::new();
+    let mut tags_fn = Once::new("tags");
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("event")) {
         let res = attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("name") {
@@ -123,6 +129,20 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
                 view.set(&meta, setting)
             } else if meta.path.is_ident("copy") {
                 copy.set(&meta, meta.path.clone())
+            } else if meta.path.is_ident("tag") {
+                let value = meta.value()?;
+                if value.peek(LitStr) {
+                    tags.push(TagAttr::Format(value.parse()?));
+                } else if value.peek(syn::Ident) {
+                    tags.push(TagAttr::Field(value.parse()?));
+                } else {
+                    return Err(value.error("`tag` takes a field, e.g. #[event(tag = book_id)] (the tag `book_id:42`), or a format of fields, e.g. #[event(tag = \"book:{book_id}\")]"));
+                }
+                Ok(())
+            } else if meta.path.is_ident("tags") {
+                let value = meta.value()?;
+                let path: syn::Path = value.parse().map_err(|e| syn::Error::new(e.span(), "`tags` takes the path of a function `fn(&Self) -> Vec<String>`, e.g. #[event(tags = Self::tags_of)]"))?;
+                tags_fn.set(&meta, path)
             } else if meta.path.is_ident("crate") {
                 let value = meta.value()?;
                 let path: syn::Path = if value.peek(LitStr) {
@@ -133,7 +153,7 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
                 krate.set(&meta, path)
             } else {
                 Err(meta.error(format!(
-                    "unknown event attribute `{}`; expected one of: name = \"..\", version = N, view = \"..\" | false, copy, crate = path",
+                    "unknown event attribute `{}`; expected one of: name = \"..\", version = N, view = \"..\" | false, tag = field | \"key:{{field}}\", tags = path, copy, crate = path",
                     path_text(&meta.path)
                 )))
             }
@@ -143,6 +163,8 @@ fn parse_container_attrs(input: &DeriveInput, errors: &mut Errors) -> ContainerA
         }
     }
     ContainerAttrs {
+        tags,
+        tags_fn: tags_fn.get(),
         name: name.get(),
         copy: copy.get(),
         version: version.get(),
@@ -169,8 +191,142 @@ fn path_text(path: &syn::Path) -> String {
     quote!(#path).to_string().replace(' ', "")
 }
 
+enum TagAttr {
+    Format(LitStr),
+    Field(syn::Ident),
+}
+
+/// One declared tag: text and fields, e.g. `course:` then `course_id`.
+struct TagPlan {
+    pieces: Vec<Piece>,
+}
+
+enum Piece {
+    Text(String),
+    /// A field, and whether it is an `Option` (no tag when `None`).
+    Field(syn::Ident, bool),
+}
+
+/// Parses `tag = ..` against the struct's fields: (tags, the declaration
+/// as text for `migrate` to compare).
+fn plan_tags(
+    attrs: &[TagAttr],
+    tags_fn: Option<&syn::Path>,
+    fields: &[(syn::Ident, bool)],
+    errors: &mut Errors,
+) -> (Vec<TagPlan>, String) {
+    let names = || {
+        fields
+            .iter()
+            .map(|(f, _)| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Fields by their name as written in tags: `r#type` is `type`.
+    let plain = |f: &syn::Ident| f.to_string().trim_start_matches("r#").to_owned();
+    let find = |name: &str| fields.iter().find(|(f, _)| plain(f) == name);
+    let mut plans = Vec::new();
+    let mut spec = Vec::new();
+    for attr in attrs {
+        match attr {
+            TagAttr::Field(ident) => match find(&plain(ident)) {
+                Some((f, opt)) => {
+                    let key = plain(f);
+                    spec.push(format!("{key}:{{{key}}}"));
+                    plans.push(TagPlan {
+                        pieces: vec![
+                            Piece::Text(format!("{key}:")),
+                            Piece::Field(f.clone(), *opt),
+                        ],
+                    });
+                }
+                None => errors.spanned(
+                    ident,
+                    format!(
+                        "no field `{ident}` to tag the event with; the fields are {}",
+                        names()
+                    ),
+                ),
+            },
+            TagAttr::Format(lit) => {
+                let text = lit.value();
+                let mut pieces = Vec::new();
+                let mut literal = String::new();
+                let mut chars = text.chars().peekable();
+                let mut ok = true;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '{' if chars.peek() == Some(&'{') => {
+                            chars.next();
+                            literal.push('{');
+                        }
+                        '}' if chars.peek() == Some(&'}') => {
+                            chars.next();
+                            literal.push('}');
+                        }
+                        '{' => {
+                            let mut name = String::new();
+                            let mut closed = false;
+                            for c in chars.by_ref() {
+                                if c == '}' {
+                                    closed = true;
+                                    break;
+                                }
+                                name.push(c);
+                            }
+                            if !closed {
+                                ok = false;
+                                errors.spanned(lit, format!("`{{{name}` is not closed; write `{{{name}}}` for a field, or `{{{{` for the character"));
+                                break;
+                            }
+                            match find(name.trim()) {
+                                Some((f, opt)) => {
+                                    if !literal.is_empty() {
+                                        pieces.push(Piece::Text(std::mem::take(&mut literal)));
+                                    }
+                                    pieces.push(Piece::Field(f.clone(), *opt));
+                                }
+                                None => {
+                                    ok = false;
+                                    errors.spanned(lit, format!(
+                                        "`{{{name}}}` in the tag names no field of this event; the fields are {}; write e.g. #[event(tag = \"course:{{course_id}}\")]",
+                                        names()
+                                    ));
+                                }
+                            }
+                        }
+                        '}' => {
+                            ok = false;
+                            errors.spanned(lit, "a lone `}` in the tag; write `}}` for the character, or `{field}` for a field");
+                        }
+                        c => literal.push(c),
+                    }
+                }
+                if !literal.is_empty() {
+                    pieces.push(Piece::Text(literal));
+                }
+                if ok && !pieces.iter().any(|p| matches!(p, Piece::Field(..))) {
+                    errors.spanned(lit, "this tag names no field, so every event would carry it; name a field, e.g. #[event(tag = \"course:{course_id}\")]");
+                    ok = false;
+                }
+                if ok {
+                    spec.push(text);
+                    plans.push(TagPlan { pieces });
+                }
+            }
+        }
+    }
+    if let Some(path) = tags_fn {
+        spec.push(format!("fn {}", path_text(path)));
+    }
+    (plans, spec.join(" | "))
+}
+
 struct StructModel<'a> {
     ident: &'a syn::Ident,
+    tags: Vec<TagPlan>,
+    tags_fn: Option<syn::Path>,
+    tag_spec: String,
     name: String,
     version: u16,
     krate: syn::Path,
@@ -229,6 +385,17 @@ impl<'a> StructModel<'a> {
                 span = input.ident.span()
             ),
         };
+        let field_kinds: Vec<(syn::Ident, bool)> = named
+            .into_iter()
+            .flat_map(|n| n.named.iter())
+            .map(|f| (f.ident.clone().expect("named field"), is_option(&f.ty)))
+            .collect();
+        let (tags, tag_spec) = plan_tags(
+            &attrs.tags,
+            attrs.tags_fn.as_ref(),
+            &field_kinds,
+            &mut errors,
+        );
         let mut columns = Vec::new();
         let mut floats = Vec::new();
         if view_enabled {
@@ -315,6 +482,9 @@ impl<'a> StructModel<'a> {
         errors.finish()?;
         Ok(StructModel {
             ident: &input.ident,
+            tags,
+            tags_fn: attrs.tags_fn,
+            tag_spec,
             name,
             version: attrs.version.unwrap_or(1),
             krate: attrs.krate.unwrap_or_else(default_crate),
@@ -355,6 +525,65 @@ impl<'a> StructModel<'a> {
                 }
             }
         });
+        let tagged = !self.tags.is_empty() || self.tags_fn.is_some();
+        let tag_spec = &self.tag_spec;
+        let tags_of = if tagged {
+            quote! {
+                ::core::option::Option::Some({
+                    fn tags_of(
+                        event_version: u16,
+                        payload: &str,
+                    ) -> ::core::result::Result<::std::vec::Vec<::std::string::String>, #krate::DecodeError> {
+                        let event = <#ident as #krate::Event>::decode(#name, event_version, payload)?;
+                        ::core::result::Result::Ok(<#ident as #krate::Event>::tags(&event))
+                    }
+                    tags_of as #krate::__private::TagsOf
+                })
+            }
+        } else {
+            quote!(::core::option::Option::None)
+        };
+        let tag_pushes = self.tags.iter().map(|plan| {
+            let mut fmt = String::new();
+            let mut args = Vec::new();
+            let mut options = Vec::new();
+            for (i, piece) in plan.pieces.iter().enumerate() {
+                match piece {
+                    Piece::Text(t) => fmt.push_str(&t.replace('{', "{{").replace('}', "}}")),
+                    Piece::Field(f, opt) => {
+                        fmt.push_str("{}");
+                        if *opt {
+                            let v = format_ident!("__tag_value_{}", i);
+                            options.push((v.clone(), f.clone()));
+                            args.push(quote!(#v));
+                        } else {
+                            args.push(quote!(self.#f));
+                        }
+                    }
+                }
+            }
+            let push = quote! { tags.push(::std::format!(#fmt, #(#args),*)); };
+            options.iter().rev().fold(push, |inner, (v, f)| {
+                quote! {
+                    if let ::core::option::Option::Some(#v) = &self.#f {
+                        #inner
+                    }
+                }
+            })
+        });
+        let tags_fn_call = self.tags_fn.as_ref().map(|path| {
+            quote! { tags.extend(#path(self)); }
+        });
+        let tags_method = tagged.then(|| {
+            quote! {
+                fn tags(&self) -> ::std::vec::Vec<::std::string::String> {
+                    let mut tags = ::std::vec::Vec::new();
+                    #(#tag_pushes)*
+                    #tags_fn_call
+                    tags
+                }
+            }
+        });
         let mut out = quote! {
             #krate::__private::inventory::submit! {
                 #krate::__private::EventRegistration {
@@ -362,6 +591,8 @@ impl<'a> StructModel<'a> {
                     version: #version,
                     rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
                     copy: #copy,
+                    tags: #tags_of,
+                    tag_spec: #tag_spec,
                 }
             }
 
@@ -399,6 +630,8 @@ impl<'a> StructModel<'a> {
                         }
                         #krate::__private::decode_payload::<Self>(#name, #version, event_version, payload)
                     }
+
+                    #tags_method
                 }
 
                 #[automatically_derived]
@@ -693,6 +926,9 @@ impl<'a> EnumModel<'a> {
         if attrs.version.is_some() || attrs.view.is_some() || attrs.copy.is_some() {
             errors.spanned(&input.ident, "`version`, `view` and `copy` belong on each event struct, not on the enum that groups them; remove them here");
         }
+        if !attrs.tags.is_empty() || attrs.tags_fn.is_some() {
+            errors.spanned(&input.ident, "`tag` and `tags` belong on each event struct, not on the enum that groups them (its events keep their own tags); move them to the structs");
+        }
         if !input.generics.params.is_empty() {
             errors.spanned(&input.generics, "an event enum cannot be generic");
         }
@@ -748,6 +984,12 @@ impl<'a> EnumModel<'a> {
                     fn encode(&self) -> ::core::result::Result<::std::string::String, #krate::EncodeError> {
                         match self {
                             #(Self::#names(e) => <#tys as #krate::Event>::encode(e),)*
+                        }
+                    }
+
+                    fn tags(&self) -> ::std::vec::Vec<::std::string::String> {
+                        match self {
+                            #(Self::#names(e) => <#tys as #krate::Event>::tags(e),)*
                         }
                     }
 

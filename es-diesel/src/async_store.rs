@@ -32,8 +32,8 @@
 use crate::command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 use crate::runner::{ProjectionStatus, RunnerHandle, RunnerOptions};
 use crate::{
-    Aggregate, Event, EventStore, ExpectedVersion, RebuildReport, Recorded, RecordedEvent, Result,
-    StoreOptions, StreamWrite,
+    Aggregate, AppendCondition, Decided, DecisionStates, Event, EventStore, ExpectedVersion, Query,
+    QueryRead, RebuildReport, Recorded, RecordedEvent, Result, StoreOptions, StreamWrite,
 };
 use std::future::Future;
 
@@ -152,6 +152,61 @@ impl AsyncEventStore {
         let id = id.into();
         self.run(move |s| s.execute_with::<A>(&id, command, &options))
             .await
+    }
+
+    /// [`EventStore::decide`].
+    pub async fn decide<S, E, Err, F>(
+        &self,
+        stream: impl Into<String>,
+        states: S,
+        decide: F,
+    ) -> std::result::Result<Decided<S, E>, ExecuteError<Err>>
+    where
+        S: DecisionStates + Clone,
+        E: Event + Send + 'static,
+        Err: Send + 'static,
+        F: Fn(&S) -> std::result::Result<Vec<E>, Err> + Send + 'static,
+    {
+        self.decide_with(stream, states, decide, ExecuteOptions::default())
+            .await
+    }
+
+    /// [`EventStore::decide_with`].
+    pub async fn decide_with<S, E, Err, F>(
+        &self,
+        stream: impl Into<String>,
+        states: S,
+        decide: F,
+        options: ExecuteOptions,
+    ) -> std::result::Result<Decided<S, E>, ExecuteError<Err>>
+    where
+        S: DecisionStates + Clone,
+        E: Event + Send + 'static,
+        Err: Send + 'static,
+        F: Fn(&S) -> std::result::Result<Vec<E>, Err> + Send + 'static,
+    {
+        let stream = stream.into();
+        self.run(move |s| s.decide_with(&stream, states, decide, &options))
+            .await
+    }
+
+    /// [`EventStore::load_states`].
+    pub async fn load_states<S: DecisionStates>(&self, states: S) -> Result<S> {
+        self.run(move |s| s.load_states(states)).await
+    }
+
+    /// [`EventStore::read_query`].
+    pub async fn read_query(&self, query: Query) -> Result<QueryRead> {
+        self.run(move |s| s.read_query(&query)).await
+    }
+
+    /// [`EventStore::append_if`].
+    pub async fn append_if(
+        &self,
+        writes: Vec<StreamWrite>,
+        condition: AppendCondition,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.run(move |s| s.append_if(&writes, &condition)).await
     }
 
     /// [`EventStore::load_aggregate`].

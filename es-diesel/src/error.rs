@@ -17,6 +17,17 @@ pub enum Error {
         actual: i64,
     },
 
+    /// An append conditioned on a read ([`AppendCondition`](crate::AppendCondition))
+    /// found that events matching its query were appended since that read;
+    /// nothing was written. Read again and decide again
+    /// ([`EventStore::decide`](crate::EventStore::decide) does).
+    #[error("events matching the decision's query were appended since it read them ({seen} matched then, up to position {position}; {now} match now); nothing was written: read and decide again")]
+    ConditionFailed { seen: u64, now: u64, position: i64 },
+
+    /// A query of events that cannot be run.
+    #[error("invalid query: {0}")]
+    InvalidQuery(#[from] es_core::QueryError),
+
     /// An event with this id is already in the log (appends of events
     /// with ids you chose, e.g. an import, are idempotent through this).
     #[error(
@@ -176,9 +187,10 @@ impl Error {
         }
     }
 
-    /// Is this a lost optimistic-concurrency race?
+    /// Is this a lost optimistic-concurrency race: a stream at another
+    /// version, or a failed [append condition](crate::AppendCondition)?
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(self, Error::Conflict { .. } | Error::ConditionFailed { .. })
     }
 
     /// Did the database abort the transaction because of a concurrent one

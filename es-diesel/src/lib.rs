@@ -98,10 +98,8 @@
 //! [`check_projectors`] fails with the list of what is missing and of what is
 //! registered; [`registered_projectors`] lists them all.
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeExamples;
+// The README's examples are compiled and run as doctests of es-web, whose
+// dependencies (axum) its "In a web app" section needs.
 
 /// The examples of the guides in `docs/`, compiled and run as doctests.
 #[cfg(doctest)]
@@ -137,13 +135,14 @@ mod store;
 pub mod testing;
 
 pub use log::follow;
-use log::{append, read};
+use log::{append, query, read};
 use schema::migrations;
 
 pub use append::StreamWrite;
 #[cfg(feature = "tokio")]
 pub use async_store::{AsyncEventStore, AsyncRunners};
 pub use backend::{write_transaction, Backend, DbConnection, Manager, SqliteSync, StoreOptions};
+pub use command::decide::Decided;
 pub use command::execute::{ExecuteError, ExecuteOptions, Executed, Loaded};
 pub use error::{Error, Result};
 pub use import::{import_event_id, ImportOptions, ImportReport, ImportRow};
@@ -152,6 +151,7 @@ pub use projection::{
     check_projectors, registered_projectors, registered_read_models, Duplicate, ProjectorInfo,
     ProjectorStyle, RegistryError,
 };
+pub use query::{AppendCondition, QueriedEvent, QueryRead};
 pub use read_model::{ReadModel, ReadModelSchema};
 pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport};
 pub use store::{EventStore, LogIter, PooledConnection};
@@ -159,10 +159,11 @@ pub use store::{EventStore, LogIter, PooledConnection};
 /// The `Event` trait and its derive.
 pub use es_core::Event;
 pub use es_core::{
-    fold, harness, name_clashes, registered_event_types, upcast, validate_stream_id, view,
-    Aggregate, BoxError, DecodeError, EncodeError, EventRegistration, EventType, ExpectedVersion,
-    Metadata, MetadataError, NameClash, NewEvent, Payload, Recorded, RecordedEvent, Snapshots,
-    StreamIdError,
+    decision, fold, harness, name_clashes, registered_event_types, tag, upcast, validate_stream_id,
+    validate_tag, view, Aggregate, BoxError, DecisionState, DecisionStates, DecodeError,
+    EncodeError, EventRegistration, EventType, ExpectedVersion, Metadata, MetadataError, NameClash,
+    NewEvent, Payload, Query, QueryError, QueryItem, Recorded, RecordedEvent, Snapshots,
+    StreamIdError, TagError, MAX_QUERY_ITEMS, MAX_TAGS, MAX_TAG_BYTES,
 };
 /// `#[projector(on = .., ..)]`: see the crate documentation.
 pub use es_derive::projector;

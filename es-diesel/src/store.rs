@@ -137,6 +137,11 @@ impl EventStore {
             && writes.len() == 1
             && writes[0].expected != ExpectedVersion::Any
             && writes[0].events.len() <= crate::append::CHUNK
+            // Tags are a second statement.
+            && writes[0]
+                .events
+                .iter()
+                .all(|e| e.tags.is_empty() && !crate::append::declares_tags(e.event_type))
     }
 
     /// Whether this store runs inline projectors on append.

@@ -61,7 +61,7 @@ mod reader {
 // `users::Created` lives in another crate, which registers it exactly as
 // its #[derive(Event)] does; a crate cannot see the other's at compile time.
 es_diesel::__private::inventory::submit! {
-    EventRegistration { name: "Created", version: 1, rust_type: "users::Created", copy: false }
+    EventRegistration { name: "Created", version: 1, rust_type: "users::Created", copy: false, tags: None, tag_spec: "" }
 }
 es_diesel::__private::inventory::submit! {
     EventView { name: "created", event_type: "Created", event_version: 1, rust_type: "users::Created", columns: &[] }

@@ -13,7 +13,7 @@ pub(crate) const CHUNK: usize = 500;
 /// Statement shapes (events per chunk) that are prepared once and cached
 /// per connection; others are planned per call, which keeps the cache at a
 /// few dozen statements however the chunk sizes vary.
-pub(super) fn cached_shape(events: usize) -> bool {
+pub(crate) fn cached_shape(events: usize) -> bool {
     events <= 16 || events == CHUNK
 }
 

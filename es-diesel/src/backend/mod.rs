@@ -18,14 +18,15 @@ mod stmt;
 
 pub(crate) use connection::{
     note_if_connection_lost, parse_url, private_write_transaction, read_only_snapshot, Listener,
+    LogMark,
 };
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
-pub(crate) use insert::CHUNK;
+pub(crate) use insert::{cached_shape, CHUNK};
 pub(crate) use stmt::{Bind, Stmt};
 
 use crate::error::Result;
 use es_core::view::ColumnType;
-use es_core::{ExpectedVersion, NewEvent};
+use es_core::{ExpectedVersion, NewEvent, Query};
 use rows::{Appended, EventTuple};
 
 /// How many backends there are (the variants of [`Backend`]).
@@ -109,6 +110,11 @@ pub(crate) trait Dialect: Send + Sync {
     /// The columns of `es_events` as [`rows::EventSql`] reads them.
     fn event_columns(&self) -> &'static str;
 
+    /// `LIMIT` with the row count as a bound value.
+    fn limit(&self) -> &'static str {
+        "LIMIT ?"
+    }
+
     /// The condition selecting the rows of one stream of `es_events` (or of
     /// a table with a `stream_id` column), with [`Dialect::stream_binds`]
     /// placeholders for the stream id: see [`Dialect::push_stream`].
@@ -135,6 +141,13 @@ pub(crate) trait Dialect: Send + Sync {
             format!("IN ({marks})"),
             values.iter().map(|v| Bind::Text(v)).collect(),
         )
+    }
+
+    /// The condition `event_type` is one of `types` (not empty), and its
+    /// bound values.
+    fn type_is_any_of<'a>(&self, types: &'a [&'a str]) -> (String, Vec<Bind<'a>>) {
+        let (any, binds) = self.any_of(types, ListOf::Text);
+        (format!("event_type {any}"), binds)
     }
 
     /// The statements of every migration of the store's schema, by version
@@ -210,6 +223,23 @@ pub(crate) trait Dialect: Send + Sync {
         Ok(())
     }
 
+    /// After [`Dialect::lock_streams`], before the inserts of an append that
+    /// writes events with `tags` (sorted, distinct) or has a `condition`
+    /// (the query of an [`AppendCondition`](crate::AppendCondition)): takes
+    /// what makes the check of the condition and the append's commit one
+    /// step for every other writer, so that no event the query matches
+    /// commits in between. Backends with one writer at a time have nothing
+    /// to take.
+    fn lock_tags(
+        &self,
+        conn: &mut DbConnection,
+        tags: &[&str],
+        condition: Option<&Query>,
+    ) -> Result<()> {
+        let _ = (conn, tags, condition);
+        Ok(())
+    }
+
     /// Inserts `chunk` (at most [`CHUNK`] events) at the end of `stream` if
     /// it is at the `expected` version; no row when it is not (nothing is
     /// written then). The rows come in stream-version order.
@@ -221,8 +251,8 @@ pub(crate) trait Dialect: Send + Sync {
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>>;
 
-    /// Whether appends are announced to listening connections
-    /// ([`Manager::listen`]).
+    /// Whether a runner can watch the log for appends on a connection of
+    /// its own ([`Manager::listen`]) instead of waiting its idle poll.
     fn notifies_appends(&self) -> bool {
         false
     }
@@ -340,23 +370,26 @@ fn read_by_position(
     limit: i64,
 ) -> Result<Vec<(EventTuple, i64)>> {
     let (filter, binds) = match types {
-        Some(types) => {
-            let (any, binds) = d.any_of(types, ListOf::Text);
-            (format!("AND event_type {any}"), binds)
+        Some(types) if !types.is_empty() => {
+            let (is, binds) = d.type_is_any_of(types);
+            (format!("AND {is}"), binds)
         }
+        Some(_) => ("AND event_type IN (?)".to_owned(), vec![Bind::Text("")]),
         None => (String::new(), Vec::new()),
     };
     let from = d.events_in_position_order(types.map_or(0, <[&str]>::len));
     let sql = format!(
-        "SELECT {}, 0 AS tx FROM {from} WHERE global_position > ? {filter} \
-         ORDER BY global_position LIMIT ?",
-        d.event_columns()
+        "SELECT {} FROM {from} WHERE global_position > ? {filter} \
+         ORDER BY global_position {}",
+        d.event_columns(),
+        d.limit()
     );
     let mut q = Stmt::new(sql)
-        .rows::<(rows::EventSql, diesel::sql_types::BigInt)>()
+        .rows::<rows::EventSql>()
         .bind(Bind::BigInt(after_position));
     binds.into_iter().for_each(|b| q.push(b));
-    Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
+    let rows: Vec<EventTuple> = q.bind(Bind::BigInt(limit)).load(conn)?;
+    Ok(rows.into_iter().map(|row| (row, 0)).collect())
 }
 
 impl dyn Dialect {

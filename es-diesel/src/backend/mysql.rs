@@ -40,7 +40,7 @@ use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
 use es_core::view::ColumnType;
-use es_core::{ExpectedVersion, NewEvent};
+use es_core::{ExpectedVersion, NewEvent, Query};
 
 pub(crate) struct Mysql;
 
@@ -194,6 +194,22 @@ impl Dialect for Mysql {
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         // The head lock covers every stream.
         if !streams.is_empty() {
+            Stmt::new("SELECT position AS n FROM es_log_head WHERE id = 1 FOR UPDATE")
+                .get_result::<Number>(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Every append takes the head's lock (in the insert trigger) and holds
+    /// it until it commits: a conditional append that takes it first checks
+    /// a log no one else appends to until it commits.
+    fn lock_tags(
+        &self,
+        conn: &mut DbConnection,
+        _tags: &[&str],
+        condition: Option<&Query>,
+    ) -> Result<()> {
+        if condition.is_some() {
             Stmt::new("SELECT position AS n FROM es_log_head WHERE id = 1 FOR UPDATE")
                 .get_result::<Number>(conn)?;
         }

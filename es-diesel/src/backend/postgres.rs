@@ -1,5 +1,5 @@
 //! PostgreSQL: concurrent writers, positions visible out of order (see
-//! [`crate::follow`]), NOTIFY on append.
+//! [`crate::follow`]), idle runners woken by the order-key sequence.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
 use super::rows::{Appended, EventSql, EventTuple, Number};
@@ -12,7 +12,7 @@ use diesel::connection::TransactionManager;
 use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
-use es_core::{ExpectedVersion, NewEvent};
+use es_core::{ExpectedVersion, NewEvent, Query};
 
 pub(crate) struct Postgres;
 
@@ -126,6 +126,53 @@ impl Dialect for Postgres {
             return Ok(());
         }
         lock_streams(conn, streams)
+    }
+
+    /// Writers run concurrently here. A writer takes a shared advisory lock
+    /// per tag it writes; a conditional append takes an exclusive one per
+    /// tag of each item of its query, which waits for the writers of those
+    /// tags in flight to finish and holds off new ones until it commits.
+    /// An item without tags matches by type alone: for those, the lock
+    /// every append announces itself with, exclusively. The tag locks are
+    /// one statement, keys in increasing order, after the stream locks.
+    fn lock_tags(
+        &self,
+        conn: &mut DbConnection,
+        tags: &[&str],
+        condition: Option<&Query>,
+    ) -> Result<()> {
+        let mut exclusive: Vec<&str> = Vec::new();
+        let mut by_type = false;
+        for item in condition.map_or(&[][..], Query::items) {
+            by_type |= item.tags.is_empty();
+            exclusive.extend(item.tags.iter().map(String::as_str));
+        }
+        if !(tags.is_empty() && exclusive.is_empty()) {
+            Stmt::new(
+            "SELECT COUNT(CASE WHEN x THEN pg_advisory_xact_lock(?, k) \
+                              ELSE pg_advisory_xact_lock_shared(?, k) END) AS n \
+             FROM (SELECT k, bool_or(x) AS x FROM ( \
+                     SELECT hashtext('es_event_tags'::regclass::oid::text || '/' || t) AS k, false AS x FROM unnest(?::text[]) AS t \
+                     UNION ALL \
+                     SELECT hashtext('es_event_tags'::regclass::oid::text || '/' || t), true FROM unnest(?::text[]) AS t) AS u \
+                   GROUP BY k ORDER BY k) AS keys",
+        )
+        .bind(Bind::Int(TAG_LOCK_CLASS))
+        .bind(Bind::Int(TAG_LOCK_CLASS))
+        .bind(Bind::TextArray(tags))
+        .bind(Bind::TextArray(&exclusive))
+        .get_result::<Number>(conn)?;
+        }
+        if by_type {
+            // Every append holds this lock, shared, from its insert to its
+            // commit (`es_append_key`, migration 6): taken exclusively, it
+            // waits for the appends in flight and holds off new ones.
+            Stmt::new(
+                "SELECT COUNT(pg_advisory_xact_lock(1163067394, 'es_order_keys'::regclass::oid::integer)) AS n",
+            )
+            .get_result::<Number>(conn)?;
+        }
+        Ok(())
     }
 
     fn insert_events(
@@ -299,6 +346,11 @@ fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
 
 /// Advisory-lock namespace of per-stream append locks ("ES" + 1).
 const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
+/// The advisory lock class of tags (see [`Postgres::lock_tags`]); keys
+/// are hashed with the OID of the tag table, so that sessions reaching one
+/// log through different search paths take the same locks. (0x4553_0002 is
+/// the class of the appends' announce lock, `es_append_key`.)
+const TAG_LOCK_CLASS: i32 = 0x4553_0003;
 
 /// Appends with `ExpectedVersion::Any` read the stream's version and write
 /// the next one; serializing them per stream keeps them from colliding with
@@ -308,7 +360,7 @@ const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
 /// write streams), so two writers never wait for each other in a cycle.
 fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
     Stmt::new(
-        "SELECT COUNT(pg_advisory_xact_lock(?, hashtext(current_schema() || '/' || s))) FROM \
+        "SELECT COUNT(pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || s))) FROM \
          (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams",
     )
     .bind(Bind::Int(STREAM_LOCK_CLASS))

@@ -1,8 +1,12 @@
 //! Appending to the log: optimistic concurrency per stream, all or nothing.
 
-use crate::backend::DbConnection;
+use crate::backend::{Bind, DbConnection, Stmt};
 use crate::error::{check_stream_id, Error, Result};
+use crate::query::{check_condition, AppendCondition};
 use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Instant;
 use tracing::field::Empty;
 
@@ -101,6 +105,7 @@ pub(crate) type Project<'a> = &'a dyn Fn(&mut DbConnection, &[RecordedEvent]) ->
 pub(crate) fn insert_writes(
     conn: &mut DbConnection,
     writes: &[StreamWrite],
+    condition: Option<&AppendCondition>,
     check: impl FnOnce() -> Result<()>,
     project: Option<Project<'_>>,
 ) -> Result<Vec<RecordedEvent>> {
@@ -116,7 +121,7 @@ pub(crate) fn insert_writes(
     );
     let _entered = span.enter();
     if span.is_disabled() {
-        return insert_traced(conn, writes, check, project);
+        return insert_traced(conn, writes, condition, check, project);
     }
     let started = Instant::now();
     match writes {
@@ -136,7 +141,7 @@ pub(crate) fn insert_writes(
         "events",
         writes.iter().map(|w| w.events.len()).sum::<usize>(),
     );
-    let result = insert_traced(conn, writes, check, project);
+    let result = insert_traced(conn, writes, condition, check, project);
     match &result {
         Ok(events) => {
             let positions = events.iter().map(|e| e.global_position);
@@ -146,7 +151,7 @@ pub(crate) fn insert_writes(
             }
             span.record("outcome", "appended");
         }
-        Err(Error::Conflict { .. }) => {
+        Err(Error::Conflict { .. } | Error::ConditionFailed { .. }) => {
             span.record("outcome", "conflict");
         }
         Err(_) => {
@@ -165,6 +170,7 @@ pub(crate) fn micros(started: Instant) -> u64 {
 fn insert_traced(
     conn: &mut DbConnection,
     writes: &[StreamWrite],
+    condition: Option<&AppendCondition>,
     check: impl FnOnce() -> Result<()>,
     project: Option<Project<'_>>,
 ) -> Result<Vec<RecordedEvent>> {
@@ -173,6 +179,9 @@ fn insert_traced(
         for ev in &w.events {
             ev.check()?;
         }
+    }
+    if let Some(condition) = condition {
+        condition.query.validate()?;
     }
     check()?;
     // One canonical order of streams for every writer: no lock cycles.
@@ -200,6 +209,29 @@ fn insert_traced(
     };
     let dialect = conn.dialect();
     dialect.lock_streams(conn, &locked)?;
+    // Then the tags, after the streams (one order for every writer): the
+    // ones this append writes, and what its condition covers, so that no
+    // writer of an event matching the condition's query commits between
+    // the check and this append's commit.
+    // Per write and event: its tags, computed from the payload where an
+    // event of a type that declares tags came without them.
+    let event_tags: Vec<Vec<Cow<'_, [String]>>> = writes
+        .iter()
+        .map(|w| w.events.iter().map(tags_of).collect::<Result<_>>())
+        .collect::<Result<_>>()?;
+    let mut tags: Vec<&str> = event_tags
+        .iter()
+        .flatten()
+        .flat_map(|t| t.iter().map(String::as_str))
+        .collect();
+    if condition.is_some() || !tags.is_empty() {
+        tags.sort_unstable();
+        tags.dedup();
+        dialect.lock_tags(conn, &tags, condition.map(|c| &c.query))?;
+    }
+    if let Some(condition) = condition {
+        check_condition(conn, condition)?;
+    }
     let total = writes.iter().map(|w| w.events.len()).sum();
     // In log order: the order of `order`.
     let mut out = Vec::with_capacity(total);
@@ -255,6 +287,7 @@ fn insert_traced(
             }));
         }
     }
+    insert_tags(conn, writes, &event_tags, &order, &out)?;
     if let Some(project) = project {
         project(conn, &out)?;
     }
@@ -271,4 +304,96 @@ fn insert_traced(
         per_write[i].extend(events.by_ref().take(writes[i].events.len()));
     }
     Ok(per_write.into_iter().flatten().collect())
+}
+
+/// Tag rows per INSERT: three values each, far below every bind limit.
+const TAG_ROWS: usize = 300;
+
+/// Writes the tags of the appended events (`out`, in the order of `order`)
+/// to the tag index.
+fn insert_tags(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    event_tags: &[Vec<Cow<'_, [String]>>],
+    order: &[usize],
+    out: &[RecordedEvent],
+) -> Result<()> {
+    let rows: Vec<(&str, i64, &str)> = order
+        .iter()
+        .flat_map(|&i| writes[i].events.iter().zip(&event_tags[i]))
+        .zip(out)
+        .flat_map(|((new, tags), rec)| {
+            tags.iter()
+                .map(move |t| (t.as_str(), rec.global_position, new.event_type))
+        })
+        .collect();
+    for chunk in rows.chunks(TAG_ROWS) {
+        let marks = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+        let mut q = Stmt::with_capacity(
+            format!("INSERT INTO es_event_tags (tag, global_position, event_type) VALUES {marks}"),
+            chunk.len() * 3,
+        );
+        if !crate::backend::cached_shape(chunk.len()) {
+            q.dont_cache();
+        }
+        for &(tag, position, event_type) in chunk {
+            q.push(Bind::Text(tag));
+            q.push(Bind::BigInt(position));
+            q.push(Bind::Text(event_type));
+        }
+        q.execute(conn)?;
+    }
+    Ok(())
+}
+
+/// The event types of this program that declare tags (not `copy` ones),
+/// with the function computing them from a stored payload.
+fn declared_tags() -> &'static HashMap<&'static str, es_core::TagsOf> {
+    static DECLARED: OnceLock<HashMap<&'static str, es_core::TagsOf>> = OnceLock::new();
+    DECLARED.get_or_init(|| {
+        es_core::registered_event_types()
+            .into_iter()
+            .filter(|r| !r.copy)
+            .filter_map(|r| Some((r.name, r.tags?)))
+            .collect()
+    })
+}
+
+/// Whether events of `event_type` carry tags even when appended without
+/// them (see [`tags_of`]).
+pub(crate) fn declares_tags(event_type: &str) -> bool {
+    declared_tags().contains_key(event_type)
+}
+
+/// The tags an appended event is stored with: its own, or, when it has
+/// none and its type declares tags (it was written through an
+/// `#[event(copy)]` type, or built by hand), the declared ones computed
+/// from its payload, so that no decision misses it.
+pub(crate) fn tags_of(event: &NewEvent) -> Result<Cow<'_, [String]>> {
+    if !event.tags.is_empty() {
+        return Ok(Cow::Borrowed(&event.tags));
+    }
+    let Some(compute) = declared_tags().get(event.event_type) else {
+        return Ok(Cow::Borrowed(&[]));
+    };
+    let refuse = |source| {
+        Error::from(es_core::EncodeError::Tag {
+            event_type: event.event_type,
+            source,
+        })
+    };
+    let mut tags = compute(event.event_version, &event.payload).map_err(|e| {
+        refuse(es_core::TagError::Undecodable {
+            reason: e.to_string(),
+        })
+    })?;
+    tags.sort_unstable();
+    tags.dedup();
+    if tags.len() > es_core::MAX_TAGS {
+        return Err(refuse(es_core::TagError::TooMany { count: tags.len() }));
+    }
+    for t in &tags {
+        es_core::validate_tag(t).map_err(refuse)?;
+    }
+    Ok(Cow::Owned(tags))
 }

@@ -2,4 +2,5 @@
 
 pub(crate) mod append;
 pub mod follow;
+pub(crate) mod query;
 pub(crate) mod read;

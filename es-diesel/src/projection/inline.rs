@@ -5,6 +5,7 @@ use super::{registry, Failure, HandlerKind, RowProjection, SqlProjection};
 use crate::append::{insert_writes, known_actual, retry_after, StreamWrite, RACE_RETRIES};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::Result;
+use crate::query::AppendCondition;
 use crate::read_model::ReadModel;
 use diesel::Connection;
 use es_core::{EventType, Recorded, RecordedEvent};
@@ -45,9 +46,26 @@ pub(crate) fn append_events(
     writes: &[StreamWrite],
     project: bool,
 ) -> Result<Vec<RecordedEvent>> {
+    append_events_if(conn, writes, None, project)
+}
+
+/// [`append_events`] on the condition that the events matching its query
+/// are still the ones it saw.
+pub(crate) fn append_events_if(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    condition: Option<&AppendCondition>,
+    project: bool,
+) -> Result<Vec<RecordedEvent>> {
     // An ambiguous registry refuses before anything is inserted.
     let check = || registry().map(|_| ());
-    insert_writes(conn, writes, check, project.then_some(&apply_inline))
+    insert_writes(
+        conn,
+        writes,
+        condition,
+        check,
+        project.then_some(&apply_inline),
+    )
 }
 
 /// Runs every inline projector on each of `events`, in append order, on

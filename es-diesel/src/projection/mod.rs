@@ -9,9 +9,9 @@ mod rows;
 
 pub use crate::error::{Duplicate, RegistryError};
 pub use crate::read_model::RowBatch;
-pub(crate) use inline::{append_events, apply_read_model, catch_panic};
+pub(crate) use inline::{append_events, append_events_if, apply_read_model, catch_panic};
 pub use registry::{check_projectors, registered_projectors, registered_read_models};
-pub(crate) use registry::{handled_types, registry};
+pub(crate) use registry::{handled_types, registry, Registry};
 pub use rows::{new_rows, Rows};
 
 use crate::backend::DbConnection;

@@ -51,6 +51,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 8,
         name: "exclusive rebuilds",
     },
+    Migration {
+        version: 9,
+        name: "event tags",
+    },
+    Migration {
+        version: 10,
+        name: "appends commit without NOTIFY",
+    },
 ];
 
 #[derive(QueryableByName)]
@@ -113,6 +121,7 @@ pub(crate) fn migrate(conn: &mut DbConnection) -> Result<()> {
         for view in event_views() {
             super::views::create_view(conn, view)?;
         }
+        super::tags::sync_tags(conn)?;
         super::read_models::sync_read_models(conn)
     });
     dialect.unlock_migrations(conn);
@@ -176,6 +185,9 @@ pub(crate) fn missing(conn: &mut DbConnection) -> Result<Vec<String>> {
         if !relation_exists(conn, view.name)? {
             missing.push(format!("event view `{}`", view.name));
         }
+    }
+    if applied.contains(&9) {
+        missing.extend(super::tags::missing(conn)?);
     }
     Ok(missing)
 }

@@ -3,4 +3,5 @@
 
 pub(crate) mod migrations;
 mod read_models;
+mod tags;
 mod views;

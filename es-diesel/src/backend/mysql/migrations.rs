@@ -104,4 +104,21 @@ CREATE TABLE IF NOT EXISTS es_snapshots (
     (6, ""),
     (7, ""),
     (8, ""),
+    (
+        9,
+        r#"
+CREATE TABLE IF NOT EXISTS es_event_tags (
+    tag             VARBINARY(512)  NOT NULL,
+    global_position BIGINT          NOT NULL,
+    event_type      VARBINARY(2000) NOT NULL,
+    PRIMARY KEY (tag, global_position),
+    KEY es_event_tags_type (event_type(255))
+) ENGINE = InnoDB;
+CREATE TABLE IF NOT EXISTS es_tag_declarations (
+    event_type VARBINARY(2000) NOT NULL PRIMARY KEY,
+    spec       LONGTEXT        NOT NULL
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+"#,
+    ),
+    (10, ""),
 ];

@@ -176,4 +176,35 @@ ALTER TABLE es_read_models
     ADD COLUMN rebuild_expires_ms BIGINT;
 "#,
     ),
+    (
+        9,
+        r#"
+-- What each event is about (`#[event(tag = ..)]`), written with it: the
+-- index of queries across streams and of conditional appends.
+CREATE TABLE es_event_tags (
+    tag             TEXT   NOT NULL,
+    global_position BIGINT NOT NULL,
+    event_type      TEXT   NOT NULL,
+    PRIMARY KEY (tag, global_position)
+);
+-- `migrate` re-tags the events of one type.
+CREATE INDEX es_event_tags_type ON es_event_tags (event_type);
+-- The tag declaration each event type's stored tags were computed with.
+CREATE TABLE es_tag_declarations (
+    event_type TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL
+);
+"#,
+    ),
+    // A NOTIFY makes its transaction take the database's notify lock at
+    // commit and hold it through the commit's flush: appends to different
+    // streams would commit one at a time. Runners watch the order keys
+    // instead (see `Listener` in backend/connection.rs).
+    (
+        10,
+        r#"
+DROP TRIGGER IF EXISTS es_events_notify ON es_events;
+DROP FUNCTION IF EXISTS es_events_notify();
+"#,
+    ),
 ];

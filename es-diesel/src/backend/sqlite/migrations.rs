@@ -95,4 +95,21 @@ ALTER TABLE es_read_models ADD COLUMN rebuild_holder TEXT;
 ALTER TABLE es_read_models ADD COLUMN rebuild_expires_ms INTEGER;
 "#,
     ),
+    (
+        9,
+        r#"
+CREATE TABLE es_event_tags (
+    tag             TEXT    NOT NULL,
+    global_position INTEGER NOT NULL,
+    event_type      TEXT    NOT NULL,
+    PRIMARY KEY (tag, global_position)
+) WITHOUT ROWID;
+CREATE INDEX es_event_tags_type ON es_event_tags (event_type);
+CREATE TABLE es_tag_declarations (
+    event_type TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL
+);
+"#,
+    ),
+    (10, ""),
 ];
