@@ -5,6 +5,7 @@
 
 mod domain;
 mod read_models;
+mod web;
 
 use clap::{Parser, Subcommand};
 use diesel::connection::SimpleConnection;
@@ -14,7 +15,8 @@ use es_diesel::cli::AdminCommand;
 use es_diesel::runner::RunnerOptions;
 use es_diesel::serde_json::json;
 use es_diesel::{
-    EventStore, ExecuteError, ExecuteOptions, ImportOptions, ImportRow, Metadata, StoreOptions,
+    EventStore, ExecuteError, ExecuteOptions, ImportOptions, ImportReport, ImportRow, Metadata,
+    StoreOptions,
 };
 use read_models::*;
 use std::io::Write;
@@ -113,6 +115,13 @@ enum Command {
     },
     /// Bring the old CRUD application's `legacy_books` table over as events.
     ImportLegacy,
+    /// Serve the library's pages, and the event browser at /admin/events;
+    /// creates and migrates the database if needed. Stops on Ctrl-C.
+    Serve {
+        /// The address to listen on (port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+    },
     /// Store administration: migrate, status, projectors, rebuild, tail, stream, work.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -169,65 +178,168 @@ fn report<A: es_diesel::Aggregate>(
     }
 }
 
-fn borrow(store: &EventStore, book_id: i64, user_id: i64) -> AppResult {
-    // Registrations are never undone: checking the card first cannot be
-    // invalidated by a concurrent writer.
-    let user_registered = store
-        .load_aggregate::<User>(&user_id.to_string())?
-        .state
-        .id
-        .is_some();
-    let result = store.execute_with::<Book>(
-        &book_id.to_string(),
-        BookCommand::Borrow {
+/// The library's commands, for the command line and the web pages alike:
+/// each returns what happened and prints nothing, so that a rule changed
+/// here changes both.
+pub(crate) mod commands {
+    use super::*;
+    use es_diesel::Aggregate;
+
+    /// What a command did: the aggregate after it, or why it was refused.
+    pub(crate) type Outcome<A> = Result<es_diesel::Executed<A>, ExecuteError<LibraryError>>;
+
+    /// One decision across the book's and the reader's events (the book on
+    /// the shelf, the reader registered and under the loan limit), appended
+    /// to the book's stream on the condition that neither changed since
+    /// they were read.
+    pub(crate) fn borrow(store: &EventStore, book_id: i64, user_id: i64) -> Outcome<Book> {
+        let decided = store.decide_with(
+            &Book::stream_id(&book_id.to_string()),
+            (Shelf::new(book_id), Borrower::new(user_id)),
+            domain::borrow,
+            &actor(user_id),
+        )?;
+        let (shelf, _) = decided.states;
+        let mut state = shelf.book;
+        let mut version = 0;
+        let mut events = Vec::with_capacity(decided.events.len());
+        for recorded in decided.events {
+            version = recorded.stream_version;
+            let event = BookEvent::from(recorded.event.clone());
+            state.apply(&event);
+            events.push(recorded.map(|_| event));
+        }
+        Ok(es_diesel::Executed {
+            stream_id: Book::stream_id(&book_id.to_string()),
+            state,
+            version,
+            events,
+            attempts: decided.attempts,
+        })
+    }
+
+    pub(crate) fn give_back(store: &EventStore, book_id: i64, user_id: i64) -> Outcome<Book> {
+        store.execute_with::<Book>(
+            &book_id.to_string(),
+            BookCommand::Return { book_id, user_id },
+            &actor(user_id),
+        )
+    }
+
+    pub(crate) fn register_book(
+        store: &EventStore,
+        book_id: i64,
+        title: &str,
+        author: &str,
+    ) -> Outcome<Book> {
+        let command = BookCommand::Register {
             book_id,
+            title: title.into(),
+            author: author.into(),
+        };
+        store.execute::<Book>(&book_id.to_string(), command)
+    }
+
+    pub(crate) fn register_user(store: &EventStore, user_id: i64, name: &str) -> Outcome<User> {
+        let command = UserCommand::Register {
             user_id,
-            user_registered,
-        },
-        &actor(user_id),
-    );
-    report(&format!("user {user_id} borrowed book {book_id}"), result)
+            name: name.into(),
+        };
+        store.execute::<User>(&user_id.to_string(), command)
+    }
+
+    pub(crate) fn login(store: &EventStore, user_id: i64) -> Outcome<User> {
+        store.execute_with::<User>(
+            &user_id.to_string(),
+            UserCommand::LogIn { user_id },
+            &actor(user_id),
+        )
+    }
+
+    /// "How to begin with?": the current state of the old app becomes the
+    /// first events. Safe to run again: rows already imported are skipped.
+    pub(crate) fn import_legacy(store: &EventStore) -> Result<ImportReport, es_diesel::Error> {
+        let mut conn = store.connection()?;
+        conn.batch_execute(
+            "CREATE TABLE IF NOT EXISTS legacy_books (id BIGINT PRIMARY KEY, title TEXT NOT NULL, author TEXT NOT NULL, borrowed_by BIGINT)",
+        ).map_err(es_diesel::Error::from)?;
+        if legacy_books::table
+            .count()
+            .get_result::<i64>(&mut *conn)
+            .map_err(es_diesel::Error::from)?
+            == 0
+        {
+            // (MultiConnection cannot send a multi-row INSERT: one row at a time.)
+            for (id, title, author, borrowed_by) in [
+                (101, "Middlemarch", "George Eliot", None),
+                (102, "Invisible Cities", "Italo Calvino", Some(7)),
+                (103, "Beloved", "Toni Morrison", None),
+            ] {
+                diesel::insert_into(legacy_books::table)
+                    .values((
+                        legacy_books::id.eq(id),
+                        legacy_books::title.eq(title),
+                        legacy_books::author.eq(author),
+                        legacy_books::borrowed_by.eq(borrowed_by),
+                    ))
+                    .execute(&mut *conn)
+                    .map_err(es_diesel::Error::from)?;
+            }
+        }
+        let rows: Vec<(i64, String, String, Option<i64>)> = legacy_books::table
+            .order(legacy_books::id)
+            .load(&mut *conn)
+            .map_err(es_diesel::Error::from)?;
+        drop(conn);
+        let rows = rows
+            .into_iter()
+            .map(|(id, title, author, borrowed_by)| ImportRow {
+                stream_id: format!("book-{id}"),
+                key: id.to_string(),
+                event: BookImported {
+                    book_id: id,
+                    title,
+                    author,
+                    borrowed_by,
+                },
+            });
+        store.import(rows, &ImportOptions::new("legacy_books"), |_| {})
+    }
+}
+
+fn borrow(store: &EventStore, book_id: i64, user_id: i64) -> AppResult {
+    report(
+        &format!("user {user_id} borrowed book {book_id}"),
+        commands::borrow(store, book_id, user_id),
+    )
 }
 
 fn give_back(store: &EventStore, book_id: i64, user_id: i64) -> AppResult {
-    let result = store.execute_with::<Book>(
-        &book_id.to_string(),
-        BookCommand::Return { book_id, user_id },
-        &actor(user_id),
-    );
-    report(&format!("user {user_id} returned book {book_id}"), result)
+    report(
+        &format!("user {user_id} returned book {book_id}"),
+        commands::give_back(store, book_id, user_id),
+    )
 }
 
 fn register_book(store: &EventStore, book_id: i64, title: &str, author: &str) -> AppResult {
-    let command = BookCommand::Register {
-        book_id,
-        title: title.into(),
-        author: author.into(),
-    };
     report(
         &format!("registered book {book_id}: {title}"),
-        store.execute::<Book>(&book_id.to_string(), command),
+        commands::register_book(store, book_id, title, author),
     )
 }
 
 fn register_user(store: &EventStore, user_id: i64, name: &str) -> AppResult {
-    let command = UserCommand::Register {
-        user_id,
-        name: name.into(),
-    };
     report(
         &format!("user {user_id} ({name}) has a library card"),
-        store.execute::<User>(&user_id.to_string(), command),
+        commands::register_user(store, user_id, name),
     )
 }
 
 fn login(store: &EventStore, user_id: i64) -> AppResult {
-    let result = store.execute_with::<User>(
-        &user_id.to_string(),
-        UserCommand::LogIn { user_id },
-        &actor(user_id),
-    );
-    report(&format!("user {user_id} logged in"), result)
+    report(
+        &format!("user {user_id} logged in"),
+        commands::login(store, user_id),
+    )
 }
 
 fn list(store: &EventStore, as_json: bool) -> AppResult {
@@ -235,7 +347,8 @@ fn list(store: &EventStore, as_json: bool) -> AppResult {
     let books: Vec<BookList> = book_list::table
         .order(book_list::book_id)
         .load(&mut *conn)?;
-    let readers: Vec<Reader> = readers::table.order(readers::user_id).load(&mut *conn)?;
+    let readers: Vec<read_models::Reader> =
+        readers::table.order(readers::user_id).load(&mut *conn)?;
     if as_json {
         say!("{}", json!({ "books": books, "readers": readers }));
         return Ok(());
@@ -364,47 +477,9 @@ diesel::table! {
     }
 }
 
-/// "How to begin with?": the current state of the old app becomes the first
-/// events. Safe to run again: rows already imported are skipped.
+/// "How to begin with?": see [`commands::import_legacy`].
 fn import_legacy(store: &EventStore) -> AppResult {
-    let mut conn = store.connection()?;
-    conn.batch_execute(
-        "CREATE TABLE IF NOT EXISTS legacy_books (id BIGINT PRIMARY KEY, title TEXT NOT NULL, author TEXT NOT NULL, borrowed_by BIGINT)",
-    )?;
-    if legacy_books::table.count().get_result::<i64>(&mut *conn)? == 0 {
-        // (MultiConnection cannot send a multi-row INSERT: one row at a time.)
-        for (id, title, author, borrowed_by) in [
-            (101, "Middlemarch", "George Eliot", None),
-            (102, "Invisible Cities", "Italo Calvino", Some(7)),
-            (103, "Beloved", "Toni Morrison", None),
-        ] {
-            diesel::insert_into(legacy_books::table)
-                .values((
-                    legacy_books::id.eq(id),
-                    legacy_books::title.eq(title),
-                    legacy_books::author.eq(author),
-                    legacy_books::borrowed_by.eq(borrowed_by),
-                ))
-                .execute(&mut *conn)?;
-        }
-    }
-    let rows: Vec<(i64, String, String, Option<i64>)> = legacy_books::table
-        .order(legacy_books::id)
-        .load(&mut *conn)?;
-    drop(conn);
-    let rows = rows
-        .into_iter()
-        .map(|(id, title, author, borrowed_by)| ImportRow {
-            stream_id: format!("book-{id}"),
-            key: id.to_string(),
-            event: BookImported {
-                book_id: id,
-                title,
-                author,
-                borrowed_by,
-            },
-        });
-    let report = store.import(rows, &ImportOptions::new("legacy_books"), |_| {})?;
+    let report = commands::import_legacy(store)?;
     say!(
         "imported legacy_books: {} new event(s), {} already there",
         report.imported,
@@ -542,7 +617,7 @@ fn main() -> ExitCode {
     // that exists and is migrated, and says so otherwise.
     let creates = matches!(
         command,
-        Command::Demo | Command::Admin(AdminCommand::Migrate)
+        Command::Demo | Command::Serve { .. } | Command::Admin(AdminCommand::Migrate)
     );
     let result = (|| -> AppResult {
         let options = StoreOptions {
@@ -555,6 +630,10 @@ fn main() -> ExitCode {
                 store.migrate()?;
                 return demo(&store, &cli.database_url);
             }
+            Command::Serve { listen } => {
+                store.migrate()?;
+                return web::serve(store, &listen).map_err(Failure::Error);
+            }
             // Checks the schema itself (all but `migrate` and `projectors`).
             Command::Admin(cmd) => {
                 return Ok(es_diesel::cli::run(
@@ -566,7 +645,9 @@ fn main() -> ExitCode {
             _ => store.check_migrated()?,
         }
         match command {
-            Command::Demo | Command::Admin(_) => unreachable!("handled above"),
+            Command::Demo | Command::Serve { .. } | Command::Admin(_) => {
+                unreachable!("handled above")
+            }
             Command::RegisterBook {
                 book_id,
                 title,
