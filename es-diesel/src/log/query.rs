@@ -130,28 +130,36 @@ fn items_sql<'q>(d: &dyn Dialect, query: &'q Query, types: &'q [Vec<&'q str>]) -
         .collect()
 }
 
+/// Every item's matches, `(pos, item)` rows joined by UNION ALL, and the
+/// values they bind, in order.
+fn union_of<'q>(
+    d: &dyn Dialect,
+    query: &'q Query,
+    types: &'q [Vec<&'q str>],
+) -> (String, Vec<Bind<'q>>) {
+    let items = items_sql(d, query, types);
+    let union = items
+        .iter()
+        .map(|i| i.sql.as_str())
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    (union, items.into_iter().flat_map(|i| i.binds).collect())
+}
+
 /// The events matching `query`, in log order, each with the items it
 /// matched.
 pub(crate) fn read_query(conn: &mut DbConnection, query: &Query) -> Result<QueryRead> {
     query.validate()?;
     let d = conn.dialect();
     let types = type_lists(query);
-    let items = items_sql(d, query, &types);
-    let union = items
-        .iter()
-        .map(|i| i.sql.as_str())
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+    let (union, binds) = union_of(d, query, &types);
     let sql = format!(
         "SELECT {}, x.item FROM es_events JOIN ({union}) x ON x.pos = es_events.global_position \
          ORDER BY es_events.global_position, x.item",
         d.event_columns()
     );
     let mut q = Stmt::new(sql).rows::<(EventSql, BigInt)>();
-    items
-        .into_iter()
-        .flat_map(|i| i.binds)
-        .for_each(|b| q.push(b));
+    binds.into_iter().for_each(|b| q.push(b));
     let rows: Vec<(EventTuple, i64)> = q.load(conn)?;
     let mut events: Vec<QueriedEvent> = Vec::new();
     for (row, item) in rows {
@@ -184,19 +192,11 @@ struct Matching {
 pub(crate) fn count_matching(conn: &mut DbConnection, query: &Query) -> Result<(u64, i64)> {
     let d = conn.dialect();
     let types = type_lists(query);
-    let items = items_sql(d, query, &types);
-    let union = items
-        .iter()
-        .map(|i| i.sql.as_str())
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+    let (union, binds) = union_of(d, query, &types);
     let mut q = Stmt::new(format!(
         "SELECT COUNT(DISTINCT pos) AS n, COALESCE(MAX(pos), 0) AS last FROM ({union}) x"
     ));
-    items
-        .into_iter()
-        .flat_map(|i| i.binds)
-        .for_each(|b| q.push(b));
+    binds.into_iter().for_each(|b| q.push(b));
     let m = q.get_result::<Matching>(conn)?;
     Ok((u64::try_from(m.n).unwrap_or(0), m.last))
 }
