@@ -1,6 +1,6 @@
 //! [`EventStore`]: the one handle an application keeps.
 
-use crate::append::{known_actual, retry_after, StreamWrite, RACE_RETRIES};
+use crate::append::{retrying, StreamWrite};
 use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions};
 use crate::error::{check_stream_id, Error, Result};
 use crate::projection::append_events;
@@ -244,23 +244,14 @@ impl EventStore {
         // Stream ids are checked by `append_events`, before anything is written.
         let mut conn = self.connection()?;
         let single_statement = self.appends_in_one_statement(writes, self.projects(writes)?);
-        let mut attempt = 0;
-        loop {
-            let result = if single_statement {
-                append_events(&mut conn, writes, false)
+        let project = self.inline_projectors;
+        retrying(&mut conn, writes, |conn| {
+            if single_statement {
+                append_events(conn, writes, false)
             } else {
-                let project = self.inline_projectors;
-                write_transaction(&mut conn, |c| append_events(c, writes, project))
-            };
-            match result {
-                Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "append lost a race; retrying");
-                }
-                Err(e) => return Err(known_actual(&mut conn, e)?),
-                ok => return ok,
+                write_transaction(conn, |c| append_events(c, writes, project))
             }
-        }
+        })
     }
 
     /// Events of `stream` from `from_version` (1 = the start), at most `limit`.

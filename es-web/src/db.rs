@@ -38,43 +38,29 @@ fn numbered(sql: &str) -> String {
     out
 }
 
-fn bind_sqlite<'f>(
-    mut q: BoxedSqlQuery<'f, Sqlite, diesel::query_builder::SqlQuery>,
-    binds: &[Val],
-) -> BoxedSqlQuery<'f, Sqlite, diesel::query_builder::SqlQuery> {
-    for b in binds {
-        q = match b {
-            Val::Text(s) => q.bind::<Text, _>(s.clone()),
-            Val::BigInt(n) => q.bind::<BigInt, _>(*n),
-            Val::Time(t) => q.bind::<Timestamp, _>(t.naive_utc()),
-        };
-    }
-    q
-}
+/// A raw query on backend `DB`, with its binds.
+type Query<'f, DB> = BoxedSqlQuery<'f, DB, diesel::query_builder::SqlQuery>;
 
-fn bind_pg<'f>(
-    mut q: BoxedSqlQuery<'f, Pg, diesel::query_builder::SqlQuery>,
+/// Binds `binds` in order; `time` binds a timestamp as the backend
+/// stores `created_at` (without time zone on SQLite and MySQL, with one on
+/// PostgreSQL).
+fn bind<'f, DB>(
+    mut q: Query<'f, DB>,
     binds: &[Val],
-) -> BoxedSqlQuery<'f, Pg, diesel::query_builder::SqlQuery> {
+    time: fn(Query<'f, DB>, &DateTime<Utc>) -> Query<'f, DB>,
+) -> Query<'f, DB>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<Text>
+        + diesel::sql_types::HasSqlType<BigInt>,
+    String: diesel::serialize::ToSql<Text, DB>,
+    i64: diesel::serialize::ToSql<BigInt, DB>,
+{
     for b in binds {
         q = match b {
             Val::Text(s) => q.bind::<Text, _>(s.clone()),
             Val::BigInt(n) => q.bind::<BigInt, _>(*n),
-            Val::Time(t) => q.bind::<Timestamptz, _>(*t),
-        };
-    }
-    q
-}
-
-fn bind_mysql<'f>(
-    mut q: BoxedSqlQuery<'f, Mysql, diesel::query_builder::SqlQuery>,
-    binds: &[Val],
-) -> BoxedSqlQuery<'f, Mysql, diesel::query_builder::SqlQuery> {
-    for b in binds {
-        q = match b {
-            Val::Text(s) => q.bind::<Text, _>(s.clone()),
-            Val::BigInt(n) => q.bind::<BigInt, _>(*n),
-            Val::Time(t) => q.bind::<Timestamp, _>(t.naive_utc()),
+            Val::Time(t) => time(q, t),
         };
     }
     q
@@ -86,15 +72,24 @@ where
     R: QueryableByName<Sqlite> + QueryableByName<Pg> + QueryableByName<Mysql> + 'static,
 {
     match conn {
-        DbConnection::Sqlite(c) => {
-            bind_sqlite(diesel::sql_query(sql).into_boxed::<Sqlite>(), binds).load(c)
-        }
-        DbConnection::Postgres(c) => {
-            bind_pg(diesel::sql_query(numbered(sql)).into_boxed::<Pg>(), binds).load(c)
-        }
-        DbConnection::Mysql(c) => {
-            bind_mysql(diesel::sql_query(sql).into_boxed::<Mysql>(), binds).load(c)
-        }
+        DbConnection::Sqlite(c) => bind(
+            diesel::sql_query(sql).into_boxed::<Sqlite>(),
+            binds,
+            |q, t| q.bind::<Timestamp, _>(t.naive_utc()),
+        )
+        .load(c),
+        DbConnection::Postgres(c) => bind(
+            diesel::sql_query(numbered(sql)).into_boxed::<Pg>(),
+            binds,
+            |q, t| q.bind::<Timestamptz, _>(*t),
+        )
+        .load(c),
+        DbConnection::Mysql(c) => bind(
+            diesel::sql_query(sql).into_boxed::<Mysql>(),
+            binds,
+            |q, t| q.bind::<Timestamp, _>(t.naive_utc()),
+        )
+        .load(c),
     }
 }
 
@@ -104,14 +99,6 @@ pub(crate) fn execute(conn: &mut DbConnection, sql: &str) -> QueryResult<usize> 
         DbConnection::Sqlite(c) => diesel::sql_query(sql).execute(c),
         DbConnection::Postgres(c) => diesel::sql_query(sql).execute(c),
         DbConnection::Mysql(c) => diesel::sql_query(sql).execute(c),
-    }
-}
-
-pub(crate) fn backend(conn: &DbConnection) -> Backend {
-    match conn {
-        DbConnection::Sqlite(_) => Backend::Sqlite,
-        DbConnection::Postgres(_) => Backend::Postgres,
-        DbConnection::Mysql(_) => Backend::Mysql,
     }
 }
 
@@ -278,7 +265,7 @@ fn conditions(
     conn: &mut DbConnection,
     filter: &Filter,
 ) -> QueryResult<Option<(Vec<String>, Vec<Val>)>> {
-    let b = backend(conn);
+    let b = conn.backend();
     let mut conds = Vec::new();
     let mut binds = Vec::new();
     if let Some(prefix) = &filter.stream {
@@ -372,7 +359,7 @@ pub(crate) fn log_page(
     page: Page,
     size: usize,
 ) -> QueryResult<LogPage> {
-    let b = backend(conn);
+    let b = conn.backend();
     let Some((mut conds, mut binds)) = conditions(conn, filter)? else {
         return Ok(LogPage {
             events: Vec::new(),
@@ -452,7 +439,7 @@ pub(crate) fn log_page(
 pub(crate) fn event_at(conn: &mut DbConnection, position: i64) -> QueryResult<Option<Ev>> {
     let sql = format!(
         "SELECT {} FROM es_events WHERE global_position = ?",
-        columns(backend(conn))
+        columns(conn.backend())
     );
     Ok(load::<Ev>(conn, &sql, &[Val::BigInt(position)])?.pop())
 }
@@ -462,7 +449,7 @@ pub(crate) fn event_by_id(conn: &mut DbConnection, id: &str) -> QueryResult<Opti
     let Ok(id) = uuid::Uuid::parse_str(id) else {
         return Ok(None);
     };
-    let b = backend(conn);
+    let b = conn.backend();
     let cond = match b {
         Backend::Postgres => "event_id = CAST(? AS uuid)",
         _ => "event_id = ?",

@@ -100,7 +100,7 @@ type St = Arc<Shared>;
 /// the stream, correlation and time filters scan the log.
 pub fn migrate(store: &EventStore) -> es_diesel::Result<()> {
     let mut conn = store.connection()?;
-    for sql in db::index_statements(db::backend(&conn)) {
+    for sql in db::index_statements(conn.backend()) {
         db::execute(&mut conn, &sql)?;
     }
     Ok(())
@@ -548,6 +548,18 @@ fn known_read_model(name: &str) -> bool {
     es_diesel::registered_read_models().is_ok_and(|all| all.iter().any(|m| m.name == name))
 }
 
+/// Why a POST on read model `name` is refused: a bad or cross-site form,
+/// or a read model that is not registered.
+fn refuse_action(s: &St, headers: &HeaderMap, form: &ActionForm, name: &str) -> Option<Response> {
+    if let Some(why) = refuse_post(s, headers, &form.csrf) {
+        return Some((StatusCode::FORBIDDEN, why).into_response());
+    }
+    if !known_read_model(name) {
+        return Some((StatusCode::NOT_FOUND, "no such read model").into_response());
+    }
+    None
+}
+
 async fn rebuild(
     State(s): State<St>,
     OriginalUri(original): OriginalUri,
@@ -556,15 +568,11 @@ async fn rebuild(
     Path(name): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Some(why) = refuse_post(&s, &headers, &form.csrf) {
-        return (StatusCode::FORBIDDEN, why).into_response();
-    }
-    if !known_read_model(&name) {
-        return (StatusCode::NOT_FOUND, "no such read model").into_response();
+    if let Some(refused) = refuse_action(&s, &headers, &form, &name) {
+        return refused;
     }
     s.actions.start_rebuild(&s.store, name);
-    let base = base(&original, &uri);
-    Redirect::to(&format!("{base}/read-models")).into_response()
+    to_read_models(&original, &uri)
 }
 
 async fn retry(
@@ -575,14 +583,15 @@ async fn retry(
     Path(name): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Some(why) = refuse_post(&s, &headers, &form.csrf) {
-        return (StatusCode::FORBIDDEN, why).into_response();
-    }
-    if !known_read_model(&name) {
-        return (StatusCode::NOT_FOUND, "no such read model").into_response();
+    if let Some(refused) = refuse_action(&s, &headers, &form, &name) {
+        return refused;
     }
     s.actions.retry(&s.store, name).await;
-    let base = base(&original, &uri);
+    to_read_models(&original, &uri)
+}
+
+fn to_read_models(original: &Uri, uri: &Uri) -> Response {
+    let base = base(original, uri);
     Redirect::to(&format!("{base}/read-models")).into_response()
 }
 

@@ -26,7 +26,7 @@ const PAGE: usize = 200;
 /// Where following starts, and the events after it already committed.
 fn start(store: &EventStore) -> es_diesel::Result<(Checkpoint, HashSet<i64>)> {
     let mut conn = store.connection()?;
-    if db::backend(&conn) != Backend::Postgres {
+    if conn.backend() != Backend::Postgres {
         // Positions become visible in order.
         let head = db::head(&mut conn)?;
         return Ok((

@@ -253,7 +253,7 @@ pub(crate) trait Dialect: Send + Sync {
 
     /// Whether a runner can watch the log for appends on a connection of
     /// its own ([`Manager::listen`]) instead of waiting its idle poll.
-    fn notifies_appends(&self) -> bool {
+    fn watches_appends(&self) -> bool {
         false
     }
 

@@ -117,7 +117,7 @@ impl Dialect for Postgres {
         true
     }
 
-    fn notifies_appends(&self) -> bool {
+    fn watches_appends(&self) -> bool {
         true
     }
 

@@ -84,23 +84,13 @@ impl EventStore {
     ) -> Result<Vec<RecordedEvent>> {
         let mut conn = self.connection()?;
         let project = self.projects(writes)?;
-        let mut attempt = 0;
-        loop {
-            let result = write_transaction(&mut conn, |c| {
+        // A deadlock or serialization failure wrote nothing: the condition
+        // is checked again. A failed condition is returned.
+        crate::append::retrying(&mut conn, writes, |conn| {
+            write_transaction(conn, |c| {
                 append_events_if(c, writes, Some(condition), project)
-            });
-            match result {
-                // A deadlock or serialization failure: nothing was written,
-                // and the condition is checked again.
-                Err(e)
-                    if attempt < crate::append::RACE_RETRIES
-                        && (e.is_transient() || crate::append::retry_after(&e, writes)) =>
-                {
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+            })
+        })
     }
 
     /// Reads what `states` are built from, folds it, lets `decide` choose

@@ -74,6 +74,27 @@ pub(crate) fn retry_after(err: &Error, writes: &[StreamWrite]) -> bool {
     }
 }
 
+/// Runs an append (`run`, which rolls back what it wrote when it fails)
+/// until it succeeds, or fails in a way that running it again would not
+/// change (see [`retry_after`]); a conflict's actual version is filled in.
+pub(crate) fn retrying<T>(
+    conn: &mut DbConnection,
+    writes: &[StreamWrite],
+    mut run: impl FnMut(&mut DbConnection) -> Result<T>,
+) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        match run(conn) {
+            Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "append lost a race; retrying");
+            }
+            Err(e) => return Err(known_actual(conn, e)?),
+            ok => return ok,
+        }
+    }
+}
+
 /// Fills in the actual version of a conflict that happened in a statement
 /// (the transaction that failed must be rolled back first).
 pub(crate) fn known_actual(conn: &mut DbConnection, err: Error) -> Result<Error> {
@@ -215,10 +236,19 @@ fn insert_traced(
     // the check and this append's commit.
     // Per write and event: its tags, computed from the payload where an
     // event of a type that declares tags came without them.
-    let event_tags: Vec<Vec<Cow<'_, [String]>>> = writes
+    // Empty (nothing allocated) when no event has tags, the usual append.
+    let tagged = writes
         .iter()
-        .map(|w| w.events.iter().map(tags_of).collect::<Result<_>>())
-        .collect::<Result<_>>()?;
+        .flat_map(|w| &w.events)
+        .any(|e| !e.tags.is_empty() || declares_tags(e.event_type));
+    let event_tags: Vec<Vec<Cow<'_, [String]>>> = if tagged {
+        writes
+            .iter()
+            .map(|w| w.events.iter().map(tags_of).collect::<Result<_>>())
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut tags: Vec<&str> = event_tags
         .iter()
         .flatten()
@@ -318,6 +348,9 @@ fn insert_tags(
     order: &[usize],
     out: &[RecordedEvent],
 ) -> Result<()> {
+    if event_tags.is_empty() {
+        return Ok(());
+    }
     let rows: Vec<(&str, i64, &str)> = order
         .iter()
         .flat_map(|&i| writes[i].events.iter().zip(&event_tags[i]))

@@ -2,7 +2,7 @@
 //! transaction), or to one read model at a time for a runner.
 
 use super::{registry, Failure, HandlerKind, RowProjection, SqlProjection};
-use crate::append::{insert_writes, known_actual, retry_after, StreamWrite, RACE_RETRIES};
+use crate::append::{insert_writes, retrying, StreamWrite};
 use crate::backend::{write_transaction, DbConnection};
 use crate::error::Result;
 use crate::query::AppendCondition;
@@ -27,17 +27,9 @@ pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<
     if conn.dialect().serial_writers() {
         return append_events(conn, writes, true);
     }
-    let mut attempt = 0;
-    loop {
-        match write_transaction(conn, |c| append_events(c, writes, true)) {
-            Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
-                attempt += 1;
-                tracing::debug!(attempt, error = %e, "append lost a race; retrying");
-            }
-            Err(e) => return Err(known_actual(conn, e)?),
-            ok => return ok,
-        }
-    }
+    retrying(conn, writes, |conn| {
+        write_transaction(conn, |c| append_events(c, writes, true))
+    })
 }
 
 /// [`append_in`], running the inline projectors only if `project`.

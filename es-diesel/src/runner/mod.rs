@@ -390,7 +390,7 @@ impl Runner {
     /// On PostgreSQL, notes where the log stands before a step reads it,
     /// so that [`Runner::wait`] can tell when there is more to read.
     fn mark_log(&mut self) {
-        if !self.store.backend().dialect().notifies_appends() {
+        if !self.store.backend().dialect().watches_appends() {
             return;
         }
         if self.listener.is_none() {
