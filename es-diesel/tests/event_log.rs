@@ -546,6 +546,11 @@ fn inserts_that_would_overwrite_an_event_are_refused() {
                     ("NULL".to_owned(), fresh(), "book-1", 1),
                     // Same position.
                     (pos.to_string(), fresh(), "other", 1),
+                    // A version that skips one: appends check their
+                    // expected version with this rule alone.
+                    ("NULL".to_owned(), fresh(), "book-1", 3),
+                    // A new stream that does not start at 1.
+                    ("NULL".to_owned(), fresh(), "other", 2),
                 ];
                 let mut out = Vec::new();
                 for (position, event_id, stream, version) in rows {

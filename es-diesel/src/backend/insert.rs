@@ -23,11 +23,13 @@ pub(super) fn map_insert_error(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Error {
-    // On SQLite the insert triggers of migration 7 refuse duplicates before
-    // the unique constraints see them.
+    // On SQLite the insert trigger of migration 11 refuses duplicates before
+    // the unique constraints see them, and a version that does not follow
+    // the stream's last one (an expectation above the stream's version).
     let duplicate = |kind: &DatabaseErrorKind, message: &str| {
         matches!(kind, DatabaseErrorKind::UniqueViolation)
-            || message.starts_with("es_events is append-only") && message.contains("already exist")
+            || message.starts_with("es_events is append-only")
+                && (message.contains("already exist") || message.contains("must follow"))
     };
     if let DieselError::DatabaseError(kind, info) = &err {
         if !duplicate(kind, info.message()) {

@@ -110,6 +110,12 @@ pub(crate) trait Dialect: Send + Sync {
     /// The columns of `es_events` as [`rows::EventSql`] reads them.
     fn event_columns(&self) -> &'static str;
 
+    /// What a fold reads of an event, as `read::FoldRow`: position,
+    /// stream version, type, type version and payload text.
+    fn fold_columns(&self) -> &'static str {
+        "global_position, stream_version, event_type, event_version, payload"
+    }
+
     /// `LIMIT` with the row count as a bound value.
     fn limit(&self) -> &'static str {
         "LIMIT ?"

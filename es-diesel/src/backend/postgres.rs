@@ -27,6 +27,10 @@ impl Dialect for Postgres {
          (created_at AT TIME ZONE 'UTC') AS created_at"
     }
 
+    fn fold_columns(&self) -> &'static str {
+        "global_position, stream_version, event_type, event_version, payload::text AS payload"
+    }
+
     /// Stream ids may be kilobytes long, beyond what a btree entry holds, so
     /// the unique index is on the md5 of the id.
     fn stream_is(&self) -> &'static str {

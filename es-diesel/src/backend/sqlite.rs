@@ -117,6 +117,10 @@ impl Dialect for Sqlite {
         true
     }
 
+    fn one_statement_append(&self) -> bool {
+        true
+    }
+
     fn insert_events(
         &self,
         conn: &mut DbConnection,
@@ -139,23 +143,35 @@ impl Dialect for Sqlite {
     }
 }
 
-/// SQLite holds the write lock for the whole transaction (BEGIN IMMEDIATE),
-/// so reading the version and then inserting cannot race.
+/// An expected version gives the versions to write, and the insert trigger
+/// of migration 11 refuses a version that is not the stream's last one + 1:
+/// the insert alone checks the expectation, atomically (a statement holds
+/// SQLite's write lock from its first write to its end), so such an append
+/// needs no transaction around it. `Any` and `StreamExists` read the
+/// version first; a writer that appends in between makes the insert fail
+/// the same way, and the append is run again.
 fn insert(
     conn: &mut DbConnection,
     stream: &str,
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let current = Stmt::new(
-        "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
-    )
-    .bind(Bind::Text(stream))
-    .get_result::<Number>(conn)?
-    .n;
-    if !expected.is_satisfied_by(current) {
-        return Ok(Vec::new());
-    }
+    let current = match expected {
+        ExpectedVersion::Exact(v) => v,
+        ExpectedVersion::NoStream => 0,
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+            let current = Stmt::new(
+                "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
+            )
+            .bind(Bind::Text(stream))
+            .get_result::<Number>(conn)?
+            .n;
+            if !expected.is_satisfied_by(current) {
+                return Ok(Vec::new());
+            }
+            current
+        }
+    };
     let mut sql = String::with_capacity(200 + chunk.len() * 32);
     sql.push_str(
         "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) VALUES ",
@@ -190,6 +206,16 @@ fn insert(
                 Err(Error::DuplicateEventId {
                     event_id: existing_id(conn, chunk)?.unwrap_or_default(),
                 })
+            }
+            // Only a writer between the version read and the insert: the
+            // append may run again.
+            conflict @ Error::Conflict { .. }
+                if matches!(
+                    expected,
+                    ExpectedVersion::Any | ExpectedVersion::StreamExists
+                ) =>
+            {
+                Err(conflict)
             }
             // The transaction is still usable: say what the stream is at.
             Error::Conflict {

@@ -127,16 +127,16 @@ pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Re
         }
     }
     loop {
-        let page = read::read_stream(conn, stream, version + 1, PAGE)?;
+        // Only the event is needed: the envelope is not read.
+        let page = read::read_stream_for_fold(conn, stream, version + 1, PAGE)?;
         let full = page.len() == PAGE;
         for ev in page {
-            // Only the event is needed: no envelope copy.
             let event = <A::Event as es_core::Event>::decode(
                 &ev.event_type,
                 ev.event_version,
-                ev.payload(),
+                &ev.payload,
             )
-            .map_err(|e| Error::decode(&ev, e))?;
+            .map_err(|e| ev.decode_error(stream, e))?;
             state.apply(&event);
             version = ev.stream_version;
         }
@@ -342,34 +342,18 @@ impl EventStore {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let result = if conn.dialect().serial_writers() {
-                // The write lock first (BEGIN IMMEDIATE on SQLite): writers
-                // queue instead of losing races, at no network cost.
-                write_transaction(&mut conn, |c| {
-                    decide_and_append::<A>(
-                        self,
-                        c,
-                        &stream,
-                        command.clone(),
-                        options,
-                        attempts,
-                        true,
-                    )
-                })
-            } else {
-                // The expected version guards the append: the load needs no
-                // transaction, and the append needs one only when projectors
-                // write with it.
-                decide_and_append::<A>(
-                    self,
-                    &mut conn,
-                    &stream,
-                    command.clone(),
-                    options,
-                    attempts,
-                    false,
-                )
-            };
+            // The expected version guards the append: the load needs no
+            // transaction, and the append needs one only when projectors
+            // write with it (on SQLite a statement holds the write lock
+            // only while it writes, so concurrent commands load at once).
+            let result = decide_and_append::<A>(
+                self,
+                &mut conn,
+                &stream,
+                command.clone(),
+                options,
+                attempts,
+            );
             match result {
                 Ok(executed) => return Ok(executed),
                 Err(ExecuteError::Store(e))
@@ -433,8 +417,8 @@ impl EventStore {
     }
 }
 
-/// Loads, decides and appends. `in_transaction`: the caller holds a write
-/// transaction; otherwise the append opens one only if it must.
+/// Loads, decides and appends; the append opens a transaction only if it
+/// must.
 fn decide_and_append<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
@@ -442,7 +426,6 @@ fn decide_and_append<A: Aggregate>(
     command: A::Command,
     options: &ExecuteOptions,
     attempts: u32,
-    in_transaction: bool,
 ) -> Result<Executed<A>, ExecuteError<A::Error>> {
     let loaded = load_in::<A>(conn, stream)?;
     let events = loaded.state.handle(command).map_err(ExecuteError::Domain)?;
@@ -466,7 +449,7 @@ fn decide_and_append<A: Aggregate>(
     }
     let writes = std::slice::from_ref(&write);
     let project = store.projects(writes)?;
-    let recorded = if in_transaction || store.appends_in_one_statement(writes, project) {
+    let recorded = if store.appends_in_one_statement(writes, project) {
         append_events(conn, writes, project)?
     } else {
         write_transaction(conn, |c| append_events(c, writes, project))?

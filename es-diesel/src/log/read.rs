@@ -76,6 +76,80 @@ pub(crate) fn read_stream(
     rows_into_events(rows)
 }
 
+/// What folding an event needs of its row: no event id, metadata or
+/// timestamp to read and parse (an aggregate's load reads only this).
+pub(crate) struct FoldRow {
+    pub global_position: i64,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub event_version: u16,
+    pub payload: String,
+}
+
+impl FoldRow {
+    /// The decode error of this row, with where it is in the log.
+    pub(crate) fn decode_error(&self, stream: &str, source: es_core::DecodeError) -> Error {
+        Error::Decode {
+            position: self.global_position,
+            stream: stream.to_owned(),
+            event_type: self.event_type.clone(),
+            event_version: self.event_version,
+            source,
+        }
+    }
+}
+
+/// Like [`read_stream`], reading only what a fold needs.
+pub(crate) fn read_stream_for_fold(
+    conn: &mut DbConnection,
+    stream: &str,
+    from_version: i64,
+    limit: usize,
+) -> Result<Vec<FoldRow>> {
+    type FoldSql = (
+        diesel::sql_types::BigInt,
+        diesel::sql_types::BigInt,
+        diesel::sql_types::Text,
+        diesel::sql_types::SmallInt,
+        diesel::sql_types::Text,
+    );
+    let d = conn.dialect();
+    let sql = per_backend!(d => {
+        format!(
+            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version {}",
+            d.fold_columns(),
+            d.stream_is(),
+            d.limit()
+        )
+    });
+    let mut q = Stmt::with_capacity(sql, 4).rows::<FoldSql>();
+    d.push_stream(&mut q, stream);
+    let rows = q
+        .bind(Bind::BigInt(from_version))
+        .bind(Bind::BigInt(clamp(limit)))
+        .load::<(i64, i64, String, i16, String)>(conn)?;
+    rows.into_iter()
+        .map(
+            |(global_position, stream_version, event_type, event_version, payload)| {
+                let event_version = u16::try_from(event_version)
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| Error::Malformed {
+                        position: global_position,
+                        reason: format!("event_version {event_version} is not a positive version"),
+                    })?;
+                Ok(FoldRow {
+                    global_position,
+                    stream_version,
+                    event_type,
+                    event_version,
+                    payload,
+                })
+            },
+        )
+        .collect()
+}
+
 /// Events with `global_position > after`, in global order, at most `limit`.
 pub(crate) fn read_all(
     conn: &mut DbConnection,

@@ -59,6 +59,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 10,
         name: "appends commit without NOTIFY",
     },
+    Migration {
+        version: 11,
+        name: "stream versions follow each other",
+    },
 ];
 
 #[derive(QueryableByName)]

@@ -207,4 +207,5 @@ DROP TRIGGER IF EXISTS es_events_notify ON es_events;
 DROP FUNCTION IF EXISTS es_events_notify();
 "#,
     ),
+    (11, ""),
 ];

@@ -112,4 +112,26 @@ CREATE TABLE es_tag_declarations (
 "#,
     ),
     (10, ""),
+    (
+        11,
+        r#"
+DROP TRIGGER IF EXISTS es_events_no_overwrite;
+DROP TRIGGER IF EXISTS es_events_no_overwrite_version;
+DROP TRIGGER IF EXISTS es_events_no_overwrite_position;
+CREATE TRIGGER es_events_append_only BEFORE INSERT ON es_events
+BEGIN
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM es_events WHERE event_id = NEW.event_id)
+            THEN RAISE(ABORT, 'es_events is append-only: an event with this event_id already exists')
+        WHEN NEW.stream_version <= head.last
+            THEN RAISE(ABORT, 'es_events is append-only: this stream_id and stream_version already exist')
+        WHEN NEW.stream_version <> head.last + 1
+            THEN RAISE(ABORT, 'es_events is append-only: a stream_version must follow the last version of its stream')
+        WHEN EXISTS (SELECT 1 FROM es_events WHERE global_position = NEW.global_position)
+            THEN RAISE(ABORT, 'es_events is append-only: this global_position already exists')
+    END
+    FROM (SELECT COALESCE(MAX(stream_version), 0) AS last FROM es_events WHERE stream_id = NEW.stream_id) AS head;
+END;
+"#,
+    ),
 ];
