@@ -112,6 +112,12 @@ CREATE TABLE es_tag_declarations (
 "#,
     ),
     (10, ""),
+    // Migration 7's three checks in one trigger (one sub-program per insert
+    // instead of three), plus the rule that makes an append with an
+    // expected version a single INSERT: a stream's versions follow each
+    // other, so writing version v + 1 succeeds only on a stream at v. The
+    // stream's last version is one probe of the (stream_id,
+    // stream_version) index, which also answers "already exists".
     (
         11,
         r#"
