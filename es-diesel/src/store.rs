@@ -129,13 +129,15 @@ impl EventStore {
     /// Whether `writes` can be appended without BEGIN and COMMIT around
     /// them: one statement that writes only events (no inline projector,
     /// `project` false) is atomic by itself. Where an append takes several
-    /// statements (SQLite's version read, an `Any` stream's lock), it needs
-    /// the transaction.
+    /// statements (SQLite's version read for `Any` and `StreamExists`, an
+    /// `Any` stream's lock), it needs the transaction.
     pub(crate) fn appends_in_one_statement(&self, writes: &[StreamWrite], project: bool) -> bool {
-        self.backend.dialect().one_statement_append()
+        let dialect = self.backend.dialect();
+        dialect.one_statement_append()
             && !project
             && writes.len() == 1
             && writes[0].expected != ExpectedVersion::Any
+            && !(dialect.serial_writers() && writes[0].expected == ExpectedVersion::StreamExists)
             && writes[0].events.len() <= crate::append::CHUNK
             // Tags are a second statement.
             && writes[0]

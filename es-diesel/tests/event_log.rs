@@ -1,5 +1,6 @@
 //! The event log through the public API, on every configured backend.
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use es_diesel::testing::TestDatabase;
 use es_diesel::{Error, Event, EventStore, ExpectedVersion, Metadata, NewEvent, StreamWrite};
@@ -891,4 +892,51 @@ fn multi_stream_any_appends_in_opposite_orders_do_not_deadlock() {
             assert_eq!(store.stream_version(s).unwrap(), 120, "{}", db.backend());
         }
     }
+}
+
+/// On SQLite an append with an expected version is one INSERT that relies
+/// on migration 11's rule (a stream's versions follow each other). A
+/// process that opens a log migrated by an older version, and appends
+/// before migrating, must still not write a version above its stream's.
+#[test]
+fn an_unmigrated_sqlite_log_still_refuses_versions_that_skip() {
+    let db = TestDatabase::sqlite();
+    db.store().migrate().unwrap();
+    // Back to schema 10: migration 7's triggers instead of migration 11's.
+    let mut plain = diesel::SqliteConnection::establish(db.url()).unwrap();
+    plain
+        .batch_execute(
+            "DROP TRIGGER es_events_append_only;
+             DELETE FROM es_schema_migrations WHERE version = 11;
+             CREATE TRIGGER es_events_no_overwrite_version BEFORE INSERT ON es_events
+             WHEN EXISTS (SELECT 1 FROM es_events WHERE stream_id = NEW.stream_id AND stream_version = NEW.stream_version)
+             BEGIN SELECT RAISE(ABORT, 'es_events is append-only: this stream_id and stream_version already exist'); END;",
+        )
+        .unwrap();
+    let store = EventStore::open(db.url()).unwrap();
+    assert!(matches!(
+        store.check_migrated(),
+        Err(Error::NotMigrated { .. })
+    ));
+    store
+        .append("one", ExpectedVersion::NoStream, [registered(1)])
+        .unwrap();
+    for (stream, expected, actual) in [
+        ("empty", ExpectedVersion::Exact(5), 0),
+        ("one", ExpectedVersion::Exact(3), 1),
+    ] {
+        match store.append(stream, expected, [registered(2)]) {
+            Err(Error::Conflict { actual: a, .. }) if a == actual => {}
+            other => panic!("{stream} {expected}: {other:?}"),
+        }
+    }
+    assert_eq!(store.stream_version("empty").unwrap(), 0);
+    assert_eq!(store.stream_version("one").unwrap(), 1);
+    store.migrate().unwrap();
+    store.check_migrated().unwrap();
+    let err = store
+        .append("one", ExpectedVersion::Exact(4), [registered(3)])
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { actual: 1, .. }), "{err:?}");
+    assert_eq!(store.read_all(0, 10).unwrap().len(), 1);
 }

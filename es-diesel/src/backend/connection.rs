@@ -238,6 +238,10 @@ impl Manager {
                 );
                 retry_while_busy(self.options.busy_timeout, || conn.batch_execute(&setup))
                     .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                retry_while_busy(self.options.busy_timeout, || {
+                    super::sqlite::guard_unmigrated_versions(&mut conn)
+                })
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(conn))
             }
         }
@@ -457,6 +461,14 @@ pub(crate) fn note_if_connection_lost(e: &diesel::result::Error) {
     }
 }
 
+/// Whether `conn` is inside a transaction.
+pub(crate) fn in_transaction(conn: &mut DbConnection) -> diesel::QueryResult<bool> {
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    Ok(Tm::transaction_manager_status_mut(conn)
+        .transaction_depth()?
+        .is_some())
+}
+
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so that
 /// concurrent writers queue for the lock (honouring the busy timeout)
 /// instead of failing with "database is locked" at their first write. Inside
@@ -469,9 +481,7 @@ where
     E: From<diesel::result::Error>,
 {
     type Tm = <DbConnection as Connection>::TransactionManager;
-    let nested = Tm::transaction_manager_status_mut(conn)
-        .transaction_depth()?
-        .is_some();
+    let nested = in_transaction(conn)?;
     match conn {
         DbConnection::Sqlite(c) if !nested => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?

@@ -17,8 +17,8 @@ mod sqlite;
 mod stmt;
 
 pub(crate) use connection::{
-    note_if_connection_lost, parse_url, private_write_transaction, read_only_snapshot, Listener,
-    LogMark,
+    in_transaction, note_if_connection_lost, parse_url, private_write_transaction,
+    read_only_snapshot, Listener, LogMark,
 };
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::{cached_shape, CHUNK};
@@ -214,9 +214,10 @@ pub(crate) trait Dialect: Send + Sync {
         false
     }
 
-    /// One writer at a time: appends never race each other (no retries, no
-    /// row a concurrent projector may insert first), and positions become
-    /// visible in order, so a follower's checkpoint is just a position.
+    /// One writer at a time: appends inside a write transaction never race
+    /// each other (no row a concurrent projector may insert first), and
+    /// positions become visible in order, so a follower's checkpoint is
+    /// just a position.
     fn serial_writers(&self) -> bool {
         false
     }

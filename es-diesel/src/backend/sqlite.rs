@@ -189,6 +189,10 @@ fn insert(
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
+    // No stream reaches an expected version this close to the limit.
+    if current.checked_add(chunk.len() as i64).is_none() {
+        return Ok(Vec::new());
+    }
     for (k, ev) in chunk.iter().enumerate() {
         q.push(Bind::Owned(ev.event_id.hyphenated().to_string()));
         q.push(Bind::Text(stream));
@@ -236,6 +240,31 @@ fn insert(
             other => Err(other),
         },
     }
+}
+
+/// The rule of migration 11 (a stream's versions follow each other), which
+/// appends with an expected version rely on, for a connection to a log
+/// that has not applied it yet: a TEMP trigger of the connection's own, so
+/// that a process opening an older database before (or without) migrating
+/// cannot write a version above its stream's. Connections to a migrated
+/// log (or to no log yet) get nothing.
+pub(super) fn guard_unmigrated_versions(conn: &mut diesel::SqliteConnection) -> QueryResult<()> {
+    use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
+    let unguarded = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'es_events' \
+         AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'es_events_append_only')",
+    )
+    .get_result::<Number>(conn)?
+    .n;
+    if unguarded > 0 {
+        conn.batch_execute(
+            "CREATE TEMP TRIGGER IF NOT EXISTS es_events_versions_follow BEFORE INSERT ON main.es_events \
+             WHEN NEW.stream_version <> 1 + (SELECT COALESCE(MAX(stream_version), 0) FROM main.es_events WHERE stream_id = NEW.stream_id) \
+             BEGIN SELECT RAISE(ABORT, 'es_events is append-only: a stream_version must follow the last version of its stream'); END;",
+        )?;
+    }
+    Ok(())
 }
 
 /// SQLite does not say which key was duplicated; its transaction is still

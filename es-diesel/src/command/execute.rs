@@ -131,12 +131,9 @@ pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Re
         let page = read::read_stream_for_fold(conn, stream, version + 1, PAGE)?;
         let full = page.len() == PAGE;
         for ev in page {
-            let event = <A::Event as es_core::Event>::decode(
-                &ev.event_type,
-                ev.event_version,
-                &ev.payload,
-            )
-            .map_err(|e| ev.decode_error(stream, e))?;
+            let event =
+                <A::Event as es_core::Event>::decode(&ev.event_type, ev.event_version, &ev.payload)
+                    .map_err(|e| ev.decode_error(stream, e))?;
             state.apply(&event);
             version = ev.stream_version;
         }
@@ -151,8 +148,9 @@ pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Re
     }
 }
 
-/// Saves a snapshot in a savepoint: it is a cache, so failing to write it
-/// must not undo the command.
+/// Saves a snapshot in a transaction of its own (a savepoint when the
+/// command runs in one): it is a cache, so failing to write it must not
+/// undo the command.
 fn save_snapshot_in<A: Aggregate>(conn: &mut DbConnection, stream: &str, state: &A, version: i64) {
     let Some(policy) = A::SNAPSHOTS else { return };
     let json = match policy.encode(state) {
@@ -184,15 +182,14 @@ impl EventStore {
     /// this id and appends the events it decides, with the default
     /// [`ExecuteOptions`].
     ///
-    /// In one write transaction: loads the stream (from a snapshot when
-    /// there is one), calls [`Aggregate::handle`], appends the events
-    /// expecting the version it loaded (inline projectors run in that
-    /// transaction), and saves a snapshot when one is due. When another
-    /// writer appended to the stream in between, the transaction is rolled
-    /// back and the command is loaded and decided again, up to
-    /// [`ExecuteOptions::max_retries`] times. On SQLite the write lock is
-    /// taken before loading, so writers queue and never conflict; on
-    /// PostgreSQL they conflict and retry.
+    /// Loads the stream (from a snapshot when there is one), calls
+    /// [`Aggregate::handle`], appends the events expecting the version it
+    /// loaded (inline projectors run in the append's transaction), and
+    /// saves a snapshot when one is due. When another writer appended to
+    /// the stream in between, nothing is written and the command is loaded
+    /// and decided again, up to [`ExecuteOptions::max_retries`] times. On
+    /// SQLite such a retry takes the write lock before loading, so it
+    /// cannot lose again.
     ///
     /// A refused command returns [`ExecuteError::Domain`] with the
     /// aggregate's own error, and writes nothing.
@@ -346,14 +343,16 @@ impl EventStore {
             // transaction, and the append needs one only when projectors
             // write with it (on SQLite a statement holds the write lock
             // only while it writes, so concurrent commands load at once).
-            let result = decide_and_append::<A>(
-                self,
-                &mut conn,
-                &stream,
-                command.clone(),
-                options,
-                attempts,
-            );
+            // After a lost race SQLite takes the write lock first, so that
+            // the retry cannot lose again: a writer that slept in SQLite's
+            // busy handler would otherwise keep waking to a moved stream.
+            let result = if attempts > 1 && conn.dialect().serial_writers() {
+                write_transaction(&mut conn, |c| {
+                    decide_and_append::<A>(self, c, &stream, command.clone(), options, attempts)
+                })
+            } else {
+                decide_and_append::<A>(self, &mut conn, &stream, command.clone(), options, attempts)
+            };
             match result {
                 Ok(executed) => return Ok(executed),
                 Err(ExecuteError::Store(e))

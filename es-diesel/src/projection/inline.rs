@@ -3,7 +3,7 @@
 
 use super::{registry, Failure, HandlerKind, RowProjection, SqlProjection};
 use crate::append::{insert_writes, retrying, StreamWrite};
-use crate::backend::{write_transaction, DbConnection};
+use crate::backend::{in_transaction, write_transaction, DbConnection};
 use crate::error::Result;
 use crate::query::AppendCondition;
 use crate::read_model::ReadModel;
@@ -24,7 +24,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// [`ExpectedVersion::StreamExists`](crate::ExpectedVersion::StreamExists) is retried, and after an error the
 /// caller's transaction is still usable (roll it back or go on).
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
-    if conn.dialect().serial_writers() {
+    // Inside a transaction on SQLite no other writer can come in between.
+    if conn.dialect().serial_writers() && in_transaction(conn)? {
         return append_events(conn, writes, true);
     }
     retrying(conn, writes, |conn| {

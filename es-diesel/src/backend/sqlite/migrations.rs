@@ -117,7 +117,9 @@ CREATE TABLE es_tag_declarations (
     // expected version a single INSERT: a stream's versions follow each
     // other, so writing version v + 1 succeeds only on a stream at v. The
     // stream's last version is one probe of the (stream_id,
-    // stream_version) index, which also answers "already exists".
+    // stream_version) index, which also answers "already exists". The
+    // version is checked before the event id, so that resending an append
+    // that committed is a conflict, as on the other backends.
     (
         11,
         r#"
@@ -127,12 +129,12 @@ DROP TRIGGER IF EXISTS es_events_no_overwrite_position;
 CREATE TRIGGER es_events_append_only BEFORE INSERT ON es_events
 BEGIN
     SELECT CASE
-        WHEN EXISTS (SELECT 1 FROM es_events WHERE event_id = NEW.event_id)
-            THEN RAISE(ABORT, 'es_events is append-only: an event with this event_id already exists')
         WHEN NEW.stream_version <= head.last
             THEN RAISE(ABORT, 'es_events is append-only: this stream_id and stream_version already exist')
         WHEN NEW.stream_version <> head.last + 1
             THEN RAISE(ABORT, 'es_events is append-only: a stream_version must follow the last version of its stream')
+        WHEN EXISTS (SELECT 1 FROM es_events WHERE event_id = NEW.event_id)
+            THEN RAISE(ABORT, 'es_events is append-only: an event with this event_id already exists')
         WHEN EXISTS (SELECT 1 FROM es_events WHERE global_position = NEW.global_position)
             THEN RAISE(ABORT, 'es_events is append-only: this global_position already exists')
     END
