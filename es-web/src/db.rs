@@ -193,37 +193,28 @@ const PREFIX_INDEXED: usize = 200;
 /// The indexes the browser's filters use, per backend. Created by
 /// [`crate::migrate`]; every page works without them, only slower.
 pub(crate) fn index_statements(b: Backend) -> Vec<String> {
-    match b {
-        Backend::Sqlite => vec![
-            format!(
-                "CREATE INDEX IF NOT EXISTS es_web_events_correlation ON es_events ({}, global_position)",
-                meta_expr(b, "correlation_id")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS es_web_events_causation ON es_events ({}, global_position)",
-                meta_expr(b, "causation_id")
-            ),
-            "CREATE INDEX IF NOT EXISTS es_web_events_time ON es_events (created_at)".to_owned(),
-        ],
-        Backend::Postgres => vec![
-            // Stream ids may be longer than a btree entry: their first
-            // characters are indexed, the rest compared on the rows.
-            format!(
-                "CREATE INDEX IF NOT EXISTS es_web_events_stream ON es_events ((left(stream_id, {PREFIX_INDEXED})) COLLATE \"C\", global_position)"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS es_web_events_correlation ON es_events ({}, global_position)",
-                meta_expr(b, "correlation_id")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS es_web_events_causation ON es_events ({}, global_position)",
-                meta_expr(b, "causation_id")
-            ),
-            "CREATE INDEX IF NOT EXISTS es_web_events_time ON es_events (created_at)".to_owned(),
-        ],
+    let mut statements = match b {
+        // Stream ids may be longer than a btree entry: their first
+        // characters are indexed, the rest compared on the rows.
+        Backend::Postgres => vec![format!(
+            "CREATE INDEX IF NOT EXISTS es_web_events_stream ON es_events ((left(stream_id, {PREFIX_INDEXED})) COLLATE \"C\", global_position)"
+        )],
+        Backend::Sqlite => Vec::new(),
         // MySQL has no CREATE INDEX IF NOT EXISTS (MariaDB has).
-        Backend::Mysql => Vec::new(),
+        Backend::Mysql => return Vec::new(),
+    };
+    for (name, key) in [
+        ("correlation", "correlation_id"),
+        ("causation", "causation_id"),
+    ] {
+        statements.push(format!(
+            "CREATE INDEX IF NOT EXISTS es_web_events_{name} ON es_events ({}, global_position)",
+            meta_expr(b, key)
+        ));
     }
+    statements
+        .push("CREATE INDEX IF NOT EXISTS es_web_events_time ON es_events (created_at)".to_owned());
+    statements
 }
 
 /// What the log page filters by.

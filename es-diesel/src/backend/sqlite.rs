@@ -160,12 +160,7 @@ fn insert(
         ExpectedVersion::Exact(v) => v,
         ExpectedVersion::NoStream => 0,
         ExpectedVersion::Any | ExpectedVersion::StreamExists => {
-            let current = Stmt::new(
-                "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
-            )
-            .bind(Bind::Text(stream))
-            .get_result::<Number>(conn)?
-            .n;
+            let current = crate::read::stream_version(conn, stream)?;
             if !expected.is_satisfied_by(current) {
                 return Ok(Vec::new());
             }
@@ -225,12 +220,7 @@ fn insert(
             Error::Conflict {
                 stream, expected, ..
             } => {
-                let actual = Stmt::new(
-                    "SELECT COALESCE(MAX(stream_version), 0) AS n FROM es_events WHERE stream_id = ?",
-                )
-                .bind(Bind::Text(&stream))
-                .get_result::<Number>(conn)?
-                .n;
+                let actual = crate::read::stream_version(conn, &stream)?;
                 Err(Error::Conflict {
                     stream,
                     expected,

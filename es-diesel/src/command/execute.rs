@@ -346,12 +346,13 @@ impl EventStore {
             // After a lost race SQLite takes the write lock first, so that
             // the retry cannot lose again: a writer that slept in SQLite's
             // busy handler would otherwise keep waking to a moved stream.
+            let run = |c: &mut DbConnection| {
+                decide_and_append::<A>(self, c, &stream, command.clone(), options, attempts)
+            };
             let result = if attempts > 1 && conn.dialect().serial_writers() {
-                write_transaction(&mut conn, |c| {
-                    decide_and_append::<A>(self, c, &stream, command.clone(), options, attempts)
-                })
+                write_transaction(&mut conn, run)
             } else {
-                decide_and_append::<A>(self, &mut conn, &stream, command.clone(), options, attempts)
+                run(&mut conn)
             };
             match result {
                 Ok(executed) => return Ok(executed),

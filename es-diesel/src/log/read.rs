@@ -22,14 +22,7 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
     let malformed = |reason: String| Error::Malformed { position, reason };
     let event_id = event_id.0.map_err(malformed)?;
     let metadata = metadata.0.map_err(malformed)?;
-    let event_version = u16::try_from(event_version)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| {
-            malformed(format!(
-                "event_version {event_version} is not a positive version"
-            ))
-        })?;
+    let event_version = stored_event_version(position, event_version)?;
     Ok(RecordedEvent {
         global_position: position,
         event_id,
@@ -43,12 +36,33 @@ pub(crate) fn recorded(row: EventTuple) -> Result<RecordedEvent> {
     })
 }
 
+/// A stored `event_version` as the type version it must be (1 or more).
+fn stored_event_version(position: i64, stored: i16) -> Result<u16> {
+    u16::try_from(stored)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| Error::Malformed {
+            position,
+            reason: format!("event_version {stored} is not a positive version"),
+        })
+}
+
 fn rows_into_events(rows: Vec<EventTuple>) -> Result<Vec<RecordedEvent>> {
     rows.into_iter().map(recorded).collect()
 }
 
 fn clamp(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// `columns` of a page of one stream's events from a version on: binds the
+/// stream id, the first version and the page size.
+fn stream_page(d: &dyn crate::backend::Dialect, columns: &str) -> String {
+    format!(
+        "SELECT {columns} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version {}",
+        d.stream_is(),
+        d.limit()
+    )
 }
 
 /// Events of `stream` with `stream_version >= from_version`, at most `limit`.
@@ -59,14 +73,7 @@ pub(crate) fn read_stream(
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
     let d = conn.dialect();
-    let sql = per_backend!(d => {
-        format!(
-            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version {}",
-            d.event_columns(),
-            d.stream_is(),
-            d.limit()
-        )
-    });
+    let sql = per_backend!(d => stream_page(d, d.event_columns()));
     let mut q = Stmt::with_capacity(sql, 4).rows::<EventSql>();
     d.push_stream(&mut q, stream);
     let rows = q
@@ -114,14 +121,7 @@ pub(crate) fn read_stream_for_fold(
         diesel::sql_types::Text,
     );
     let d = conn.dialect();
-    let sql = per_backend!(d => {
-        format!(
-            "SELECT {} FROM es_events WHERE {} AND stream_version >= ? ORDER BY stream_version {}",
-            d.fold_columns(),
-            d.stream_is(),
-            d.limit()
-        )
-    });
+    let sql = per_backend!(d => stream_page(d, d.fold_columns()));
     let mut q = Stmt::with_capacity(sql, 4).rows::<FoldSql>();
     d.push_stream(&mut q, stream);
     let rows = q
@@ -131,18 +131,11 @@ pub(crate) fn read_stream_for_fold(
     rows.into_iter()
         .map(
             |(global_position, stream_version, event_type, event_version, payload)| {
-                let event_version = u16::try_from(event_version)
-                    .ok()
-                    .filter(|v| *v > 0)
-                    .ok_or_else(|| Error::Malformed {
-                        position: global_position,
-                        reason: format!("event_version {event_version} is not a positive version"),
-                    })?;
                 Ok(FoldRow {
                     global_position,
                     stream_version,
                     event_type,
-                    event_version,
+                    event_version: stored_event_version(global_position, event_version)?,
                     payload,
                 })
             },
