@@ -236,17 +236,30 @@ impl Dialect for Postgres {
     /// Without statistics (a log just bulk-loaded or imported, before
     /// autovacuum's analyze), PostgreSQL plans a page of several event types
     /// as a bitmap scan of every later match and a sort: each batch of a
-    /// rebuild would read the rest of the log. One ANALYZE (a sample, tens
-    /// of milliseconds) gives it the ordered index scan.
+    /// rebuild would read the rest of the log. An ANALYZE of the columns the
+    /// page's plan depends on gives it the ordered index scan: a sample, tens
+    /// of milliseconds, where one of the whole table (payloads and metadata
+    /// included) takes several times longer. It leaves autovacuum's full
+    /// analyze due, so a later rebuild before it may sample again.
+    ///
+    /// The statistics are missing, or stale by autovacuum's measure. The
+    /// first look does not depend on the counts of changes, which reach the
+    /// statistics views up to a second after a commit.
     fn prepare_full_scan(&self, conn: &mut DbConnection) {
         let stale = Stmt::new(
-            "SELECT COUNT(*) AS n FROM pg_stat_user_tables \
-             WHERE relid = 'es_events'::regclass AND n_mod_since_analyze > GREATEST(1000, n_live_tup / 10)",
+            "SELECT COUNT(*) AS n FROM pg_stat_user_tables t \
+             WHERE t.relid = 'es_events'::regclass \
+               AND (t.n_mod_since_analyze > GREATEST(1000, t.n_live_tup / 10) \
+                    OR (SELECT COUNT(*) FROM pg_stats s \
+                        WHERE s.schemaname = t.schemaname AND s.tablename = t.relname \
+                          AND s.attname IN ('event_type', 'order_key')) < 2)",
         )
         .get_result::<Number>(conn);
         if matches!(stale, Ok(Number { n: 1.. })) {
             use diesel::connection::SimpleConnection;
-            if let Err(e) = conn.batch_execute("ANALYZE es_events") {
+            if let Err(e) =
+                conn.batch_execute("ANALYZE es_events (event_type, order_key, global_position)")
+            {
                 tracing::debug!(error = %e, "could not analyze es_events before a rebuild");
             }
         }
