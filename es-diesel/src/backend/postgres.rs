@@ -21,10 +21,12 @@ impl Dialect for Postgres {
         Backend::Postgres
     }
 
+    /// The event id and the time in their binary forms (16 bytes, and
+    /// microseconds since 2000 in UTC): formatting them as text cost the
+    /// server about a fifth of a page of a rebuild.
     fn event_columns(&self) -> &'static str {
-        "global_position, event_id::text AS event_id, stream_id, stream_version, event_type, \
-         event_version, payload::text AS payload, metadata::text AS metadata, \
-         (created_at AT TIME ZONE 'UTC') AS created_at"
+        "global_position, event_id, stream_id, stream_version, event_type, \
+         event_version, payload::text AS payload, metadata::text AS metadata, created_at"
     }
 
     fn fold_columns(&self) -> &'static str {

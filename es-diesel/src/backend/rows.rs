@@ -152,8 +152,17 @@ mod from_sql {
         }
     }
 
+    /// PostgreSQL's `uuid`, in its binary form.
+    const PG_UUID: u32 = 2950;
+
+    /// The column itself (binary) or its text.
     impl FromSql<Text, Pg> for StoredId {
         fn from_sql(value: PgValue<'_>) -> Result<Self> {
+            if value.get_oid().get() == PG_UUID {
+                return Ok(StoredId(
+                    uuid::Uuid::from_slice(value.as_bytes()).map_err(|e| e.to_string()),
+                ));
+            }
             Ok(StoredId::parse(value.as_bytes()))
         }
     }
@@ -193,6 +202,8 @@ mod from_sql {
         }
     }
 
+    /// A `timestamptz` or a `timestamp` in UTC: both are microseconds
+    /// since 2000-01-01 in their binary form.
     impl FromSql<Timestamp, Pg> for StoredTime {
         fn from_sql(value: PgValue<'_>) -> Result<Self> {
             <NaiveDateTime as FromSql<Timestamp, Pg>>::from_sql(value).map(StoredTime)
