@@ -722,7 +722,12 @@ impl<'a> Model<'a> {
         } else {
             quote! {
                 let __key = <Self as __es::ReadModel>::key(row);
-                __diesel::update(#table::table.filter(#row_filter)).set(row).execute(conn)
+                __es::RowUpdate::<Self, _, _, _>::new(
+                    __diesel::QuerySource::from_clause(&#table::table),
+                    __diesel::query_builder::AsChangeset::as_changeset(row),
+                    #row_filter,
+                )
+                .execute(conn)
             }
         };
 

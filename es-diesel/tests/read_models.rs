@@ -787,6 +787,78 @@ fn a_rebuild_on_postgres_samples_a_log_without_statistics() {
     );
 }
 
+/// `ReadModel::update` writes every non-key column, `None` as NULL and back,
+/// touches only the row of its key (composite keys too), and its statement
+/// is prepared once per connection whatever the values (on PostgreSQL,
+/// where the server lists a session's prepared statements).
+#[test]
+fn a_row_update_writes_every_column_and_is_prepared_once() {
+    for db in TestDatabase::all() {
+        let store = fast_store(&db);
+        store.migrate().unwrap();
+        register(&store, 1, "Dune");
+        register(&store, 2, "Emma");
+        let original = book_list(&store);
+        let mut conn = store.connection().unwrap();
+        let mut row = original[0].clone();
+        for round in 0..4 {
+            let set = round % 2 == 0;
+            row.borrower = set.then(|| format!("reader-{round}"));
+            row.late_ratio = set.then_some(0.25 * f64::from(round));
+            row.cover = set.then(|| vec![0, 159, 146, 150, round]);
+            row.last_borrowed_at = set.then(|| {
+                NaiveDate::from_ymd_opt(2024, 2, 29)
+                    .unwrap()
+                    .and_hms_micro_opt(23, 59, 58, 123_456)
+                    .unwrap()
+            });
+            row.times_borrowed = i32::from(round) + 1;
+            row.recent_borrowers = serde_json::json!({ "round": round, "ünïcode": "✓" });
+            assert_eq!(BookList::update(&mut conn, &row).unwrap(), 1);
+            let now = book_list(&store);
+            assert_eq!(now[0], row, "round {round} on {}", db.backend());
+            assert_eq!(now[1], original[1], "the other row is untouched");
+        }
+        let loan = |user: &str, book_id: i64, times: i32| UserLoans {
+            user_name: user.into(),
+            book_id,
+            times,
+            out: times % 2 == 1,
+        };
+        UserLoans::insert_many(
+            &mut conn,
+            &[loan("ann", 1, 1), loan("ann", 2, 1), loan("bob", 1, 1)],
+        )
+        .unwrap();
+        assert_eq!(UserLoans::update(&mut conn, &loan("ann", 2, 4)).unwrap(), 1);
+        assert_eq!(UserLoans::update(&mut conn, &loan("cid", 2, 4)).unwrap(), 0);
+        assert_eq!(
+            user_loans(&store),
+            vec![loan("ann", 1, 1), loan("ann", 2, 4), loan("bob", 1, 1)]
+        );
+        if let es_diesel::DbConnection::Postgres(pg) = &mut *conn {
+            #[derive(QueryableByName)]
+            struct Prepared {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                statement: String,
+            }
+            let updates: Vec<String> =
+                diesel::sql_query("SELECT statement FROM pg_prepared_statements")
+                    .load::<Prepared>(pg)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| p.statement)
+                    .filter(|s| s.starts_with("UPDATE"))
+                    .collect();
+            assert_eq!(
+                updates.len(),
+                2,
+                "one prepared UPDATE per read model: {updates:#?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn rebuild_of_an_unknown_read_model_names_the_known_ones() {
     let db = TestDatabase::sqlite();
