@@ -816,11 +816,14 @@ impl<'a> Model<'a> {
 
                     fn find(conn: &mut __es::DbConnection, key: &Self::Key) -> __diesel::QueryResult<::core::option::Option<Self>> {
                         use __diesel::prelude::*;
+                        // The key matches one row at most: no LIMIT, whose bound
+                        // value SQLite compiles into the statement, preparing it
+                        // again at every run.
                         let query = #table::table.filter(#find_filter).select(#select);
                         match conn {
-                            __es::DbConnection::Postgres(c) => query.for_update().first::<Self>(c).optional(),
-                            __es::DbConnection::Mysql(c) => query.for_update().first::<Self>(c).optional(),
-                            c => query.first::<Self>(c).optional(),
+                            __es::DbConnection::Postgres(c) => query.for_update().get_result::<Self>(c).optional(),
+                            __es::DbConnection::Mysql(c) => query.for_update().get_result::<Self>(c).optional(),
+                            __es::DbConnection::Sqlite(c) => query.get_result::<Self>(c).optional(),
                         }
                     }
 
