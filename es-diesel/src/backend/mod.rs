@@ -409,7 +409,7 @@ impl dyn Dialect {
     }
 
     /// Binds `stream` where [`Dialect::stream_is`] takes it.
-    pub(crate) fn push_stream<'a, ST>(&self, q: &mut Stmt<'a, ST>, stream: &'a str) {
+    pub(crate) fn push_stream<'a, ST, K>(&self, q: &mut Stmt<'a, ST, K>, stream: &'a str) {
         for _ in 0..self.stream_binds() {
             q.push(Bind::Text(stream));
         }

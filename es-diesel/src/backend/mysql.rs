@@ -345,8 +345,15 @@ fn insert_checked(
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));
     }
-    q.execute(conn)
-        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+    /// The texts of one-event appends that expect a version or no stream.
+    struct OneAtVersion;
+    struct OneNew;
+    match (chunk.len(), expected) {
+        (1, ExpectedVersion::Exact(_)) => q.named::<OneAtVersion>().execute(conn),
+        (1, ExpectedVersion::NoStream) => q.named::<OneNew>().execute(conn),
+        _ => q.execute(conn),
+    }
+    .map_err(|e| map_insert_error(e, stream, expected, chunk))
 }
 
 /// The positions and versions the rows of these event ids got, in version
@@ -365,7 +372,12 @@ fn read_back(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<Appended>> {
         q.dont_cache();
     }
     binds.into_iter().for_each(|b| q.push(b));
-    Ok(q.load::<Appended>(conn)?)
+    /// The text of the read-back of one event.
+    struct One;
+    Ok(match ids.len() {
+        1 => q.named::<One>().load::<Appended>(conn)?,
+        _ => q.load::<Appended>(conn)?,
+    })
 }
 
 /// The stream's last committed version, whatever the transaction's

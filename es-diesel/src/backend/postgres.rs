@@ -450,7 +450,15 @@ fn insert(
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));
     }
-    q.load::<Appended>(conn)
+    /// The texts of one-event appends that expect a version or no stream.
+    struct OneAtVersion;
+    struct OneNew;
+    let inserted = match (chunk.len(), expected) {
+        (1, ExpectedVersion::Exact(_)) => q.named::<OneAtVersion>().load::<Appended>(conn),
+        (1, ExpectedVersion::NoStream) => q.named::<OneNew>().load::<Appended>(conn),
+        _ => q.load::<Appended>(conn),
+    };
+    inserted
         .map(sorted)
         .map_err(|e| map_insert_error(e, stream, expected, chunk))
 }

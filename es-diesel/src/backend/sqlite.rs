@@ -198,7 +198,14 @@ fn insert(
         q.push(metadata_bind(&ev.metadata));
         q.push(Bind::Timestamp(now));
     }
-    match q.load::<Appended>(conn) {
+    /// The text of a one-event insert.
+    struct InsertOne;
+    let inserted = if chunk.len() == 1 {
+        q.named::<InsertOne>().load::<Appended>(conn)
+    } else {
+        q.load::<Appended>(conn)
+    };
+    match inserted {
         Ok(rows) => Ok(sorted(rows)),
         Err(e) => match map_insert_error(e, stream, expected, chunk) {
             Error::DuplicateEventId { event_id } if event_id.is_nil() => {

@@ -38,13 +38,41 @@ pub(crate) enum Bind<'a> {
 /// SQL text with `?` where values go, and the values in order. `ST` is the
 /// SQL type of its rows: `Untyped` rows load by column name
 /// (`QueryableByName`); a tuple of SQL types loads by position, without name
-/// look-ups.
+/// look-ups. `K` is how the connection finds the statement it prepared
+/// before: by its text ([`ByText`]) or by a name ([`Stmt::named`]).
 #[derive(Debug)]
-pub(crate) struct Stmt<'a, ST = Untyped> {
+pub(crate) struct Stmt<'a, ST = Untyped, K = ByText> {
     sql: Cow<'a, str>,
     binds: Vec<Bind<'a>>,
     cache: bool,
     rows: PhantomData<ST>,
+    key: PhantomData<K>,
+}
+
+/// How a connection finds a statement among those it keeps prepared.
+pub(crate) trait CacheKey {
+    type Id: 'static;
+    const NAMED: bool;
+}
+
+/// By the statement's text, which Diesel writes out and hashes at every
+/// call.
+#[derive(Debug)]
+pub(crate) struct ByText;
+
+impl CacheKey for ByText {
+    type Id = ();
+    const NAMED: bool = false;
+}
+
+/// By the type `M`, which names one statement text per backend (see
+/// [`Stmt::named`]).
+#[derive(Debug)]
+pub(crate) struct Named<M>(PhantomData<M>);
+
+impl<M: 'static> CacheKey for Named<M> {
+    type Id = M;
+    const NAMED: bool = true;
 }
 
 impl<'a> Stmt<'a> {
@@ -58,18 +86,38 @@ impl<'a> Stmt<'a> {
             binds: Vec::with_capacity(binds),
             cache: true,
             rows: PhantomData,
+            key: PhantomData,
         }
     }
 }
 
 impl<'a, ST> Stmt<'a, ST> {
-    /// The same statement, its rows loaded by position as the SQL types `T`.
-    pub(crate) fn rows<T>(self) -> Stmt<'a, T> {
+    /// The same statement, found among the prepared ones by the type `M`
+    /// rather than by its text, which then is not written out and hashed at
+    /// every call. Only for a statement whose text, on each backend, is the
+    /// same at every call that names it `M`: the connection runs what it
+    /// prepared under that name.
+    pub(crate) fn named<M: 'static>(self) -> Stmt<'a, ST, Named<M>> {
+        debug_assert!(self.cache, "a named statement is kept prepared");
         Stmt {
             sql: self.sql,
             binds: self.binds,
             cache: self.cache,
             rows: PhantomData,
+            key: PhantomData,
+        }
+    }
+}
+
+impl<'a, ST, K> Stmt<'a, ST, K> {
+    /// The same statement, its rows loaded by position as the SQL types `T`.
+    pub(crate) fn rows<T>(self) -> Stmt<'a, T, K> {
+        Stmt {
+            sql: self.sql,
+            binds: self.binds,
+            cache: self.cache,
+            rows: PhantomData,
+            key: PhantomData,
         }
     }
 
@@ -95,14 +143,24 @@ impl<'a, ST> Stmt<'a, ST> {
         self
     }
 
-    fn on<DB>(self) -> On<'a, DB, ST> {
+    fn on<DB: 'static>(self) -> On<'a, DB, ST, K>
+    where
+        K: CacheKey,
+    {
+        #[cfg(debug_assertions)]
+        if K::NAMED {
+            same_text_per_name::<K::Id, DB>(&self.sql);
+        }
         On {
             stmt: self,
             backend: PhantomData,
         }
     }
 
-    pub(crate) fn execute(self, conn: &mut DbConnection) -> QueryResult<usize> {
+    pub(crate) fn execute(self, conn: &mut DbConnection) -> QueryResult<usize>
+    where
+        K: CacheKey,
+    {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().execute(c),
             DbConnection::Sqlite(c) => self.on::<Sqlite>().execute(c),
@@ -112,9 +170,10 @@ impl<'a, ST> Stmt<'a, ST> {
 
     pub(crate) fn load<U>(self, conn: &mut DbConnection) -> QueryResult<Vec<U>>
     where
-        On<'a, Pg, ST>: LoadQuery<'a, PgConnection, U>,
-        On<'a, Sqlite, ST>: LoadQuery<'a, SqliteConnection, U>,
-        On<'a, Mysql, ST>: LoadQuery<'a, MysqlConnection, U>,
+        K: CacheKey,
+        On<'a, Pg, ST, K>: LoadQuery<'a, PgConnection, U>,
+        On<'a, Sqlite, ST, K>: LoadQuery<'a, SqliteConnection, U>,
+        On<'a, Mysql, ST, K>: LoadQuery<'a, MysqlConnection, U>,
     {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().load(c),
@@ -125,9 +184,10 @@ impl<'a, ST> Stmt<'a, ST> {
 
     pub(crate) fn get_result<U>(self, conn: &mut DbConnection) -> QueryResult<U>
     where
-        On<'a, Pg, ST>: LoadQuery<'a, PgConnection, U>,
-        On<'a, Sqlite, ST>: LoadQuery<'a, SqliteConnection, U>,
-        On<'a, Mysql, ST>: LoadQuery<'a, MysqlConnection, U>,
+        K: CacheKey,
+        On<'a, Pg, ST, K>: LoadQuery<'a, PgConnection, U>,
+        On<'a, Sqlite, ST, K>: LoadQuery<'a, SqliteConnection, U>,
+        On<'a, Mysql, ST, K>: LoadQuery<'a, MysqlConnection, U>,
     {
         match conn {
             DbConnection::Postgres(c) => self.on::<Pg>().get_result(c),
@@ -137,25 +197,48 @@ impl<'a, ST> Stmt<'a, ST> {
     }
 }
 
+/// Checks, in debug builds, that a named statement has one text per
+/// backend (see [`Stmt::named`]).
+#[cfg(debug_assertions)]
+fn same_text_per_name<M: 'static, DB: 'static>(sql: &str) {
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static TEXTS: OnceLock<Mutex<HashMap<(TypeId, TypeId), String>>> = OnceLock::new();
+    let mut texts = TEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let text = texts
+        .entry((TypeId::of::<M>(), TypeId::of::<DB>()))
+        .or_insert_with(|| sql.to_owned());
+    assert_eq!(
+        text.as_str(),
+        sql,
+        "the statement named {} has another text than before",
+        std::any::type_name::<M>()
+    );
+}
+
 /// A [`Stmt`] on one Diesel backend.
-pub(crate) struct On<'a, DB, ST> {
-    stmt: Stmt<'a, ST>,
+pub(crate) struct On<'a, DB, ST, K = ByText> {
+    stmt: Stmt<'a, ST, K>,
     backend: PhantomData<DB>,
 }
 
-impl<DB, ST> QueryId for On<'_, DB, ST> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
+impl<DB, ST, K: CacheKey> QueryId for On<'_, DB, ST, K> {
+    type QueryId = K::Id;
+    const HAS_STATIC_QUERY_ID: bool = K::NAMED;
 }
 
-impl<DB: Backend, ST> Query for On<'_, DB, ST> {
+impl<DB: Backend, ST, K> Query for On<'_, DB, ST, K> {
     type SqlType = ST;
 }
 
-impl<Conn, DB, ST> RunQueryDsl<Conn> for On<'_, DB, ST> {}
+impl<Conn, DB, ST, K> RunQueryDsl<Conn> for On<'_, DB, ST, K> {}
 
-fn walk<'b, DB>(
-    stmt: &'b Stmt<'_, impl Sized>,
+fn walk<'b, DB, K>(
+    stmt: &'b Stmt<'_, impl Sized, K>,
     mut out: AstPass<'_, 'b, DB>,
     push: impl Fn(&'b Bind<'_>, &mut AstPass<'_, 'b, DB>) -> QueryResult<()>,
 ) -> QueryResult<()>
@@ -187,7 +270,7 @@ where
     Ok(())
 }
 
-impl<ST> QueryFragment<Pg> for On<'_, Pg, ST> {
+impl<ST, K> QueryFragment<Pg> for On<'_, Pg, ST, K> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         walk(&self.stmt, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
@@ -203,7 +286,7 @@ impl<ST> QueryFragment<Pg> for On<'_, Pg, ST> {
     }
 }
 
-impl<ST> QueryFragment<Sqlite> for On<'_, Sqlite, ST> {
+impl<ST, K> QueryFragment<Sqlite> for On<'_, Sqlite, ST, K> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         walk(&self.stmt, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
@@ -220,7 +303,7 @@ impl<ST> QueryFragment<Sqlite> for On<'_, Sqlite, ST> {
     }
 }
 
-impl<ST> QueryFragment<Mysql> for On<'_, Mysql, ST> {
+impl<ST, K> QueryFragment<Mysql> for On<'_, Mysql, ST, K> {
     fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
         walk(&self.stmt, out, |b, out| match b {
             Bind::Text(s) => out.push_bind_param::<Text, _>(*s),
@@ -243,7 +326,7 @@ mod tests {
 
     fn rendered<DB>(stmt: Stmt<'_>) -> String
     where
-        DB: Backend + Default,
+        DB: Backend + Default + 'static,
         DB::QueryBuilder: Default,
         for<'a> On<'a, DB, Untyped>: QueryFragment<DB>,
     {
@@ -286,5 +369,24 @@ mod tests {
             .on::<Sqlite>();
         let mut builder = <Sqlite as Backend>::QueryBuilder::default();
         assert!(extra.to_sql(&mut builder, &Sqlite).is_err());
+    }
+
+    /// A named statement is found by its name alone: two texts under one
+    /// name would run the first one's prepared statement for the second.
+    #[test]
+    #[cfg(debug_assertions)]
+    fn a_name_stands_for_one_text_per_backend() {
+        struct Named;
+        let on = |sql: &'static str| {
+            let _ = Stmt::new(sql).named::<Named>().on::<Sqlite>();
+        };
+        on("SELECT 1");
+        on("SELECT 1");
+        let _ = Stmt::new("SELECT 2").named::<Named>().on::<Pg>();
+        let other = std::panic::catch_unwind(|| on("SELECT 2"));
+        assert!(
+            other.is_err(),
+            "another text under the same name is refused"
+        );
     }
 }

@@ -120,9 +120,13 @@ pub(crate) fn read_stream_for_fold(
         diesel::sql_types::SmallInt,
         diesel::sql_types::Text,
     );
+    /// The one text of this statement on each backend.
+    struct FoldPage;
     let d = conn.dialect();
     let sql = per_backend!(d => stream_page(d, d.fold_columns()));
-    let mut q = Stmt::with_capacity(sql, 4).rows::<FoldSql>();
+    let mut q = Stmt::with_capacity(sql, 4)
+        .named::<FoldPage>()
+        .rows::<FoldSql>();
     d.push_stream(&mut q, stream);
     let rows = q
         .bind(Bind::BigInt(from_version))
