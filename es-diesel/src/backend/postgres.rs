@@ -241,17 +241,22 @@ impl Dialect for Postgres {
     /// rebuild would read the rest of the log. An ANALYZE of the columns the
     /// page's plan depends on gives it the ordered index scan: a sample, tens
     /// of milliseconds, where one of the whole table (payloads and metadata
-    /// included) takes several times longer. It leaves autovacuum's full
-    /// analyze due, so a later rebuild before it may sample again.
+    /// included) takes several times longer.
     ///
-    /// The statistics are missing, or stale by autovacuum's measure. The
-    /// first look does not depend on the counts of changes, which reach the
-    /// statistics views up to a second after a commit.
+    /// It samples when the log has rows and its statistics are missing, or
+    /// stale by autovacuum's measure. Missing ones are seen at once (the
+    /// counts of changes reach the statistics views up to a second after a
+    /// commit). A sample of some columns leaves those counts, and
+    /// autovacuum's full analyze, due: stale ones are sampled again at most
+    /// every ten minutes, not at every rebuild. It never waits for a lock
+    /// (`SKIP_LOCKED`: behind a vacuum or an index build it does not run).
     fn prepare_full_scan(&self, conn: &mut DbConnection) {
         let stale = Stmt::new(
             "SELECT COUNT(*) AS n FROM pg_stat_user_tables t \
              WHERE t.relid = 'es_events'::regclass \
-               AND (t.n_mod_since_analyze > GREATEST(1000, t.n_live_tup / 10) \
+               AND EXISTS (SELECT 1 FROM es_events) \
+               AND ((t.n_mod_since_analyze > GREATEST(1000, t.n_live_tup / 10) \
+                     AND COALESCE(t.last_analyze < now() - interval '10 minutes', true)) \
                     OR (SELECT COUNT(*) FROM pg_stats s \
                         WHERE s.schemaname = t.schemaname AND s.tablename = t.relname \
                           AND s.attname IN ('event_type', 'order_key')) < 2)",
@@ -259,9 +264,9 @@ impl Dialect for Postgres {
         .get_result::<Number>(conn);
         if matches!(stale, Ok(Number { n: 1.. })) {
             use diesel::connection::SimpleConnection;
-            if let Err(e) =
-                conn.batch_execute("ANALYZE es_events (event_type, order_key, global_position)")
-            {
+            if let Err(e) = conn.batch_execute(
+                "ANALYZE (SKIP_LOCKED) es_events (event_type, order_key, global_position)",
+            ) {
                 tracing::debug!(error = %e, "could not analyze es_events before a rebuild");
             }
         }
