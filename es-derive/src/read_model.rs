@@ -722,12 +722,18 @@ impl<'a> Model<'a> {
         } else {
             quote! {
                 let __key = <Self as __es::ReadModel>::key(row);
-                __es::RowUpdate::<Self, _, _, _>::new(
+                let query = __es::RowUpdate::<Self, _, _, _>::new(
                     __diesel::QuerySource::from_clause(&#table::table),
                     __diesel::query_builder::AsChangeset::as_changeset(row),
                     #row_filter,
-                )
-                .execute(conn)
+                );
+                // On the backend's own connection: through `MultiConnection`
+                // the statement's text would be written out at every call.
+                match conn {
+                    __es::DbConnection::Postgres(c) => query.execute(c),
+                    __es::DbConnection::Sqlite(c) => query.execute(c),
+                    __es::DbConnection::Mysql(c) => query.execute(c),
+                }
             }
         };
 
