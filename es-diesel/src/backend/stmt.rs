@@ -99,19 +99,18 @@ impl<'a, ST> Stmt<'a, ST> {
     /// prepared under that name.
     pub(crate) fn named<M: 'static>(self) -> Stmt<'a, ST, Named<M>> {
         debug_assert!(self.cache, "a named statement is kept prepared");
-        Stmt {
-            sql: self.sql,
-            binds: self.binds,
-            cache: self.cache,
-            rows: PhantomData,
-            key: PhantomData,
-        }
+        self.retyped()
     }
 }
 
 impl<'a, ST, K> Stmt<'a, ST, K> {
     /// The same statement, its rows loaded by position as the SQL types `T`.
     pub(crate) fn rows<T>(self) -> Stmt<'a, T, K> {
+        self.retyped()
+    }
+
+    /// The same text and values with other row types or cache key.
+    fn retyped<T, L>(self) -> Stmt<'a, T, L> {
         Stmt {
             sql: self.sql,
             binds: self.binds,
