@@ -108,6 +108,23 @@ impl Browser {
         }
     }
 
+    /// Waits until the page's address contains `want`: after a form
+    /// submit, the old page still matches the elements looked for next.
+    async fn wait_url(&self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let url = self.client.current_url().await.map(|u| u.to_string());
+            if url.as_deref().is_ok_and(|u| u.contains(want)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the address never showed {want:?}: {url:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn fill(&self, css: &str, value: &str) {
         let e = self
             .client
@@ -220,6 +237,7 @@ async fn drive(db: &TestDatabase, driver: &str) {
     b.wait_text("h1", "Log").await;
     b.fill("input[name=type]", "BookBorrowed").await;
     b.click("form.filters button[type=submit]").await;
+    b.wait_url("type=BookBorrowed").await;
     let log = b.wait_text("table.events", "BookBorrowed").await;
     assert!(
         log.contains("\"user_id\": 8") && log.contains("\"book_id\": 1"),
