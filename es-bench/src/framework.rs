@@ -14,7 +14,7 @@ use crate::{latency, BenchError, Phase, Result};
 use diesel::prelude::*;
 use es_diesel::{
     projector, Aggregate, Backend, Event, EventStore, ExecuteError, ExpectedVersion, ReadModel,
-    RebuildOptions, Recorded, SqliteSync, StoreOptions, StreamWrite,
+    RebuildOptions, SqliteSync, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -120,7 +120,7 @@ pub struct BookList {
 }
 
 #[projector(on = BookRegistered, key = book_id)]
-fn list_registered(e: &Recorded<BookRegistered>, row: &mut Option<BookList>) {
+fn list_registered(e: &BookRegistered, row: &mut Option<BookList>) {
     *row = Some(BookList {
         book_id: e.book_id,
         title: e.title.clone(),
@@ -131,7 +131,7 @@ fn list_registered(e: &Recorded<BookRegistered>, row: &mut Option<BookList>) {
 }
 
 #[projector(on = BookBorrowed, key = book_id)]
-fn list_borrowed(e: &Recorded<BookBorrowed>, row: &mut Option<BookList>) -> Result<(), String> {
+fn list_borrowed(e: &BookBorrowed, row: &mut Option<BookList>) -> Result<(), String> {
     let book = row
         .as_mut()
         .ok_or_else(|| format!("book {} is not in book_list", e.book_id))?;
@@ -141,7 +141,7 @@ fn list_borrowed(e: &Recorded<BookBorrowed>, row: &mut Option<BookList>) -> Resu
 }
 
 #[projector(on = BookReturned, key = book_id)]
-fn list_returned(e: &Recorded<BookReturned>, row: &mut Option<BookList>) -> Result<(), String> {
+fn list_returned(e: &BookReturned, row: &mut Option<BookList>) -> Result<(), String> {
     let book = row
         .as_mut()
         .ok_or_else(|| format!("book {} is not in book_list", e.book_id))?;

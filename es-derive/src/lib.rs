@@ -67,6 +67,11 @@ pub fn derive_read_model(input: TokenStream) -> TokenStream {
 /// QueryResult<()>`; with several event types the parameter is an event enum
 /// wrapping each of them (or one event type, when `on` lists only it).
 ///
+/// Either may take the event alone, `e: &BookBorrowed`, when it needs only
+/// its values: rebuilds of a read model whose projectors all do so read
+/// just the position, type and payload of each event, not its envelope
+/// (event id, stream, metadata, time).
+///
 /// Either may return `()` or `Result<(), E>` with `E` convertible into a
 /// boxed error. `name = ".."` replaces the default name, the function's path.
 #[proc_macro_attribute]

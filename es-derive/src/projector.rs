@@ -125,8 +125,11 @@ enum Style {
 struct Model<'a> {
     func: &'a ItemFn,
     on: Vec<syn::Path>,
-    /// `P` of `&Recorded<P>`.
+    /// `P` of `&Recorded<P>` or `&P`.
     event_param: &'a Type,
+    /// Whether it takes `&Recorded<P>`: rebuilds of a read model whose
+    /// projectors all take `&P` read no envelope columns.
+    reads_envelope: bool,
     style: Style,
     /// `read_model = ..` when a row-level projector names it too.
     declared_model: Option<Type>,
@@ -139,8 +142,9 @@ fn expand_inner(args: TokenStream, func: &ItemFn) -> syn::Result<TokenStream> {
     Ok(model.expand())
 }
 
-/// `P` when `ty` is `&Recorded<P>`.
-fn recorded_param(ty: &Type) -> Option<&Type> {
+/// `(P, true)` when `ty` is `&Recorded<P>` (the event with its envelope),
+/// `(P, false)` when it is `&P` (the event's values alone).
+fn event_param(ty: &Type) -> Option<(&Type, bool)> {
     let Type::Reference(r) = ty else { return None };
     if r.mutability.is_some() {
         return None;
@@ -148,7 +152,7 @@ fn recorded_param(ty: &Type) -> Option<&Type> {
     let Type::Path(p) = &*r.elem else { return None };
     let seg = p.path.segments.last()?;
     if seg.ident != "Recorded" {
-        return None;
+        return Some((&*r.elem, false));
     }
     let syn::PathArguments::AngleBracketed(args) = &seg.arguments else {
         return None;
@@ -157,7 +161,7 @@ fn recorded_param(ty: &Type) -> Option<&Type> {
         return None;
     }
     match &args.args[0] {
-        syn::GenericArgument::Type(t) => Some(t),
+        syn::GenericArgument::Type(t) => Some((t, true)),
         _ => None,
     }
 }
@@ -239,14 +243,14 @@ impl<'a> Model<'a> {
             }
             return Err(errors.finish().unwrap_err());
         }
-        let event_param = recorded_param(&typed[0].ty);
+        let event_param = event_param(&typed[0].ty);
         if event_param.is_none() {
             let first = attrs
                 .on
                 .first()
                 .map(|p| quote!(#p).to_string().replace(' ', ""))
                 .unwrap_or_else(|| "BookBorrowed".into());
-            errors.spanned(&typed[0].ty, format!("the first parameter of a projector is the recorded event: `e: &Recorded<{first}>`"));
+            errors.spanned(&typed[0].ty, format!("the first parameter of a projector is the event, by reference: `e: &{first}`, or `e: &Recorded<{first}>` to read its position, stream, metadata or time too"));
         }
         let second = &typed[1].ty;
         let style = match (row_param(second), attrs.key) {
@@ -295,10 +299,12 @@ impl<'a> Model<'a> {
             Some(Style::Row { .. }) => attrs.read_model,
             _ => None,
         };
+        let (event_param, reads_envelope) = event_param.expect("checked above");
         Ok(Model {
             func,
             on: attrs.on,
-            event_param: event_param.expect("checked above"),
+            event_param,
+            reads_envelope,
             style: style.expect("checked above"),
             declared_model,
             name: attrs.name,
@@ -332,8 +338,13 @@ impl<'a> Model<'a> {
         for (i, event) in self.on.iter().enumerate() {
             let span = event.span();
             let holder = format_ident!("__Projector{}", i);
+            let arg = if self.reads_envelope {
+                quote!(&event)
+            } else {
+                quote!(&event.event)
+            };
             let output = quote_spanned! {func.sig.output.span()=>
-                <_ as __es::ProjectorOutput>::into_result(#fn_ident(&event, row_or_conn))
+                <_ as __es::ProjectorOutput>::into_result(#fn_ident(#arg, row_or_conn))
             };
             let hold = quote_spanned! {param.span()=>
                 event.map(<#param as __es::HoldsEvent<#event>>::hold)
@@ -385,6 +396,7 @@ impl<'a> Model<'a> {
             }
         }
         let n = handlers.len();
+        let reads_envelope = self.reads_envelope;
         quote! {
             #func
 
@@ -402,6 +414,7 @@ impl<'a> Model<'a> {
                         read_model: <#model as __es::ReadModel>::SCHEMA.name,
                         style: __es::ProjectorStyle::#style,
                         handlers: &__HANDLERS,
+                        reads_envelope: #reads_envelope,
                         file: ::core::file!(),
                         line: ::core::line!(),
                     }

@@ -161,3 +161,55 @@ fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() 
         }
     }
 }
+
+/// A row folded in memory in one batch, then changed by a SQL-level
+/// projector in a later batch: the rows held from earlier batches are
+/// written before the SQL runs, so it finds and changes the row.
+#[test]
+fn a_sql_projector_changes_a_row_folded_in_an_earlier_batch() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        store
+            .append(
+                "a-5",
+                ExpectedVersion::NoStream,
+                [Named {
+                    account: 5,
+                    name: "five".into(),
+                }],
+            )
+            .unwrap();
+        store
+            .append("a-5", ExpectedVersion::Exact(1), [Opened { account: 5 }])
+            .unwrap();
+        let rows = || -> Vec<(i64, Option<String>, i64)> {
+            accounts::table
+                .order(accounts::account)
+                .load::<Account>(&mut *store.connection().unwrap())
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.account, r.name, r.events))
+                .collect()
+        };
+        let expected = vec![(5, Some("five".to_owned()), 2)];
+        assert_eq!(rows(), expected, "{}: inline", db.backend());
+        for batch_size in [1, 100] {
+            store
+                .rebuild_with(
+                    "accounts",
+                    &es_diesel::RebuildOptions {
+                        batch_size,
+                        ..Default::default()
+                    },
+                    |_| {},
+                )
+                .unwrap_or_else(|e| panic!("{}: rebuild by {batch_size}: {e}", db.backend()));
+            assert_eq!(
+                rows(),
+                expected,
+                "{}: rebuilt by {batch_size}",
+                db.backend()
+            );
+        }
+    }
+}

@@ -29,6 +29,17 @@ use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent, Query};
 use rows::{Appended, EventTuple};
 
+/// Which columns of an event a reader needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Columns {
+    /// The whole recorded event.
+    Envelope,
+    /// Its position, type, type version and payload: the rest of the
+    /// [`EventTuple`] is left empty (a nil id, an empty stream, version 0,
+    /// empty metadata, the Unix epoch), for consumers that never look at it.
+    Payload,
+}
+
 /// How many backends there are (the variants of [`Backend`]).
 pub(crate) const BACKENDS: usize = 3;
 
@@ -109,6 +120,11 @@ pub(crate) trait Dialect: Send + Sync {
 
     /// The columns of `es_events` as [`rows::EventSql`] reads them.
     fn event_columns(&self) -> &'static str;
+
+    /// The columns of [`Columns::Payload`], as [`rows::PayloadSql`] reads them.
+    fn payload_columns(&self) -> &'static str {
+        "global_position, event_type, event_version, payload"
+    }
 
     /// What a fold reads of an event, as `read::FoldRow`: position,
     /// stream version, type, type version and payload text.
@@ -275,6 +291,7 @@ pub(crate) trait Dialect: Send + Sync {
         after_position: i64,
         types: Option<&[&str]>,
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>>;
 
     /// [`Dialect::read_after`] of every visible event, beyond the horizon too.
@@ -285,8 +302,9 @@ pub(crate) trait Dialect: Send + Sync {
         after_position: i64,
         types: &[&str],
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>> {
-        self.read_after(conn, after_key, after_position, Some(types), limit)
+        self.read_after(conn, after_key, after_position, Some(types), limit, columns)
     }
 
     /// How many events of `types` after the checkpoint are visible but
@@ -375,6 +393,7 @@ fn read_by_position(
     after_position: i64,
     types: Option<&[&str]>,
     limit: i64,
+    columns: Columns,
 ) -> Result<Vec<(EventTuple, i64)>> {
     let (filter, binds) = match types {
         Some(types) if !types.is_empty() => {
@@ -388,15 +407,29 @@ fn read_by_position(
     let sql = format!(
         "SELECT {} FROM {from} WHERE global_position > ? {filter} \
          ORDER BY global_position {}",
-        d.event_columns(),
+        match columns {
+            Columns::Envelope => d.event_columns(),
+            Columns::Payload => d.payload_columns(),
+        },
         d.limit()
     );
-    let mut q = Stmt::new(sql)
-        .rows::<rows::EventSql>()
-        .bind(Bind::BigInt(after_position));
+    let mut q = Stmt::new(sql).bind(Bind::BigInt(after_position));
     binds.into_iter().for_each(|b| q.push(b));
-    let rows: Vec<EventTuple> = q.bind(Bind::BigInt(limit)).load(conn)?;
-    Ok(rows.into_iter().map(|row| (row, 0)).collect())
+    q.push(Bind::BigInt(limit));
+    Ok(match columns {
+        Columns::Envelope => q
+            .rows::<rows::EventSql>()
+            .load::<EventTuple>(conn)?
+            .into_iter()
+            .map(|row| (row, 0))
+            .collect(),
+        Columns::Payload => q
+            .rows::<rows::PayloadSql>()
+            .load::<rows::PayloadTuple>(conn)?
+            .into_iter()
+            .map(|row| (rows::payload_only(row), 0))
+            .collect(),
+    })
 }
 
 impl dyn Dialect {

@@ -35,7 +35,9 @@ use super::insert::{cached_shape, map_insert_error, metadata_bind};
 use super::rows::{Appended, EventTuple, Number};
 mod migrations;
 
-use super::{per_backend, quote_literal, Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
+use super::{
+    per_backend, quote_literal, Backend, Bind, Columns, DbConnection, Dialect, ListOf, Stmt,
+};
 use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
@@ -233,8 +235,9 @@ impl Dialect for Mysql {
         after_position: i64,
         types: Option<&[&str]>,
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>> {
-        super::read_by_position(self, conn, after_position, types, limit)
+        super::read_by_position(self, conn, after_position, types, limit, columns)
     }
 }
 

@@ -2,11 +2,11 @@
 //! [`crate::follow`]), idle runners woken by the order-key sequence.
 
 use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
-use super::rows::{Appended, EventSql, EventTuple, Number};
+use super::rows::{payload_only, Appended, EventSql, EventTuple, Number, PayloadSql, PayloadTuple};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
-use super::{Backend, Bind, DbConnection, Dialect, ListOf, Stmt};
+use super::{Backend, Bind, Columns, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
 use diesel::connection::TransactionManager;
 use diesel::sql_types::BigInt;
@@ -31,6 +31,10 @@ impl Dialect for Postgres {
 
     fn fold_columns(&self) -> &'static str {
         "global_position, stream_version, event_type, event_version, payload::text AS payload"
+    }
+
+    fn payload_columns(&self) -> &'static str {
+        "global_position, event_type, event_version, payload::text AS payload"
     }
 
     /// Stream ids may be kilobytes long, beyond what a btree entry holds, so
@@ -198,11 +202,20 @@ impl Dialect for Postgres {
         after_position: i64,
         types: Option<&[&str]>,
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>> {
         let Some(horizon) = horizon(conn)? else {
             return Ok(Vec::new());
         };
-        follow(conn, after_key, after_position, types, Some(horizon), limit)
+        follow(
+            conn,
+            after_key,
+            after_position,
+            types,
+            Some(horizon),
+            limit,
+            columns,
+        )
     }
 
     fn read_visible_after(
@@ -212,8 +225,17 @@ impl Dialect for Postgres {
         after_position: i64,
         types: &[&str],
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>> {
-        follow(conn, after_key, after_position, Some(types), None, limit)
+        follow(
+            conn,
+            after_key,
+            after_position,
+            Some(types),
+            None,
+            limit,
+            columns,
+        )
     }
 
     fn count_visible_after(
@@ -290,6 +312,7 @@ fn follow(
     types: Option<&[&str]>,
     horizon: Option<i64>,
     limit: i64,
+    columns: Columns,
 ) -> Result<Vec<(EventTuple, i64)>> {
     let below = if horizon.is_some() {
         "AND order_key < ?"
@@ -305,10 +328,12 @@ fn follow(
         "SELECT {}, order_key FROM es_events \
          WHERE (order_key, global_position) > (?, ?) {below} {filter} \
          ORDER BY order_key, global_position LIMIT ?",
-        Postgres.event_columns()
+        match columns {
+            Columns::Envelope => Postgres.event_columns(),
+            Columns::Payload => Postgres.payload_columns(),
+        }
     );
     let mut q = Stmt::with_capacity(sql, 5)
-        .rows::<(EventSql, BigInt)>()
         .bind(Bind::BigInt(after_key))
         .bind(Bind::BigInt(after_position));
     if let Some(h) = horizon {
@@ -317,7 +342,16 @@ fn follow(
     if let Some(types) = types {
         q.push(Bind::TextArray(types));
     }
-    Ok(q.bind(Bind::BigInt(limit)).load(conn)?)
+    q.push(Bind::BigInt(limit));
+    Ok(match columns {
+        Columns::Envelope => q.rows::<(EventSql, BigInt)>().load(conn)?,
+        Columns::Payload => q
+            .rows::<(PayloadSql, BigInt)>()
+            .load::<(PayloadTuple, i64)>(conn)?
+            .into_iter()
+            .map(|(row, key)| (payload_only(row), key))
+            .collect(),
+    })
 }
 
 /// The order key below which no append in flight can still write (see

@@ -52,6 +52,31 @@ pub(crate) type EventTuple = (
     StoredTime,
 );
 
+/// The SQL types of [`super::Dialect::payload_columns`].
+pub(crate) type PayloadSql = (BigInt, Text, diesel::sql_types::SmallInt, Text);
+
+/// A row of [`super::Columns::Payload`]: position, type, type version,
+/// payload.
+pub(crate) type PayloadTuple = (i64, String, i16, String);
+
+/// A [`PayloadTuple`] as an [`EventTuple`] whose envelope is left empty
+/// (see [`super::Columns::Payload`]); nothing is allocated for it.
+pub(crate) fn payload_only(
+    (position, event_type, event_version, payload): PayloadTuple,
+) -> EventTuple {
+    (
+        position,
+        StoredId(Ok(uuid::Uuid::nil())),
+        String::new(),
+        0,
+        event_type,
+        event_version,
+        payload,
+        StoredMetadata(Ok(Metadata::default())),
+        StoredTime(chrono::DateTime::UNIX_EPOCH.naive_utc()),
+    )
+}
+
 /// `event_id` parsed from its text, or why it is not a UUID.
 pub(crate) struct StoredId(pub std::result::Result<uuid::Uuid, String>);
 

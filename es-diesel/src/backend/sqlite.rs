@@ -5,7 +5,7 @@ use super::rows::{Appended, EventTuple, Name, Number};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
-use super::{Backend, Bind, DbConnection, Dialect, Stmt};
+use super::{Backend, Bind, Columns, DbConnection, Dialect, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
 use diesel::QueryResult;
@@ -138,8 +138,9 @@ impl Dialect for Sqlite {
         after_position: i64,
         types: Option<&[&str]>,
         limit: i64,
+        columns: Columns,
     ) -> Result<Vec<(EventTuple, i64)>> {
-        super::read_by_position(self, conn, after_position, types, limit)
+        super::read_by_position(self, conn, after_position, types, limit, columns)
     }
 }
 

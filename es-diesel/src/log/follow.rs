@@ -36,7 +36,7 @@
 //! committed before it.
 
 use crate::backend::rows::EventTuple;
-use crate::backend::DbConnection;
+use crate::backend::{Columns, DbConnection};
 use crate::error::Result;
 use crate::read::recorded;
 use es_core::RecordedEvent;
@@ -76,9 +76,25 @@ pub fn read_after(
     types: Option<&[&str]>,
     limit: usize,
 ) -> Result<Vec<Followed>> {
-    let rows =
-        conn.dialect()
-            .read_after(conn, after.order_key, after.position, types, clamp(limit))?;
+    read_columns_after(conn, after, types, limit, Columns::Envelope)
+}
+
+/// [`read_after`], reading only `columns` of each event.
+pub(crate) fn read_columns_after(
+    conn: &mut DbConnection,
+    after: Checkpoint,
+    types: Option<&[&str]>,
+    limit: usize,
+    columns: Columns,
+) -> Result<Vec<Followed>> {
+    let rows = conn.dialect().read_after(
+        conn,
+        after.order_key,
+        after.position,
+        types,
+        clamp(limit),
+        columns,
+    )?;
     into_followed(rows)
 }
 
@@ -112,6 +128,7 @@ pub(crate) fn read_visible_after(
     after: Checkpoint,
     types: &[&str],
     limit: usize,
+    columns: Columns,
 ) -> Result<Vec<Followed>> {
     let rows = conn.dialect().read_visible_after(
         conn,
@@ -119,6 +136,7 @@ pub(crate) fn read_visible_after(
         after.position,
         types,
         clamp(limit),
+        columns,
     )?;
     into_followed(rows)
 }

@@ -48,6 +48,8 @@ pub struct Projector {
     pub read_model: &'static str,
     pub style: ProjectorStyle,
     pub handlers: &'static [Handler],
+    /// It takes `&Recorded<E>`, not `&E`: it may read the envelope.
+    pub reads_envelope: bool,
     pub file: &'static str,
     pub line: u32,
 }
@@ -188,9 +190,9 @@ impl<E: Into<BoxError>> ProjectorOutput for Result<(), E> {
 /// `on = E` (the event itself, or an event enum with a variant for it).
 #[doc(hidden)]
 #[diagnostic::on_unimplemented(
-    message = "the projector takes `&Recorded<{Self}>`, which cannot hold a `{E}` event",
+    message = "the projector takes `{Self}` events, which cannot hold a `{E}` event",
     label = "`{E}` is listed in `on`",
-    note = "take `&Recorded<{E}>`, or an event enum with a variant wrapping `{E}`"
+    note = "take `&{E}` (or `&Recorded<{E}>`), or an event enum with a variant wrapping `{E}`"
 )]
 pub trait HoldsEvent<E> {
     fn hold(event: E) -> Self;

@@ -7,11 +7,11 @@ mod claim;
 use crate::backend::quote_ident;
 use crate::backend::rows::{Name, Number};
 use crate::backend::shadow::Shadow;
+use crate::backend::Columns;
 use crate::backend::{private_write_transaction, write_transaction, DbConnection};
 use crate::backend::{Bind, Stmt};
 use crate::error::{Error, Result};
-use crate::follow::{count_visible_after, read_visible_after};
-use crate::follow::{read_after, Checkpoint};
+use crate::follow::{count_visible_after, read_columns_after, read_visible_after, Checkpoint};
 use crate::projection::{
     handled_types, registry, Handler, HandlerKind, Projector, Registry, RowBatch,
 };
@@ -262,6 +262,7 @@ fn build_and_swap(
     let asynchronous = entry.schema.asynchronous;
     let types = handled_types(registry()?, name);
     let handlers = ModelHandlers::of(registry()?, name);
+    let columns = handlers.columns();
     let batch_size = options.batch_size.max(1);
     let head = read::head(conn)?;
     tracing::Span::current().record("head", head);
@@ -278,7 +279,7 @@ fn build_and_swap(
             if !shadow.enter(c)? {
                 return Err(claim.lost(c));
             }
-            let batch = read_after(c, checkpoint, Some(&types), batch_size)?;
+            let batch = read_columns_after(c, checkpoint, Some(&types), batch_size, columns)?;
             let Some(last) = batch.last().map(|f| f.checkpoint) else {
                 return Ok(0);
             };
@@ -293,7 +294,8 @@ fn build_and_swap(
             )?;
             checkpoint = last;
             Ok(batch.len())
-        })?;
+        })
+        .map_err(|e| with_stream(conn, e, columns))?;
         if n == 0 {
             break;
         }
@@ -347,9 +349,9 @@ fn build_and_swap(
             // needs a checkpoint with nothing missing before it: only events
             // up to the horizon.
             let batch = if asynchronous {
-                read_after(c, checkpoint, Some(&types), batch_size)?
+                read_columns_after(c, checkpoint, Some(&types), batch_size, columns)?
             } else {
-                read_visible_after(c, checkpoint, &types, batch_size)?
+                read_visible_after(c, checkpoint, &types, batch_size, columns)?
             };
             let Some(last) = batch.last().map(|f| f.checkpoint) else {
                 break;
@@ -384,7 +386,8 @@ fn build_and_swap(
             .get_result::<Number>(c)?
             .n;
         Ok((rows_after, pending))
-    })?;
+    })
+    .map_err(|e| with_stream(conn, e, columns))?;
     if events > built {
         progress(&RebuildProgress {
             read_model: name,
@@ -436,12 +439,51 @@ impl ModelHandlers {
         ModelHandlers { by_type }
     }
 
+    /// What a rebuild reads of each event: the payload alone when none of
+    /// the projectors takes the envelope (`&Recorded<E>`).
+    pub(crate) fn columns(&self) -> Columns {
+        let envelope = self
+            .by_type
+            .iter()
+            .flat_map(|(_, h)| h)
+            .any(|(p, _)| p.reads_envelope);
+        if envelope {
+            Columns::Envelope
+        } else {
+            Columns::Payload
+        }
+    }
+
     fn get(&self, event_type: &str) -> &[(&'static Projector, &'static Handler)] {
         self.by_type
             .iter()
             .find(|(t, _)| *t == event_type)
             .map_or(&[], |(_, h)| h.as_slice())
     }
+}
+
+/// A projector's failure on an event read with [`Columns::Payload`] names
+/// the event's stream, read now by its position.
+fn with_stream(conn: &mut DbConnection, mut error: Error, columns: Columns) -> Error {
+    if columns == Columns::Envelope {
+        return error;
+    }
+    if let Error::Projector {
+        position, stream, ..
+    }
+    | Error::Decode {
+        position, stream, ..
+    } = &mut error
+    {
+        if let Ok(found) =
+            Stmt::new("SELECT stream_id AS name FROM es_events WHERE global_position = ?")
+                .bind(Bind::BigInt(*position))
+                .get_result::<Name>(conn)
+        {
+            *stream = found.name;
+        }
+    }
+    error
 }
 
 /// Applies the projectors of one read model (`handlers`) to `batch`:
@@ -498,6 +540,12 @@ fn fold_segment(
     only_in_memory: &mut bool,
 ) -> Result<()> {
     if segment.is_empty() {
+        // Rows folded in earlier batches may still be held: a SQL-level
+        // projector about to run must find them in the table.
+        if flush && !rows.is_empty() {
+            rows.flush(conn)?;
+            *only_in_memory = false;
+        }
         return Ok(());
     }
     if !*only_in_memory {

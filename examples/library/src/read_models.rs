@@ -40,8 +40,8 @@ pub struct AuthorStats {
 }
 
 #[projector(on = [BookRegistered, BookImported, BookBorrowed, BookReturned], key = book_id)]
-fn book_list(e: &Recorded<BookEvent>, row: &mut Option<BookList>) -> Result<(), String> {
-    match &e.event {
+fn book_list(e: &BookEvent, row: &mut Option<BookList>) -> Result<(), String> {
+    match e {
         BookEvent::BookRegistered(b) => {
             *row = Some(BookList {
                 book_id: b.book_id,
@@ -99,14 +99,14 @@ fn readers(e: &Recorded<UserEvent>, row: &mut Option<Reader>) {
 }
 
 #[projector(on = BookBorrowed, key = user_id)]
-fn reader_borrowed(_e: &Recorded<BookBorrowed>, row: &mut Option<Reader>) {
+fn reader_borrowed(_e: &BookBorrowed, row: &mut Option<Reader>) {
     if let Some(reader) = row {
         reader.books_out += 1;
     }
 }
 
 #[projector(on = BookReturned, key = user_id)]
-fn reader_returned(_e: &Recorded<BookReturned>, row: &mut Option<Reader>) {
+fn reader_returned(_e: &BookReturned, row: &mut Option<Reader>) {
     if let Some(reader) = row {
         reader.books_out -= 1;
     }
@@ -116,7 +116,7 @@ fn reader_returned(_e: &Recorded<BookReturned>, row: &mut Option<Reader>) {
 /// because the key (`borrowed_by`) is optional: no row when nobody has it.
 #[projector(on = BookImported, read_model = Reader)]
 fn reader_imported(
-    e: &Recorded<BookImported>,
+    e: &BookImported,
     conn: &mut es_diesel::DbConnection,
 ) -> diesel::QueryResult<()> {
     use diesel::prelude::*;
@@ -146,12 +146,9 @@ fn reader_imported(
 /// SQL-level: the author is not in the loan events (they carry the book id
 /// only), so it is looked up in the catalogue.
 #[projector(on = [BookRegistered, BookImported, BookBorrowed], read_model = AuthorStats)]
-fn author_stats(
-    e: &Recorded<AuthorEvent>,
-    conn: &mut es_diesel::DbConnection,
-) -> diesel::QueryResult<()> {
+fn author_stats(e: &AuthorEvent, conn: &mut es_diesel::DbConnection) -> diesel::QueryResult<()> {
     use diesel::prelude::*;
-    let (author, books, loans) = match &e.event {
+    let (author, books, loans) = match e {
         AuthorEvent::BookRegistered(b) => (b.author.clone(), 1, 0),
         AuthorEvent::BookImported(b) => (b.author.clone(), 1, i64::from(b.borrowed_by.is_some())),
         AuthorEvent::BookBorrowed(b) => {

@@ -22,6 +22,6 @@ struct BookList {
 }
 
 #[projector(on = BookBorrowed, read_model = BookList)]
-fn borrowed(_e: &BookBorrowed, _conn: &mut DbConnection) {}
+fn borrowed(_e: Recorded<BookBorrowed>, _conn: &mut DbConnection) {}
 
 fn main() {}
