@@ -301,3 +301,56 @@ fn a_failure_in_a_rebuild_of_the_event_alone_names_its_stream_and_changes_nothin
         );
     }
 }
+
+/// PostgreSQL: a rebuild of a log without statistics samples the columns
+/// its pages are planned by, with a small statistics target set for that
+/// sample only: every pooled connection keeps the default afterwards.
+#[test]
+fn a_rebuild_samples_a_fresh_log_without_changing_the_session() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store_with(es_diesel::StoreOptions {
+        pool_size: 1,
+        ..Default::default()
+    });
+    seed(&store);
+    let before: i64 = {
+        let mut conn = store.connection().unwrap();
+        diesel::sql_query("SELECT COUNT(*)::bigint AS n FROM pg_stats WHERE schemaname = current_schema() AND tablename = 'es_events' AND attname IN ('event_type', 'order_key')")
+            .get_result::<Count>(&mut *conn)
+            .unwrap()
+            .n
+    };
+    assert_eq!(before, 0, "a fresh log has no statistics");
+    store.rebuild("payload_shelves").unwrap();
+    let mut conn = store.connection().unwrap();
+    let after = diesel::sql_query("SELECT COUNT(*)::bigint AS n FROM pg_stats WHERE schemaname = current_schema() AND tablename = 'es_events' AND attname IN ('event_type', 'order_key')")
+        .get_result::<Count>(&mut *conn)
+        .unwrap()
+        .n;
+    assert_eq!(after, 2, "the rebuild sampled event_type and order_key");
+    let target = diesel::sql_query("SELECT current_setting('default_statistics_target') AS s")
+        .get_result::<Setting>(&mut *conn)
+        .unwrap()
+        .s;
+    let default = diesel::sql_query(
+        "SELECT boot_val AS s FROM pg_settings WHERE name = 'default_statistics_target'",
+    )
+    .get_result::<Setting>(&mut *conn)
+    .unwrap()
+    .s;
+    assert_eq!(target, default, "the sample's target ended with it");
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    s: String,
+}

@@ -261,43 +261,48 @@ impl Dialect for Postgres {
     /// autovacuum's analyze), PostgreSQL plans a page of several event types
     /// as a bitmap scan of every later match and a sort: each batch of a
     /// rebuild would read the rest of the log. An ANALYZE of the columns the
-    /// page's plan depends on gives it the ordered index scan. The sample is
-    /// small (statistics target 10: 3,000 rows, 8 ms on 100,000 events
-    /// where the default target's 30,000 rows take 50 ms, and one of the
-    /// whole table, payloads and metadata included, several times longer):
-    /// enough to tell an ordered scan from a sort, and autovacuum's own
-    /// analyze replaces it with the full statistics later.
+    /// page's plan depends on gives it the ordered index scan.
     ///
-    /// It samples when the log has rows and its statistics are missing, or
-    /// stale by autovacuum's measure. Missing ones are seen at once (the
-    /// counts of changes reach the statistics views up to a second after a
-    /// commit). A sample of some columns leaves those counts, and
-    /// autovacuum's full analyze, due: stale ones are sampled again at most
-    /// every ten minutes, not at every rebuild. It never waits for a lock
-    /// (`SKIP_LOCKED`: behind a vacuum or an index build it does not run).
+    /// Missing statistics are sampled small (statistics target 10: 3,000
+    /// rows, 13 ms on 100,000 events where the default target's 30,000 rows
+    /// take about 50 ms, and the whole table, payloads and metadata
+    /// included, several times longer): enough to tell an ordered scan from
+    /// a sort. Autovacuum's analyze replaces them with full statistics
+    /// later; stale ones (by autovacuum's measure) are sampled at the
+    /// default target, at most every ten minutes (a sample of some columns
+    /// leaves the counts of changes, and autovacuum's analyze, due).
+    /// Missing ones are seen at once (the counts of changes reach the
+    /// statistics views up to a second after a commit). The target is set
+    /// for the sample's own transaction only, and the sample never waits
+    /// for a lock (`SKIP_LOCKED`: behind a vacuum or an index build it does
+    /// not run).
     fn prepare_full_scan(&self, conn: &mut DbConnection) {
-        let stale = Stmt::new(
-            "SELECT COUNT(*) AS n FROM pg_stat_user_tables t \
-             WHERE t.relid = 'es_events'::regclass \
-               AND EXISTS (SELECT 1 FROM es_events) \
-               AND ((t.n_mod_since_analyze > GREATEST(1000, t.n_live_tup / 10) \
-                     AND COALESCE(t.last_analyze < now() - interval '10 minutes', true)) \
-                    OR (SELECT COUNT(*) FROM pg_stats s \
-                        WHERE s.schemaname = t.schemaname AND s.tablename = t.relname \
-                          AND s.attname IN ('event_type', 'order_key')) < 2)",
+        let wanted = Stmt::new(
+            "SELECT CASE \
+               WHEN NOT EXISTS (SELECT 1 FROM es_events) THEN 0 \
+               WHEN (SELECT COUNT(*) FROM pg_stats s \
+                     WHERE s.schemaname = t.schemaname AND s.tablename = t.relname \
+                       AND s.attname IN ('event_type', 'order_key')) < 2 THEN 2 \
+               WHEN t.n_mod_since_analyze > GREATEST(1000, t.n_live_tup / 10) \
+                    AND COALESCE(t.last_analyze < now() - interval '10 minutes', true) THEN 1 \
+               ELSE 0 END::bigint AS n \
+             FROM pg_stat_user_tables t WHERE t.relid = 'es_events'::regclass",
         )
         .get_result::<Number>(conn);
-        if matches!(stale, Ok(Number { n: 1.. })) {
-            use diesel::connection::SimpleConnection;
-            if let Err(e) = conn.batch_execute(
-                "SET default_statistics_target = 10; \
-                 ANALYZE (SKIP_LOCKED) es_events (event_type, order_key, global_position)",
-            ) {
-                tracing::debug!(error = %e, "could not analyze es_events before a rebuild");
+        let sample = match wanted {
+            // One simple query is one transaction: the target ends with it.
+            Ok(Number { n: 2 }) => {
+                "SELECT set_config('default_statistics_target', '10', true); \
+                 ANALYZE (SKIP_LOCKED) es_events (event_type, order_key, global_position)"
             }
-            if let Err(e) = conn.batch_execute("RESET default_statistics_target") {
-                tracing::debug!(error = %e, "could not reset default_statistics_target");
+            Ok(Number { n: 1 }) => {
+                "ANALYZE (SKIP_LOCKED) es_events (event_type, order_key, global_position)"
             }
+            _ => return,
+        };
+        use diesel::connection::SimpleConnection;
+        if let Err(e) = conn.batch_execute(sample) {
+            tracing::debug!(error = %e, "could not analyze es_events before a rebuild");
         }
     }
 
