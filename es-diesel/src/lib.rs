@@ -41,8 +41,12 @@
 //!
 //! // Row-level: the store loads the row keyed by `e.book_id`, the projector
 //! // changes it (`Some` inserts or updates, `None` deletes), the store saves it.
+//! // A projector takes the event alone (`&BookRegistered`), or the event with
+//! // its envelope (`&Recorded<BookBorrowed>`: position, stream, metadata,
+//! // time). A rebuild of a read model whose projectors all take the event
+//! // alone reads no envelope columns.
 //! #[projector(on = BookRegistered, key = book_id)]
-//! fn registered(e: &Recorded<BookRegistered>, row: &mut Option<BookList>) {
+//! fn registered(e: &BookRegistered, row: &mut Option<BookList>) {
 //!     *row = Some(BookList { book_id: e.book_id, title: e.title.clone(), borrower: None });
 //! }
 //!
