@@ -848,9 +848,10 @@ fn insert_log(conn: &mut Conn, mut entries: impl Iterator<Item = LogEntry>) -> R
 /// Untimed set-up of a fresh database for `phase`: schema, the `preload`
 /// events of `--preload-events` (history on books the workload does not
 /// touch), registrations, and for D and E3 the log of `replay_events`
-/// commands. On PostgreSQL a preloaded log is then vacuumed and analyzed
-/// (as the framework's is), so that autovacuum's reaction to the bulk load
-/// does not fall into the timed phase.
+/// commands. On PostgreSQL a preloaded log is then vacuumed, analyzed and
+/// checkpointed (as the framework's is), so that neither autovacuum's
+/// reaction to the bulk load nor the checkpoint writing its pages falls
+/// into the timed phase.
 pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64, preload: u64) -> Result<()> {
     match conn {
         Conn::Pg(c) => c.batch_execute(PG_SCHEMA)?,
@@ -884,6 +885,9 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64, preload: u64) 
     }
     if let (Conn::Pg(c), true) = (&mut *conn, preload > 0) {
         c.batch_execute("VACUUM ANALYZE raw_events")?;
+        if let Err(e) = c.batch_execute("CHECKPOINT") {
+            eprintln!("note: CHECKPOINT after the preload failed ({e}); the timed phase may share the disk with it");
+        }
     }
     Ok(())
 }

@@ -78,6 +78,17 @@ fn named_async(e: &Recorded<Named>, row: &mut Option<AccountAsync>) {
     });
 }
 
+/// `accounts` as (account, name, events), by account.
+fn account_rows(store: &es_diesel::EventStore) -> Vec<(i64, Option<String>, i64)> {
+    accounts::table
+        .order(accounts::account)
+        .load::<Account>(&mut *store.connection().unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.account, r.name, r.events))
+        .collect()
+}
+
 #[test]
 fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() {
     for db in TestDatabase::all() {
@@ -108,15 +119,7 @@ fn rows_inserted_by_a_sql_projector_are_loaded_by_row_projectors_in_a_rebuild() 
             (2, Some("n2".to_owned()), 3),
             (3, Some("n3".to_owned()), 2),
         ];
-        let rows = || -> Vec<(i64, Option<String>, i64)> {
-            accounts::table
-                .order(accounts::account)
-                .load::<Account>(&mut *store.connection().unwrap())
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.account, r.name, r.events))
-                .collect()
-        };
+        let rows = || account_rows(&store);
         assert_eq!(rows(), expected, "{}: inline", db.backend());
         for batch_size in [1, 2, 100] {
             store
@@ -182,15 +185,7 @@ fn a_sql_projector_changes_a_row_folded_in_an_earlier_batch() {
         store
             .append("a-5", ExpectedVersion::Exact(1), [Opened { account: 5 }])
             .unwrap();
-        let rows = || -> Vec<(i64, Option<String>, i64)> {
-            accounts::table
-                .order(accounts::account)
-                .load::<Account>(&mut *store.connection().unwrap())
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.account, r.name, r.events))
-                .collect()
-        };
+        let rows = || account_rows(&store);
         let expected = vec![(5, Some("five".to_owned()), 2)];
         assert_eq!(rows(), expected, "{}: inline", db.backend());
         for batch_size in [1, 100] {
