@@ -250,7 +250,13 @@ impl<'a> Model<'a> {
                 .first()
                 .map(|p| quote!(#p).to_string().replace(' ', ""))
                 .unwrap_or_else(|| "BookBorrowed".into());
-            errors.spanned(&typed[0].ty, format!("the first parameter of a projector is the event, by reference: `e: &{first}`, or `e: &Recorded<{first}>` to read its position, stream, metadata or time too"));
+            let mutable = matches!(&*typed[0].ty, Type::Reference(r) if r.mutability.is_some());
+            let msg = if mutable {
+                format!("a projector cannot change the event it is given (the log is immutable): take `e: &{first}`, or `e: &Recorded<{first}>`, without `mut`")
+            } else {
+                format!("the first parameter of a projector is the event, by reference: `e: &{first}`, or `e: &Recorded<{first}>` to read its position, stream, metadata or time too")
+            };
+            errors.spanned(&typed[0].ty, msg);
         }
         let second = &typed[1].ty;
         let style = match (row_param(second), attrs.key) {
