@@ -184,11 +184,7 @@ pub fn prepare(store: &EventStore, phase: Phase, replay_events: u64, preload: u6
         use diesel::connection::SimpleConnection;
         let mut conn = store.connection()?;
         conn.batch_execute("VACUUM ANALYZE es_events")?;
-        // The load's dirty pages are written now, not by a checkpoint
-        // during the timed phase.
-        if let Err(e) = conn.batch_execute("CHECKPOINT") {
-            eprintln!("note: CHECKPOINT after the preload failed ({e}); the timed phase may share the disk with it");
-        }
+        crate::checkpoint_after_preload(&mut *conn);
     }
     Ok(())
 }

@@ -885,9 +885,7 @@ pub fn prepare(conn: &mut Conn, phase: Phase, replay_events: u64, preload: u64) 
     }
     if let (Conn::Pg(c), true) = (&mut *conn, preload > 0) {
         c.batch_execute("VACUUM ANALYZE raw_events")?;
-        if let Err(e) = c.batch_execute("CHECKPOINT") {
-            eprintln!("note: CHECKPOINT after the preload failed ({e}); the timed phase may share the disk with it");
-        }
+        crate::checkpoint_after_preload(c);
     }
     Ok(())
 }

@@ -354,3 +354,74 @@ struct Setting {
     #[diesel(sql_type = diesel::sql_types::Text)]
     s: String,
 }
+
+/// Events appended while a rebuild of the event alone runs (between its
+/// batches, from its progress callback) are in the swapped-in table, and
+/// the table agrees with a rebuild that nothing interrupted.
+#[test]
+fn events_appended_during_a_rebuild_of_the_event_alone_are_in_the_new_table() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        seed(&store);
+        let mut appended = false;
+        let report = store
+            .rebuild_with(
+                "payload_shelves",
+                &es_diesel::RebuildOptions {
+                    batch_size: 1,
+                    ..Default::default()
+                },
+                |_| {
+                    if !appended {
+                        appended = true;
+                        store
+                            .append(
+                                "shelf-3",
+                                ExpectedVersion::NoStream,
+                                [Shelved {
+                                    shelf: 3,
+                                    title: "Lolita".into(),
+                                }],
+                            )
+                            .unwrap();
+                        store
+                            .append("shelf-1", ExpectedVersion::Any, [Unshelved { shelf: 1 }])
+                            .unwrap();
+                    }
+                },
+            )
+            .unwrap_or_else(|e| panic!("{}: rebuild: {e}", db.backend()));
+        assert!(appended, "{}", db.backend());
+        assert_eq!(report.events, 7, "{}", db.backend());
+        let during = shelves(&mut store.connection().unwrap());
+        assert_eq!(
+            during,
+            vec![
+                Shelf {
+                    shelf: 1,
+                    titles: "Dune,Ulysses".into(),
+                    removed: 1
+                },
+                Shelf {
+                    shelf: 2,
+                    titles: "Emma,Beloved".into(),
+                    removed: 1
+                },
+                Shelf {
+                    shelf: 3,
+                    titles: "Lolita".into(),
+                    removed: 0
+                },
+            ],
+            "{}",
+            db.backend()
+        );
+        store.rebuild("payload_shelves").unwrap();
+        assert_eq!(
+            shelves(&mut store.connection().unwrap()),
+            during,
+            "{}: a quiet rebuild agrees",
+            db.backend()
+        );
+    }
+}

@@ -40,6 +40,16 @@ pub(crate) enum Columns {
     Payload,
 }
 
+impl Columns {
+    /// The select list of these columns on `d`.
+    pub(crate) fn of(self, d: &dyn Dialect) -> &'static str {
+        match self {
+            Columns::Envelope => d.event_columns(),
+            Columns::Payload => d.payload_columns(),
+        }
+    }
+}
+
 /// How many backends there are (the variants of [`Backend`]).
 pub(crate) const BACKENDS: usize = 3;
 
@@ -407,10 +417,7 @@ fn read_by_position(
     let sql = format!(
         "SELECT {} FROM {from} WHERE global_position > ? {filter} \
          ORDER BY global_position {}",
-        match columns {
-            Columns::Envelope => d.event_columns(),
-            Columns::Payload => d.payload_columns(),
-        },
+        columns.of(d),
         d.limit()
     );
     let mut q = Stmt::new(sql).bind(Bind::BigInt(after_position));

@@ -340,10 +340,7 @@ fn follow(
         "SELECT {}, order_key FROM es_events \
          WHERE (order_key, global_position) > (?, ?) {below} {filter} \
          ORDER BY order_key, global_position LIMIT ?",
-        match columns {
-            Columns::Envelope => Postgres.event_columns(),
-            Columns::Payload => Postgres.payload_columns(),
-        }
+        columns.of(&Postgres)
     );
     let mut q = Stmt::with_capacity(sql, 5)
         .bind(Bind::BigInt(after_key))

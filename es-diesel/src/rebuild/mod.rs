@@ -521,12 +521,7 @@ pub(crate) fn project_batch<'e>(
             }
         }
     }
-    fold_segment(conn, rows, &mut segment, flush, only_in_memory)?;
-    if flush && !rows.is_empty() {
-        rows.flush(conn)?;
-        *only_in_memory = false;
-    }
-    Ok(())
+    fold_segment(conn, rows, &mut segment, flush, only_in_memory)
 }
 
 /// Folds the row-level events of `segment` into rows loaded in one query
