@@ -12,8 +12,9 @@ use es_diesel::testing::TestDatabase;
 use es_diesel::{
     Aggregate, Backend, Error, EventStore, ExecuteError, ExecuteOptions, ExpectedVersion, Metadata,
 };
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 fn registered(book: &str) -> BookEvent {
@@ -480,9 +481,15 @@ impl OpenWriter {
 ///
 /// SQLite shows no lock waits: there the writer commits once the command
 /// has opened its `es.append` span (it has loaded and decided).
-/// Sets its flag when a span `es.append` opens on the thread it is the
-/// subscriber of.
-struct AppendStarted(Arc<AtomicBool>);
+/// Sets the flag of the thread a span `es.append` opens on, if it has one
+/// (see [`watch_appends`]).
+struct AppendStarted;
+
+fn append_flags() -> &'static Mutex<HashMap<std::thread::ThreadId, Arc<AtomicBool>>> {
+    static FLAGS: OnceLock<Mutex<HashMap<std::thread::ThreadId, Arc<AtomicBool>>>> =
+        OnceLock::new();
+    FLAGS.get_or_init(Default::default)
+}
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AppendStarted {
     fn on_new_span(
@@ -492,9 +499,31 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AppendStarted {
         _: tracing_subscriber::layer::Context<'_, S>,
     ) {
         if attrs.metadata().name() == "es.append" {
-            self.0.store(true, Ordering::SeqCst);
+            let flags = append_flags().lock().unwrap();
+            if let Some(flag) = flags.get(&std::thread::current().id()) {
+                flag.store(true, Ordering::SeqCst);
+            }
         }
     }
+}
+
+/// Sets `flag` when the calling thread opens a span `es.append`. The layer
+/// is the process's global subscriber, installed once: a subscriber scoped
+/// to the thread (`with_default`) was seen to miss the span when tests ran
+/// at the same time (tracing caches each callsite's interest and the
+/// highest enabled level for all threads, computed from the subscribers
+/// registered at that moment).
+fn watch_appends(flag: Arc<AtomicBool>) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(AppendStarted))
+            .expect("no other global subscriber in this test binary");
+    });
+    append_flags()
+        .lock()
+        .unwrap()
+        .insert(std::thread::current().id(), flag);
 }
 
 fn race(
@@ -510,16 +539,13 @@ fn race(
         let store = store.clone();
         let appending = appending.clone();
         std::thread::spawn(move || {
-            use tracing_subscriber::layer::SubscriberExt;
-            let subscriber = tracing_subscriber::registry().with(AppendStarted(appending));
-            tracing::subscriber::with_default(subscriber, || {
-                borrow(
-                    &store,
-                    "b1",
-                    "bob",
-                    &ExecuteOptions::default().max_retries(max_retries),
-                )
-            })
+            watch_appends(appending);
+            borrow(
+                &store,
+                "b1",
+                "bob",
+                &ExecuteOptions::default().max_retries(max_retries),
+            )
         })
     };
     match db.backend() {

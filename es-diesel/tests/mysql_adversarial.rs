@@ -1266,3 +1266,102 @@ fn two_runners_of_one_projection_never_fail_a_step() {
         errors.first()
     );
 }
+
+/// Statements this session has sent the server, and the session's
+/// transaction flag, read in one statement.
+fn session_counts(conn: &mut DbConnection) -> (i64, i64, i64) {
+    #[derive(QueryableByName)]
+    struct Counts {
+        #[diesel(sql_type = BigInt)]
+        questions: i64,
+        #[diesel(sql_type = BigInt)]
+        set_options: i64,
+        #[diesel(sql_type = BigInt)]
+        in_transaction: i64,
+    }
+    let c: Counts = diesel::sql_query(
+        "SELECT \
+           (SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
+             WHERE VARIABLE_NAME = 'QUESTIONS') AS questions, \
+           (SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
+             WHERE VARIABLE_NAME = 'COM_SET_OPTION') AS set_options, \
+           CAST(@@in_transaction AS SIGNED) AS in_transaction",
+    )
+    .get_result(conn)
+    .unwrap();
+    (c.questions, c.set_options, c.in_transaction)
+}
+
+/// `write_transaction` opens and ends a MySQL transaction with one
+/// statement each (Diesel's own `BEGIN` and `COMMIT` go through
+/// `batch_execute`, which switches multi-statement mode on and off around
+/// them: three round trips each), whether it commits or rolls back, and
+/// keeps Diesel's transaction depth right: savepoints nest inside it, the
+/// server's transaction ends with it, and Diesel's own `transaction` works
+/// on the connection afterwards.
+#[test]
+fn a_transaction_is_opened_and_ended_with_one_statement_each() {
+    let Some(db) = TestDatabase::mysql() else {
+        return;
+    };
+    let store = db.store();
+    let mut conn = store.connection().unwrap();
+    let (q0, opts0, in0) = session_counts(&mut conn);
+    assert_eq!(in0, 0);
+    let (q1, _, _) = session_counts(&mut conn);
+    let per_read = q1 - q0;
+
+    // Commits: BEGIN, the read inside, COMMIT.
+    let inside =
+        write_transaction(&mut conn, |c| -> Result<_, Error> { Ok(session_counts(c)) }).unwrap();
+    assert_eq!(inside.2, 1, "the server has a transaction open inside");
+    let (q2, opts2, in2) = session_counts(&mut conn);
+    assert_eq!(in2, 0, "the transaction ended");
+    assert_eq!(
+        q2 - q1 - per_read,
+        per_read + 2,
+        "BEGIN and COMMIT, one statement each"
+    );
+    assert_eq!(opts2, opts0, "no multi-statement switching");
+
+    // Rolls back: the append inside is gone, and so is the transaction.
+    let refused = write_transaction(&mut conn, |c| -> Result<(), Error> {
+        append_in(
+            c,
+            &[write("rolled", ExpectedVersion::NoStream, &[tick(1, 1)])],
+        )?;
+        Err(rolled_back())
+    });
+    assert!(refused.is_err());
+    let (_, _, in3) = session_counts(&mut conn);
+    assert_eq!(in3, 0, "the transaction was rolled back");
+    assert_eq!(number(&mut conn, "SELECT COUNT(*) AS n FROM es_events"), 0);
+
+    // Nested: a savepoint rolled back inside a committed transaction.
+    write_transaction(&mut conn, |c| -> Result<(), Error> {
+        append_in(
+            c,
+            &[write("outer", ExpectedVersion::NoStream, &[tick(1, 2)])],
+        )?;
+        let inner = write_transaction(c, |c| -> Result<(), Error> {
+            append_in(
+                c,
+                &[write("inner", ExpectedVersion::NoStream, &[tick(1, 3)])],
+            )?;
+            Err(rolled_back())
+        });
+        assert!(inner.is_err());
+        Ok(())
+    })
+    .unwrap();
+    let streams: Vec<String> = whole_log(&store).into_iter().map(|e| e.stream_id).collect();
+    assert_eq!(streams, ["outer"]);
+
+    // Diesel's own transaction finds the depth at zero.
+    conn.transaction(|c| {
+        assert_eq!(session_counts(c).2, 1);
+        diesel::result::QueryResult::Ok(())
+    })
+    .unwrap();
+    assert_eq!(session_counts(&mut conn).2, 0);
+}

@@ -493,10 +493,15 @@ where
             "BEGIN ISOLATION LEVEL READ COMMITTED",
         )?,
         // Every MySQL session reads committed (see `mysql::SESSION_SETUP`).
+        DbConnection::Mysql(_) if !nested => mysql_transaction_statement(conn, MysqlTx::Begin)?,
         _ => Tm::begin_transaction(conn)?,
     }
+    let commit = |conn: &mut DbConnection| match conn {
+        DbConnection::Mysql(_) if !nested => mysql_transaction_statement(conn, MysqlTx::Commit),
+        _ => Tm::commit_transaction(conn),
+    };
     match f(conn) {
-        Ok(value) => match Tm::commit_transaction(conn) {
+        Ok(value) => match commit(conn) {
             Ok(()) => Ok(value),
             Err(commit_err) => {
                 let _ = Tm::rollback_transaction(conn);
@@ -504,11 +509,76 @@ where
             }
         },
         Err(err) => {
-            match Tm::rollback_transaction(conn) {
+            let rolled_back = match conn {
+                DbConnection::Mysql(_) if !nested => {
+                    mysql_transaction_statement(conn, MysqlTx::Rollback)
+                }
+                _ => Tm::rollback_transaction(conn),
+            };
+            match rolled_back {
                 Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {}
                 Err(rollback_err) => return Err(rollback_err.into()),
             }
             Err(err)
+        }
+    }
+}
+
+/// A top-level transaction statement on MySQL.
+#[derive(Clone, Copy)]
+enum MysqlTx {
+    Begin,
+    Commit,
+    Rollback,
+}
+
+/// Runs `BEGIN`, `COMMIT` or `ROLLBACK` on a MySQL connection outside any
+/// savepoint, as a prepared statement, and keeps Diesel's transaction
+/// depth in step. Diesel sends them with `batch_execute`, which on MySQL
+/// switches the session's multi-statement mode on before the statement and
+/// off after it: three round trips each where one does (a command with an
+/// inline projector spent six of its eleven round trips there).
+///
+/// A statement that fails leaves the depth as it was, as Diesel does: a
+/// failed `COMMIT` is followed by a rollback, and a failed `ROLLBACK`
+/// (the connection is gone) is Diesel's broken-transaction case, which
+/// the pool discards.
+fn mysql_transaction_statement(conn: &mut DbConnection, tx: MysqlTx) -> diesel::QueryResult<()> {
+    use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
+    struct Begin;
+    struct Commit;
+    struct Rollback;
+    let (ran, change) = match tx {
+        MysqlTx::Begin => (
+            super::Stmt::new("BEGIN").named::<Begin>().execute(conn),
+            TransactionDepthChange::IncreaseDepth,
+        ),
+        MysqlTx::Commit => (
+            super::Stmt::new("COMMIT").named::<Commit>().execute(conn),
+            TransactionDepthChange::DecreaseDepth,
+        ),
+        MysqlTx::Rollback => (
+            super::Stmt::new("ROLLBACK")
+                .named::<Rollback>()
+                .execute(conn),
+            TransactionDepthChange::DecreaseDepth,
+        ),
+    };
+    let DbConnection::Mysql(c) = conn else {
+        unreachable!("a MySQL transaction statement on another backend")
+    };
+    match ran {
+        Ok(_) => match AnsiTransactionManager::transaction_manager_status_mut(c) {
+            TransactionManagerStatus::Valid(status) => status.change_transaction_depth(change),
+            TransactionManagerStatus::InError => {
+                Err(diesel::result::Error::BrokenTransactionManager)
+            }
+        },
+        Err(e) => {
+            if let MysqlTx::Rollback = tx {
+                AnsiTransactionManager::transaction_manager_status_mut(c).set_in_error();
+            }
+            Err(e)
         }
     }
 }
