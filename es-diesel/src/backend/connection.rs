@@ -496,24 +496,27 @@ where
         DbConnection::Mysql(_) if !nested => mysql_transaction_statement(conn, MysqlTx::Begin)?,
         _ => Tm::begin_transaction(conn)?,
     }
-    let commit = |conn: &mut DbConnection| match conn {
-        DbConnection::Mysql(_) if !nested => mysql_transaction_statement(conn, MysqlTx::Commit),
-        _ => Tm::commit_transaction(conn),
+    // A failed commit is rolled back here: Diesel's own `commit_transaction`
+    // rolls back what it failed to commit (a transaction or a savepoint)
+    // itself, so rolling back again would end the level above.
+    let commit = |conn: &mut DbConnection| {
+        if mysql_top_level(conn)? {
+            let committed = mysql_transaction_statement(conn, MysqlTx::Commit);
+            if committed.is_err() {
+                let _ = mysql_transaction_statement(conn, MysqlTx::Rollback);
+            }
+            committed
+        } else {
+            Tm::commit_transaction(conn)
+        }
     };
     match f(conn) {
-        Ok(value) => match commit(conn) {
-            Ok(()) => Ok(value),
-            Err(commit_err) => {
-                let _ = Tm::rollback_transaction(conn);
-                Err(commit_err.into())
-            }
-        },
+        Ok(value) => commit(conn).map(|()| value).map_err(Into::into),
         Err(err) => {
-            let rolled_back = match conn {
-                DbConnection::Mysql(_) if !nested => {
-                    mysql_transaction_statement(conn, MysqlTx::Rollback)
-                }
-                _ => Tm::rollback_transaction(conn),
+            let rolled_back = if mysql_top_level(conn)? {
+                mysql_transaction_statement(conn, MysqlTx::Rollback)
+            } else {
+                Tm::rollback_transaction(conn)
             };
             match rolled_back {
                 Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {}
@@ -522,6 +525,19 @@ where
             Err(err)
         }
     }
+}
+
+/// Whether `conn` is a MySQL connection in a transaction without
+/// savepoints, which [`mysql_transaction_statement`] ends. Asked when the
+/// transaction ends, not when it began: Diesel's handling of a failed
+/// savepoint (MySQL rolls the whole transaction back on a deadlock) may
+/// leave another depth.
+fn mysql_top_level(conn: &mut DbConnection) -> diesel::QueryResult<bool> {
+    type Tm = <DbConnection as Connection>::TransactionManager;
+    Ok(matches!(conn, DbConnection::Mysql(_))
+        && Tm::transaction_manager_status_mut(conn)
+            .transaction_depth()?
+            .is_some_and(|d| d.get() == 1))
 }
 
 /// A top-level transaction statement on MySQL.
@@ -569,7 +585,18 @@ fn mysql_transaction_statement(conn: &mut DbConnection, tx: MysqlTx) -> diesel::
     };
     match ran {
         Ok(_) => match AnsiTransactionManager::transaction_manager_status_mut(c) {
-            TransactionManagerStatus::Valid(status) => status.change_transaction_depth(change),
+            TransactionManagerStatus::Valid(status) => {
+                match status.change_transaction_depth(change) {
+                    // The transaction is over either way (Diesel tolerates the
+                    // same after a top-level COMMIT or ROLLBACK).
+                    Err(diesel::result::Error::NotInTransaction)
+                        if !matches!(tx, MysqlTx::Begin) =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
             TransactionManagerStatus::InError => {
                 Err(diesel::result::Error::BrokenTransactionManager)
             }
