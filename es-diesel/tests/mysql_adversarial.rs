@@ -1365,3 +1365,96 @@ fn a_transaction_is_opened_and_ended_with_one_statement_each() {
     .unwrap();
     assert_eq!(session_counts(&mut conn).2, 0);
 }
+
+/// MySQL rolls a whole transaction back to break a deadlock. An append in
+/// a caller's transaction that is chosen as the victim returns the
+/// transient error, which the caller's whole transaction must be run again
+/// for, and writes nothing: it is not retried in a savepoint of the
+/// transaction the server already rolled back (the retried insert would
+/// run on its own and commit, whatever the caller's transaction then did).
+///
+/// The caller's transaction locks a row of its own table, then appends,
+/// which waits for the log's head; another session holds the head, has
+/// written more (so that the caller is the one rolled back), and asks for
+/// the caller's row.
+#[test]
+fn an_append_chosen_as_deadlock_victim_in_a_callers_transaction_writes_nothing() {
+    let Some(db) = TestDatabase::mysql() else {
+        return;
+    };
+    let store = db.store();
+    let mut other = admin(&db);
+    other
+        .batch_execute(
+            "CREATE TABLE dl_rows (id INT PRIMARY KEY, v INT NOT NULL) ENGINE = InnoDB; \
+             INSERT INTO dl_rows VALUES (1, 0); \
+             CREATE TABLE dl_weight (id INT PRIMARY KEY) ENGINE = InnoDB",
+        )
+        .unwrap();
+    let (locked_tx, locked_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let caller = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut conn = store.connection().unwrap();
+            write_transaction(&mut conn, |c| -> Result<(), Error> {
+                diesel::sql_query("UPDATE dl_rows SET v = v + 1 WHERE id = 1").execute(c)?;
+                locked_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                append_in(c, &[write("dl", ExpectedVersion::NoStream, &[tick(9, 9)])])?;
+                Ok(())
+            })
+        })
+    };
+    locked_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the caller's transaction locked its row");
+    other
+        .batch_execute(
+            "BEGIN; \
+             INSERT INTO dl_weight (id) WITH RECURSIVE n (i) AS \
+               (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) SELECT i FROM n",
+        )
+        .unwrap();
+    admin_number(
+        &mut other,
+        "SELECT position AS n FROM es_log_head WHERE id = 1 FOR UPDATE",
+    );
+    go_tx.send(()).unwrap();
+    // Waits for the caller's row: a deadlock with the caller's append,
+    // which waits for the head. The caller, lighter, is rolled back.
+    other
+        .batch_execute("UPDATE dl_rows SET v = v + 10 WHERE id = 1")
+        .expect("the other session is not the victim");
+    other.batch_execute("ROLLBACK").unwrap();
+    let result = caller.join().expect("the caller panicked");
+    match &result {
+        Err(e) if e.is_transient() => {}
+        other => panic!("expected the deadlock as a transient error, got {other:?}"),
+    }
+    assert!(
+        whole_log(&store).iter().all(|e| e.stream_id != "dl"),
+        "the rolled-back transaction's append was written"
+    );
+    assert_eq!(
+        admin_number(&mut other, "SELECT v AS n FROM dl_rows WHERE id = 1"),
+        0
+    );
+    // The pool's connections work on.
+    store
+        .append("dl", ExpectedVersion::NoStream, [tick(9, 10)])
+        .unwrap();
+    let mut conn = store.connection().unwrap();
+    write_transaction(&mut conn, |c| -> Result<(), Error> {
+        append_in(c, &[write("dl", ExpectedVersion::Exact(1), &[tick(9, 11)])])?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        whole_log(&store)
+            .iter()
+            .filter(|e| e.stream_id == "dl")
+            .count(),
+        2
+    );
+}

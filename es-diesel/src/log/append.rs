@@ -82,9 +82,16 @@ pub(crate) fn retrying<T>(
     writes: &[StreamWrite],
     mut run: impl FnMut(&mut DbConnection) -> Result<T>,
 ) -> Result<T> {
+    // MySQL rolls the whole transaction back to break a deadlock: inside a
+    // caller's transaction nothing is left to retry in (a retry would run
+    // outside any transaction and commit on its own), so the transient
+    // error goes to the caller, whose transaction must run again whole.
+    let whole_transaction_lost_on_abort =
+        matches!(conn, DbConnection::Mysql(_)) && crate::backend::in_transaction(conn)?;
     let mut attempt = 0;
     loop {
         match run(conn) {
+            Err(e) if whole_transaction_lost_on_abort && e.is_transient() => return Err(e),
             Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
                 attempt += 1;
                 tracing::debug!(attempt, error = %e, "append lost a race; retrying");

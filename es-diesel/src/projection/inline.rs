@@ -23,6 +23,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// a lost race with [`ExpectedVersion::Any`](crate::ExpectedVersion::Any) or
 /// [`ExpectedVersion::StreamExists`](crate::ExpectedVersion::StreamExists) is retried, and after an error the
 /// caller's transaction is still usable (roll it back or go on).
+///
+/// On MySQL a deadlock rolls the caller's whole transaction back: the
+/// append then returns the [transient](crate::Error::is_transient) error
+/// without retrying, and the caller runs its transaction again from the
+/// start.
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
     // Inside a transaction on SQLite no other writer can come in between.
     if conn.dialect().serial_writers() && in_transaction(conn)? {
