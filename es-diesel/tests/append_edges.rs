@@ -273,3 +273,87 @@ fn the_same_import_twice_at_once_imports_each_row_once() {
         }
     }
 }
+
+/// What an append returns (positions, versions, times, ids) is what the log
+/// holds, for one event and for several, in one stream and in several,
+/// with other writers' events before and between them.
+#[test]
+fn what_an_append_returns_is_what_the_log_holds() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let b = db.backend();
+        let mut returned = Vec::new();
+        returned.extend(
+            store
+                .append_streams(&[write("a", ExpectedVersion::NoStream, 1)])
+                .unwrap(),
+        );
+        let mut several = StreamWrite::new("b", ExpectedVersion::NoStream);
+        for n in 2..=4 {
+            several.push(&Noted { n }).unwrap();
+        }
+        returned.extend(store.append_streams(&[several]).unwrap());
+        // Another connection's append in between.
+        store
+            .append("c", ExpectedVersion::Any, [Noted { n: 5 }])
+            .unwrap();
+        let mut two = StreamWrite::new("a", ExpectedVersion::Exact(1));
+        two.push(&Noted { n: 6 }).unwrap();
+        two.push(&Noted { n: 7 }).unwrap();
+        returned.extend(
+            store
+                .append_streams(&[two, write("b", ExpectedVersion::Exact(3), 8)])
+                .unwrap(),
+        );
+        returned.extend(
+            store
+                .append_streams(&[write("c", ExpectedVersion::Any, 9)])
+                .unwrap(),
+        );
+        returned.extend(
+            store
+                .append_streams(&[write("d", ExpectedVersion::StreamExists, 10)])
+                .unwrap_or_default(),
+        );
+        let stored: Vec<_> = store
+            .iter_all(0, 100)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let stored: Vec<_> = stored
+            .into_iter()
+            .filter(|e| e.stream_id != "c" || e.stream_version != 1)
+            .collect();
+        assert_eq!(returned.len(), 8, "{b}");
+        let key = |e: &es_diesel::RecordedEvent| {
+            (
+                e.global_position,
+                e.event_id,
+                e.stream_id.clone(),
+                e.stream_version,
+                e.created_at,
+                es_diesel::serde_json::from_str::<es_diesel::serde_json::Value>(e.event.as_str())
+                    .unwrap(),
+            )
+        };
+        assert_eq!(
+            returned.iter().map(key).collect::<Vec<_>>(),
+            stored.iter().map(key).collect::<Vec<_>>(),
+            "{b}"
+        );
+        let versions: Vec<(String, i64)> = returned
+            .iter()
+            .map(|e| (e.stream_id.clone(), e.stream_version))
+            .collect();
+        let expected = [
+            ("a", 1),
+            ("b", 1),
+            ("b", 2),
+            ("b", 3),
+            ("a", 2),
+            ("a", 3),
+            ("b", 4),
+            ("c", 2),
+        ];
+        assert_eq!(versions, expected.map(|(s, v)| (s.to_owned(), v)), "{b}");
+    }
+}

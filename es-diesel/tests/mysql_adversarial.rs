@@ -1366,6 +1366,94 @@ fn a_transaction_is_opened_and_ended_with_one_statement_each() {
     assert_eq!(session_counts(&mut conn).2, 0);
 }
 
+/// The session's count of internal temporary tables.
+fn temporary_tables(conn: &mut DbConnection) -> i64 {
+    number(
+        conn,
+        "SELECT CAST(VARIABLE_VALUE AS SIGNED) AS n FROM information_schema.SESSION_STATUS \
+         WHERE VARIABLE_NAME = 'CREATED_TMP_TABLES'",
+    )
+}
+
+/// A one-event append, with every kind of expectation, materializes one
+/// internal temporary table (the `INSERT … SELECT` reads the table it
+/// writes, so MariaDB buffers the row it selects), not also one for a
+/// derived table of the event's values, as the general form of several
+/// events does. The events of both forms get their versions and positions
+/// in order.
+#[test]
+fn a_one_event_append_materializes_one_temporary_table() {
+    let Some(db) = TestDatabase::mysql() else {
+        return;
+    };
+    let store = db.store();
+    let mut conn = store.connection().unwrap();
+    let t0 = temporary_tables(&mut conn);
+    let t1 = temporary_tables(&mut conn);
+    let per_read = t1 - t0;
+
+    let writes = [
+        write("one", ExpectedVersion::NoStream, &[tick(1, 1)]),
+        write("one", ExpectedVersion::Exact(1), &[tick(1, 2)]),
+        write("one", ExpectedVersion::StreamExists, &[tick(1, 3)]),
+        write("one", ExpectedVersion::Any, &[tick(1, 4)]),
+    ];
+    let mut before = temporary_tables(&mut conn);
+    for w in writes {
+        append_in(&mut conn, &[w]).unwrap();
+        let after = temporary_tables(&mut conn);
+        assert_eq!(
+            after - before - per_read,
+            1,
+            "temporary tables of a one-event append"
+        );
+        before = after;
+    }
+    // Refused: nothing written, no more tables.
+    let refused = append_in(
+        &mut conn,
+        &[write("one", ExpectedVersion::Exact(1), &[tick(1, 5)])],
+    );
+    assert!(
+        matches!(refused, Err(Error::Conflict { .. })),
+        "{refused:?}"
+    );
+    append_in(
+        &mut conn,
+        &[write(
+            "one",
+            ExpectedVersion::Exact(4),
+            &[tick(2, 1), tick(2, 2), tick(2, 3)],
+        )],
+    )
+    .unwrap();
+    let log = whole_log(&store);
+    let versions: Vec<(i64, i64)> = log
+        .iter()
+        .map(|e| (e.global_position, e.stream_version))
+        .collect();
+    assert_eq!(
+        versions,
+        [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7)]
+    );
+    let ticks: Vec<Tick> = log
+        .iter()
+        .map(|e| e.decode::<Tick>().unwrap().event)
+        .collect();
+    assert_eq!(
+        ticks,
+        [
+            tick(1, 1),
+            tick(1, 2),
+            tick(1, 3),
+            tick(1, 4),
+            tick(2, 1),
+            tick(2, 2),
+            tick(2, 3)
+        ]
+    );
+}
+
 /// MySQL rolls a whole transaction back to break a deadlock. An append in
 /// a caller's transaction that is chosen as the victim returns the
 /// transient error, which the caller's whole transaction must be run again

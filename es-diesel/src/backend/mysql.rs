@@ -303,47 +303,79 @@ fn insert_checked(
 ) -> Result<usize> {
     use std::fmt::Write;
     let mut sql = String::with_capacity(700 + chunk.len() * 60);
-    let _ = write!(
-        sql,
-        "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
-         event_version, payload, metadata, created_at) \
-         SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, ? \
-         FROM (SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
-         ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur, (",
+    // The stream's last version, read once.
+    let cur = format!(
+        "FROM (SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
+         ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur",
         Mysql.stream_is()
     );
-    for k in 1..=chunk.len() {
-        if k == 1 {
-            sql.push_str(
-                "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
-            );
-        } else {
-            let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
+    let one = chunk.len() == 1;
+    if one {
+        // One event selects its values directly: MariaDB materializes the
+        // derived table of the general form, whose payload and metadata
+        // columns are LONGTEXT, as a temporary table on disk, at every
+        // append (`Created_tmp_disk_tables`).
+        let _ = write!(
+            sql,
+            "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
+             event_version, payload, metadata, created_at) \
+             SELECT 0, ?, ?, cur.v + 1, ?, ?, ?, ?, ? {cur}"
+        );
+    } else {
+        let _ = write!(
+            sql,
+            "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
+             event_version, payload, metadata, created_at) \
+             SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, ? \
+             {cur}, ("
+        );
+        for k in 1..=chunk.len() {
+            if k == 1 {
+                sql.push_str(
+                    "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
+                );
+            } else {
+                let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
+            }
         }
+        sql.push_str(") AS e");
     }
-    sql.push_str(") AS e");
     match expected {
         ExpectedVersion::Any => {}
         ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
         ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
         ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
     }
-    // The trigger numbers the rows in insertion order.
-    sql.push_str(" ORDER BY e.k");
+    if !one {
+        // The trigger numbers the rows in insertion order.
+        sql.push_str(" ORDER BY e.k");
+    }
     let mut q = Stmt::with_capacity(&sql, 4 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
-    q.push(Bind::Text(stream));
-    q.push(Bind::Timestamp(now));
-    q.push(Bind::Text(stream));
-    q.push(Bind::Text(stream));
-    for (ev, id) in chunk.iter().zip(ids) {
-        q.push(Bind::Text(id));
+    if let [ev] = chunk {
+        q.push(Bind::Text(&ids[0]));
+        q.push(Bind::Text(stream));
         q.push(Bind::Text(ev.event_type));
         q.push(Bind::SmallInt(ev.event_version as i16));
         q.push(Bind::Text(&ev.payload));
         q.push(metadata_bind(&ev.metadata));
+        q.push(Bind::Timestamp(now));
+        q.push(Bind::Text(stream));
+        q.push(Bind::Text(stream));
+    } else {
+        q.push(Bind::Text(stream));
+        q.push(Bind::Timestamp(now));
+        q.push(Bind::Text(stream));
+        q.push(Bind::Text(stream));
+        for (ev, id) in chunk.iter().zip(ids) {
+            q.push(Bind::Text(id));
+            q.push(Bind::Text(ev.event_type));
+            q.push(Bind::SmallInt(ev.event_version as i16));
+            q.push(Bind::Text(&ev.payload));
+            q.push(metadata_bind(&ev.metadata));
+        }
     }
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));

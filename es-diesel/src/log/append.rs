@@ -319,7 +319,7 @@ fn insert_traced(
                 event_type: ev.event_type.to_owned(),
                 event_version: ev.event_version,
                 metadata: ev.metadata.clone(),
-                created_at: row.created_at.and_utc(),
+                created_at: row.created_at.0.and_utc(),
                 event: Payload(ev.payload.clone()),
             }));
         }
