@@ -357,3 +357,62 @@ fn what_an_append_returns_is_what_the_log_holds() {
         assert_eq!(versions, expected.map(|(s, v)| (s.to_owned(), v)), "{b}");
     }
 }
+
+/// Writers on their own connections append one event or several at once,
+/// concurrently: every event each append returned is the one the log holds
+/// at that position, with that version and time (on SQLite the positions
+/// come from the connection's last rowid, not from the rows themselves).
+#[test]
+fn concurrent_appends_return_what_the_log_holds() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let b = db.backend();
+        let returned: Vec<es_diesel::RecordedEvent> = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..4u64)
+                .map(|w| {
+                    let store = store.clone();
+                    s.spawn(move || {
+                        let mut mine = Vec::new();
+                        for round in 0..15u64 {
+                            let stream = format!("w{w}");
+                            let mut write = StreamWrite::new(&stream, ExpectedVersion::Any);
+                            // One event, then three, then two, in turn.
+                            for k in 0..[1, 3, 2][round as usize % 3] {
+                                write
+                                    .push(&Noted {
+                                        n: w * 1000 + round * 10 + k,
+                                    })
+                                    .unwrap();
+                            }
+                            mine.extend(store.append_streams(&[write]).unwrap());
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let stored: Vec<_> = store
+            .iter_all(0, 1000)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(returned.len(), 4 * 30, "{b}");
+        assert_eq!(stored.len(), returned.len(), "{b}");
+        let by_position: std::collections::HashMap<i64, &es_diesel::RecordedEvent> =
+            stored.iter().map(|e| (e.global_position, e)).collect();
+        for r in &returned {
+            let s = by_position
+                .get(&r.global_position)
+                .unwrap_or_else(|| panic!("{b}: no event at position {}", r.global_position));
+            assert_eq!(
+                (r.event_id, &r.stream_id, r.stream_version, r.created_at),
+                (s.event_id, &s.stream_id, s.stream_version, s.created_at),
+                "{b}: position {}",
+                r.global_position
+            );
+        }
+    }
+}

@@ -302,6 +302,8 @@ fn insert_checked(
     now: chrono::NaiveDateTime,
 ) -> Result<usize> {
     use std::fmt::Write;
+    const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
+         stream_version, event_type, event_version, payload, metadata, created_at)";
     let mut sql = String::with_capacity(700 + chunk.len() * 60);
     // The stream's last version, read once.
     let cur = format!(
@@ -312,22 +314,15 @@ fn insert_checked(
     let one = chunk.len() == 1;
     if one {
         // One event selects its values directly: MariaDB materializes the
-        // derived table of the general form, whose payload and metadata
-        // columns are LONGTEXT, as a temporary table on disk, at every
-        // append (`Created_tmp_disk_tables`).
-        let _ = write!(
-            sql,
-            "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
-             event_version, payload, metadata, created_at) \
-             SELECT 0, ?, ?, cur.v + 1, ?, ?, ?, ?, ? {cur}"
-        );
+        // derived table of the general form as an internal temporary table
+        // at every append, besides the one an `INSERT … SELECT` reading its
+        // own table needs (`Created_tmp_tables`).
+        let _ = write!(sql, "{INTO} SELECT 0, ?, ?, cur.v + 1, ?, ?, ?, ?, ? {cur}");
     } else {
         let _ = write!(
             sql,
-            "INSERT INTO es_events (global_position, event_id, stream_id, stream_version, event_type, \
-             event_version, payload, metadata, created_at) \
-             SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, ? \
-             {cur}, ("
+            "{INTO} SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, \
+             e.payload, e.metadata, ? {cur}, ("
         );
         for k in 1..=chunk.len() {
             if k == 1 {
