@@ -31,6 +31,8 @@ pub struct Summary {
     pub commands: u64,
     pub p50_ns: u64,
     pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub mean_ns: u64,
     pub max_ns: u64,
 }
 
@@ -44,6 +46,8 @@ impl Summary {
             commands: ns.len() as u64,
             p50_ns: rank(0.50),
             p99_ns: rank(0.99),
+            p999_ns: rank(0.999),
+            mean_ns: (ns.iter().map(|&n| u128::from(n)).sum::<u128>() / ns.len() as u128) as u64,
             max_ns,
         })
     }
@@ -58,9 +62,14 @@ mod tests {
         let mut ns: Vec<u64> = (1..=200).rev().collect();
         let s = Summary::of(&mut ns).unwrap();
         assert_eq!(
-            (s.commands, s.p50_ns, s.p99_ns, s.max_ns),
-            (200, 100, 198, 200)
+            (s.commands, s.p50_ns, s.p99_ns, s.p999_ns, s.max_ns),
+            (200, 100, 198, 200, 200)
         );
+        // (1 + … + 200) / 200, rounded down.
+        assert_eq!(s.mean_ns, 100);
+        let mut ns: Vec<u64> = (1..=2000).collect();
+        let s = Summary::of(&mut ns).unwrap();
+        assert_eq!((s.p99_ns, s.p999_ns, s.mean_ns), (1980, 1998, 1000));
         assert_eq!(Summary::of(&mut [7]).unwrap().p99_ns, 7);
         assert_eq!(Summary::of(&mut []), None);
     }

@@ -347,9 +347,11 @@ fn run(args: &Args) -> Result<()> {
                     }
                     let latency = sample.latency.map_or_else(String::new, |l| {
                         format!(
-                            ", latency p50 {:.1} / p99 {:.1} / max {:.1} µs",
+                            ", latency mean {:.1} / p50 {:.1} / p99 {:.1} / p99.9 {:.1} / max {:.1} µs",
+                            l.mean_ns as f64 / 1e3,
                             l.p50_ns as f64 / 1e3,
                             l.p99_ns as f64 / 1e3,
+                            l.p999_ns as f64 / 1e3,
                             l.max_ns as f64 / 1e3
                         )
                     });

@@ -25,11 +25,13 @@ struct Summary {
 }
 
 /// Per-command latency over the runs, in microseconds: the median of the
-/// runs' p50 and p99, the highest of their maxima.
+/// runs' mean, p50, p99 and p99.9, the highest of their maxima.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 struct Latency {
+    mean: f64,
     p50: f64,
     p99: f64,
+    p999: f64,
     max: f64,
 }
 
@@ -42,8 +44,10 @@ impl Latency {
         }
         let us = |ns: u64| ns as f64 / 1e3;
         Some(Latency {
+            mean: median(runs.iter().map(|l| us(l.mean_ns)).collect()),
             p50: median(runs.iter().map(|l| us(l.p50_ns)).collect()),
             p99: median(runs.iter().map(|l| us(l.p99_ns)).collect()),
+            p999: median(runs.iter().map(|l| us(l.p999_ns)).collect()),
             max: runs.iter().map(|l| us(l.max_ns)).fold(0.0, f64::max),
         })
     }
@@ -241,26 +245,34 @@ impl Results {
         if phases.is_empty() {
             return;
         }
-        println!("latency per command, µs (load + fold + decide + append, retries included; p50, p99: median of runs; max: highest of runs)");
-        println!(
-            "{:<5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}",
-            "phase", "fw p50", "fw p99", "fw max", "raw p50", "raw p99", "raw max", "fw/raw p99"
-        );
-        for phase in phases {
-            let lat = |imp| self.summary(phase, imp).and_then(|s| s.latency);
-            let cells = |l: Option<Latency>| match l {
-                Some(l) => [l.p50, l.p99, l.max].map(|v| format!("{v:.1}")),
-                None => ["-", "-", "-"].map(str::to_owned),
-            };
-            let [ep50, ep99, emax] = cells(lat(Impl::Es));
-            let [rp50, rp99, rmax] = cells(lat(Impl::Raw));
-            let ratio = self
-                .p99_ratio(phase)
-                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+        println!("latency per command, µs (load + fold + decide + append, retries included; mean, p50, p99, p99.9: median of runs; max: highest of runs)");
+        for (side, imp) in [("framework", Impl::Es), ("raw", Impl::Raw)] {
             println!(
-                "{:<5} {ep50:>9} {ep99:>9} {emax:>10} {rp50:>9} {rp99:>9} {rmax:>10} {ratio:>10}",
-                phase.to_string()
+                "{:<5} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+                "phase", side, "mean", "p50", "p99", "p99.9", "max"
             );
+            for &phase in &phases {
+                let Some(l) = self.summary(phase, imp).and_then(|s| s.latency) else {
+                    continue;
+                };
+                println!(
+                    "{:<5} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1}",
+                    phase.to_string(),
+                    "",
+                    l.mean,
+                    l.p50,
+                    l.p99,
+                    l.p999,
+                    l.max
+                );
+            }
+        }
+        let ratios: Vec<String> = phases
+            .iter()
+            .filter_map(|&p| Some(format!("{p} {:.2}", self.p99_ratio(p)?)))
+            .collect();
+        if !ratios.is_empty() {
+            println!("framework p99 / raw p99: {}", ratios.join(", "));
         }
     }
 

@@ -242,6 +242,13 @@ impl Manager {
                     super::sqlite::guard_unmigrated_versions(&mut conn)
                 })
                 .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                if let (false, Some(file)) = (*memory, self.target.sqlite_file()) {
+                    super::writer_queue::install(
+                        &mut conn,
+                        super::writer_queue::WriterQueue::of_file(&file),
+                        self.options.busy_timeout,
+                    );
+                }
                 Ok(DbConnection::Sqlite(conn))
             }
         }
@@ -461,6 +468,31 @@ pub(crate) fn note_if_connection_lost(e: &diesel::result::Error) {
     }
 }
 
+/// The turn to write on a SQLite connection outside a transaction (a
+/// statement that commits by itself), for as long as it is held: see
+/// `writer_queue`. `None` elsewhere, and inside a transaction, whose own
+/// turn was taken when it began (by [`write_transaction`]) or is left to
+/// SQLite's busy handler (a transaction of the application's).
+pub(crate) fn statement_turn(conn: &mut DbConnection) -> Option<super::Turn> {
+    let DbConnection::Sqlite(c) = conn else {
+        return None;
+    };
+    if in_transaction_sqlite(c) {
+        return None;
+    }
+    super::writer_queue::turn(c)
+}
+
+fn in_transaction_sqlite(c: &mut diesel::sqlite::SqliteConnection) -> bool {
+    type Tm = <diesel::sqlite::SqliteConnection as Connection>::TransactionManager;
+    // A broken transaction manager is treated as inside a transaction: no
+    // turn, and the statement fails as it would have.
+    !matches!(
+        Tm::transaction_manager_status_mut(c).transaction_depth(),
+        Ok(None)
+    )
+}
+
 /// Whether `conn` is inside a transaction.
 pub(crate) fn in_transaction(conn: &mut DbConnection) -> diesel::QueryResult<bool> {
     type Tm = <DbConnection as Connection>::TransactionManager;
@@ -482,8 +514,11 @@ where
 {
     type Tm = <DbConnection as Connection>::TransactionManager;
     let nested = in_transaction(conn)?;
+    // Held until the transaction has ended (see `writer_queue`).
+    let _turn;
     match conn {
         DbConnection::Sqlite(c) if !nested => {
+            _turn = super::writer_queue::turn(c);
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
         }
         // The store's reasoning (appends, followers) assumes each statement

@@ -15,14 +15,16 @@ pub(crate) mod rows;
 pub(crate) mod shadow;
 mod sqlite;
 mod stmt;
+mod writer_queue;
 
 pub(crate) use connection::{
     in_transaction, note_if_connection_lost, parse_url, private_write_transaction,
-    read_only_snapshot, Listener, LogMark,
+    read_only_snapshot, statement_turn, Listener, LogMark,
 };
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::{cached_shape, CHUNK};
 pub(crate) use stmt::{Bind, Stmt};
+pub(crate) use writer_queue::Turn;
 
 use crate::error::Result;
 use es_core::view::ColumnType;

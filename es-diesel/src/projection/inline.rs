@@ -55,6 +55,8 @@ pub(crate) fn append_events_if(
     condition: Option<&AppendCondition>,
     project: bool,
 ) -> Result<Vec<RecordedEvent>> {
+    // An append that commits by itself waits for its turn to write here.
+    let _turn = crate::backend::statement_turn(conn);
     // An ambiguous registry refuses before anything is inserted.
     let check = || registry().map(|_| ());
     insert_writes(

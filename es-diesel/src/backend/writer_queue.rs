@@ -1,0 +1,322 @@
+//! The queue in which a process's writers of one SQLite file wait for its
+//! write lock.
+//!
+//! SQLite lets one connection write at a time. A connection that finds the
+//! lock taken calls its busy handler, which sleeps (1, 2, 5, 10 … then
+//! 100 ms at a time) and tries again: it does not learn when the lock is
+//! released, and a writer that happens to try at the right moment overtakes
+//! the ones asleep. Under a few concurrent writers most appends take no
+//! time and an unlucky one sleeps for seconds (1.0–1.5 s in `es-bench`'s
+//! phase C with 4 writers), and with enough writers one can reach the busy
+//! timeout and fail although the lock was free most of the time.
+//!
+//! So every connection of a store on a SQLite file carries its file's
+//! queue (as its Diesel instrumentation, which forwards every event to the
+//! instrumentation Diesel would have installed), and every write the store
+//! starts outside a transaction takes a turn first: writers of the process
+//! wait in a mutex, parked, and the next is woken when a writer's
+//! transaction ends. SQLite's own lock still decides who writes; the queue
+//! only decides who tries, so writers of other processes (and connections
+//! whose instrumentation the application replaced) fall back to the busy
+//! handler as before, and nothing depends on the queue for correctness.
+
+use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+use parking_lot::lock_api::ArcReentrantMutexGuard;
+use parking_lot::{RawMutex, RawThreadId, ReentrantMutex};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// The writers of one SQLite file in this process.
+///
+/// Reentrant: a thread that holds the turn and writes on a second
+/// connection (a projector that opens one) goes straight to SQLite's lock,
+/// where it meets its own transaction as it always did, instead of waiting
+/// for itself.
+#[derive(Default)]
+pub(crate) struct WriterQueue {
+    turn: Arc<ReentrantMutex<()>>,
+    /// Writers waiting for the turn (tests wait on it).
+    waiting: AtomicUsize,
+}
+
+/// Holding it is having the turn; dropping it wakes the next writer.
+pub(crate) type Turn = ArcReentrantMutexGuard<RawMutex, RawThreadId, ()>;
+
+impl WriterQueue {
+    /// The queue of the SQLite file at `path` (one per file in the process,
+    /// whichever path names it), while a store on it is open.
+    pub(crate) fn of_file(path: &Path) -> Arc<WriterQueue> {
+        static QUEUES: Mutex<Option<HashMap<PathBuf, Weak<WriterQueue>>>> = Mutex::new(None);
+        // The file exists once a connection opened it; a path that cannot
+        // be resolved keeps a queue of its own.
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let mut queues = QUEUES.lock().unwrap_or_else(|e| e.into_inner());
+        let queues = queues.get_or_insert_with(HashMap::new);
+        if let Some(queue) = queues.get(&key).and_then(Weak::upgrade) {
+            return queue;
+        }
+        queues.retain(|_, q| q.strong_count() > 0);
+        let queue = Arc::new(WriterQueue::default());
+        queues.insert(key, Arc::downgrade(&queue));
+        queue
+    }
+
+    /// Waits for the turn, at most `wait`; `None` when it did not come (the
+    /// writer then goes on to SQLite's own busy handling).
+    pub(crate) fn take(&self, wait: Duration) -> Option<Turn> {
+        if let Some(turn) = self.turn.try_lock_arc() {
+            return Some(turn);
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let turn = self.turn.try_lock_arc_for(wait);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if turn.is_none() {
+            tracing::debug!(
+                wait_ms = wait.as_millis() as u64,
+                "no turn to write within the busy timeout; trying SQLite's lock directly"
+            );
+        }
+        turn
+    }
+
+    /// How many writers are waiting for the turn.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// The instrumentation installed on a store's SQLite connections: it carries
+/// the file's [`WriterQueue`] and passes every event on to the
+/// instrumentation Diesel gave the connection.
+pub(crate) struct QueuedWriters {
+    pub(crate) queue: Arc<WriterQueue>,
+    /// How long to wait for a turn: the store's busy timeout.
+    pub(crate) wait: Duration,
+    inner: Option<Box<dyn Instrumentation>>,
+}
+
+impl Instrumentation for QueuedWriters {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let Some(inner) = &mut self.inner {
+            inner.on_connection_event(event);
+        }
+    }
+}
+
+/// Gives `conn` the file's queue.
+pub(crate) fn install(conn: &mut SqliteConnection, queue: Arc<WriterQueue>, wait: Duration) {
+    conn.set_instrumentation(QueuedWriters {
+        queue,
+        wait,
+        inner: get_default_instrumentation(),
+    });
+}
+
+/// Waits for `conn`'s turn to write, if it has a queue.
+pub(crate) fn turn(conn: &mut SqliteConnection) -> Option<Turn> {
+    let queued = conn.instrumentation().downcast_ref::<QueuedWriters>()?;
+    let (queue, wait) = (Arc::clone(&queued.queue), queued.wait);
+    queue.take(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{write_transaction, DbConnection, EventStore, ExpectedVersion, StoreOptions};
+    use es_core::{DecodeError, EncodeError, Event};
+    use std::time::Instant;
+
+    /// An event written by hand (the derive names the crate from outside).
+    #[derive(Debug)]
+    struct Wrote;
+
+    impl Event for Wrote {
+        const EVENT_TYPES: &'static [&'static str] = &["Wrote"];
+        fn event_type(&self) -> &'static str {
+            "Wrote"
+        }
+        fn event_version(&self) -> u16 {
+            1
+        }
+        fn encode(&self) -> Result<String, EncodeError> {
+            Ok("{}".into())
+        }
+        fn decode(_: &str, _: u16, _: &str) -> Result<Self, DecodeError> {
+            Ok(Wrote)
+        }
+    }
+
+    fn store(dir: &tempfile::TempDir, busy_timeout: Duration) -> EventStore {
+        let path = dir.path().join("queue.db");
+        let store = EventStore::open_with(
+            path.to_str().unwrap(),
+            StoreOptions {
+                pool_size: 12,
+                busy_timeout,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        store.migrate().unwrap();
+        store
+    }
+
+    fn write(stream: &str) -> crate::StreamWrite {
+        let mut w = crate::StreamWrite::new(stream, ExpectedVersion::NoStream);
+        w.push(&Wrote).unwrap();
+        w
+    }
+
+    fn queue_of(store: &EventStore) -> Arc<WriterQueue> {
+        let mut conn = store.connection().unwrap();
+        let DbConnection::Sqlite(c) = &mut *conn else {
+            panic!("a SQLite store")
+        };
+        let queued = c.instrumentation().downcast_ref::<QueuedWriters>();
+        Arc::clone(
+            &queued
+                .expect("the store's connections carry the queue")
+                .queue,
+        )
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn position(store: &EventStore, stream: &str) -> i64 {
+        store.read_stream(stream, 1, 1).unwrap()[0].global_position
+    }
+
+    /// Writers that find the write lock taken wait in the queue and write in
+    /// the order they came, as soon as the lock is free: in SQLite's busy
+    /// handler they would wake at times of their own and write in any order.
+    #[test]
+    fn writers_of_one_file_write_in_the_order_they_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, Duration::from_secs(30));
+        let queue = queue_of(&store);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (began, has_begun) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut conn = store.connection().unwrap();
+                write_transaction(&mut conn, |c| -> crate::Result<()> {
+                    crate::append_in(c, &[write("holder")])?;
+                    began.send(()).unwrap();
+                    released.recv().unwrap();
+                    Ok(())
+                })
+                .unwrap();
+            })
+        };
+        has_begun.recv().unwrap();
+        let writers: Vec<_> = (0..6)
+            .map(|i| {
+                let store = store.clone();
+                let writer = std::thread::spawn(move || {
+                    store
+                        .append(&format!("w{i}"), ExpectedVersion::NoStream, [Wrote])
+                        .unwrap();
+                });
+                wait_until(&format!("writer {i} waits"), || queue.waiting() == i + 1);
+                writer
+            })
+            .collect();
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let positions: Vec<i64> = (0..6).map(|i| position(&store, &format!("w{i}"))).collect();
+        let mut sorted = positions.clone();
+        sorted.sort_unstable();
+        assert_eq!(positions, sorted, "writers wrote out of their order");
+        assert!(position(&store, "holder") < positions[0]);
+    }
+
+    /// A writer whose turn does not come within the busy timeout tries
+    /// SQLite's lock itself, and writes if it is free.
+    #[test]
+    fn a_writer_whose_turn_does_not_come_tries_the_lock_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, Duration::from_millis(200));
+        let queue = queue_of(&store);
+        let held = queue.take(Duration::ZERO).expect("a free turn");
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || store.append("late", ExpectedVersion::NoStream, [Wrote]))
+        };
+        let written = writer.join().unwrap();
+        assert!(written.is_ok(), "{written:?}");
+        drop(held);
+        assert_eq!(queue.waiting(), 0);
+    }
+
+    /// A thread that holds the turn and writes on a second connection is not
+    /// made to wait for itself: it meets its own transaction's lock in
+    /// SQLite, which fails after one busy timeout, as it did without a queue.
+    #[test]
+    fn a_second_write_of_the_thread_holding_the_turn_waits_one_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let timeout = Duration::from_millis(1000);
+        let store = store(&dir, timeout);
+        let mut conn = store.connection().unwrap();
+        let mut elapsed = Duration::ZERO;
+        let inner = write_transaction(&mut conn, |c| -> crate::Result<_> {
+            crate::append_in(c, &[write("outer")])?;
+            let started = Instant::now();
+            let inner = store.append("inner", ExpectedVersion::NoStream, [Wrote]);
+            elapsed = started.elapsed();
+            Ok(inner.is_err())
+        })
+        .unwrap();
+        assert!(
+            inner,
+            "the second connection wrote while the first held the lock"
+        );
+        assert!(
+            elapsed < timeout * 19 / 10,
+            "waited {elapsed:?}: for its own turn and then for SQLite"
+        );
+    }
+
+    /// Stores opened on one file, by any path, share its queue; another
+    /// file has its own.
+    #[test]
+    fn stores_on_one_file_share_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = store(&dir, Duration::from_secs(5));
+        let other_spelling = dir.path().join(".").join("queue.db");
+        let two = EventStore::open(other_spelling.to_str().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&queue_of(&one), &queue_of(&two)));
+        let elsewhere = tempfile::tempdir().unwrap();
+        let three = store(&elsewhere, Duration::from_secs(5));
+        assert!(!Arc::ptr_eq(&queue_of(&one), &queue_of(&three)));
+    }
+
+    /// An in-memory database has one connection and no queue.
+    #[test]
+    fn an_in_memory_store_has_no_queue() {
+        let store = EventStore::open(":memory:").unwrap();
+        let mut conn = store.connection().unwrap();
+        let DbConnection::Sqlite(c) = &mut *conn else {
+            panic!("a SQLite store")
+        };
+        assert!(c
+            .instrumentation()
+            .downcast_ref::<QueuedWriters>()
+            .is_none());
+    }
+}
