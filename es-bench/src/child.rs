@@ -35,6 +35,13 @@ struct Task {
     replay_events: u64,
     /// Events preloaded before the phase (0 for the phases without).
     preload_events: u64,
+    /// `StoreOptions::queue_sqlite_writers` of the framework's store.
+    #[serde(default = "yes")]
+    writer_queue: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the run child prints on stdout.
@@ -77,6 +84,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         events: args.events,
         replay_events: args.replay_events,
         preload_events: phase.preload(args.preload_events),
+        writer_queue: !args.no_writer_queue,
     };
     spawn(&task)?;
     task.step = Step::Run;
@@ -149,7 +157,7 @@ pub fn child_main(task: &str) -> Result<()> {
     match task.step {
         Step::Prepare => match task.imp {
             Impl::Es => framework::prepare(
-                &framework::open(&task.url, sync, task.phase)?,
+                &framework::open(&task.url, sync, task.writer_queue, task.phase)?,
                 task.phase,
                 n,
                 preload,
@@ -168,7 +176,7 @@ pub fn child_main(task: &str) -> Result<()> {
             };
             let (elapsed, mut latencies, state) = match task.imp {
                 Impl::Es => {
-                    let store = framework::open(&task.url, sync, task.phase)?;
+                    let store = framework::open(&task.url, sync, task.writer_queue, task.phase)?;
                     let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;
                     (elapsed, latencies, framework::state(&store, task.phase)?)
                 }

@@ -150,12 +150,18 @@ fn list_returned(e: &BookReturned, row: &mut Option<BookList>) -> Result<(), Str
 }
 
 /// Opens the store the way an application would, with the SQLite
-/// durability the benchmark runs under. Inline projectors run only in
+/// durability (and writer queue) the benchmark runs under. Inline projectors run only in
 /// phase B: the others measure appends without a read model (A, C) or
 /// seed a log whose read model D rebuilds.
-pub fn open(url: &str, sqlite_sync: SqliteSync, phase: Phase) -> Result<EventStore> {
+pub fn open(
+    url: &str,
+    sqlite_sync: SqliteSync,
+    queue_sqlite_writers: bool,
+    phase: Phase,
+) -> Result<EventStore> {
     let options = StoreOptions {
         sqlite_sync,
+        queue_sqlite_writers,
         inline_projectors: phase == Phase::B,
         ..StoreOptions::default()
     };

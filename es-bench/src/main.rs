@@ -241,6 +241,10 @@ pub struct Args {
     /// SQLite `PRAGMA synchronous` (journal mode is always WAL).
     #[arg(long, value_enum, default_value_t = SyncArg::Full)]
     sqlite_sync: SyncArg,
+    /// The framework's SQLite writers wait in SQLite's busy handler instead
+    /// of its writer queue (`StoreOptions::queue_sqlite_writers` off).
+    #[arg(long)]
+    no_writer_queue: bool,
     /// One JSON object per (phase, implementation) on stdout instead of a table.
     #[arg(long)]
     json: bool,

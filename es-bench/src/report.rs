@@ -182,6 +182,16 @@ impl Results {
             self.backend, args.events, args.replay_events, args.preload_events, args.runs
         );
         println!("   durability: {durability}");
+        if self.backend == BackendArg::Sqlite {
+            println!(
+                "   concurrent writers (C): {}; raw's wait in SQLite's busy handler",
+                if args.no_writer_queue {
+                    "the framework's wait in SQLite's busy handler (--no-writer-queue)"
+                } else {
+                    "the framework's wait in its writer queue (StoreOptions::queue_sqlite_writers)"
+                }
+            );
+        }
         println!("   state per command (A, B, C): {APPROACH}: the whole book stream is read and folded, no cache, both implementations");
         if args.preload_events > 0 {
             println!(

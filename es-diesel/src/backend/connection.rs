@@ -59,6 +59,15 @@ pub struct StoreOptions {
     /// instead of a new empty database: a command that only reads or appends
     /// should not conjure up a store because of a mistyped path.
     pub create_if_missing: bool,
+    /// Let this process's writers of a SQLite file wait for its write lock
+    /// in a queue, each woken when the write before it ends (the default),
+    /// instead of in SQLite's busy handler, which sleeps and retries: there
+    /// a writer that tries at the right moment overtakes those asleep, so
+    /// under concurrent writers most appends are quick and some wait for
+    /// seconds. The queue bounds that wait at the cost of some throughput
+    /// when more threads write than the machine has cores; turn it off for
+    /// a batch job that only cares about the total.
+    pub queue_sqlite_writers: bool,
 }
 
 impl Default for StoreOptions {
@@ -70,6 +79,7 @@ impl Default for StoreOptions {
             connection_timeout: Duration::from_secs(30),
             inline_projectors: true,
             create_if_missing: true,
+            queue_sqlite_writers: true,
         }
     }
 }
@@ -242,7 +252,8 @@ impl Manager {
                     super::sqlite::guard_unmigrated_versions(&mut conn)
                 })
                 .map_err(ConnectionError::CouldntSetupConfiguration)?;
-                if let (false, Some(file)) = (*memory, self.target.sqlite_file()) {
+                let queued = self.options.queue_sqlite_writers && !*memory;
+                if let (true, Some(file)) = (queued, self.target.sqlite_file()) {
                     super::writer_queue::install(
                         &mut conn,
                         super::writer_queue::WriterQueue::of_file(&file),
