@@ -437,13 +437,13 @@ mod tests {
     fn prepare_and_run_preloaded(db: &TestDatabase, phase: Phase, n: u64, preload: u64) -> State {
         let url = db.url();
         prepare(
-            &open(url, SqliteSync::Normal, phase).unwrap(),
+            &open(url, SqliteSync::Normal, true, phase).unwrap(),
             phase,
             n,
             preload,
         )
         .unwrap();
-        let store = open(url, SqliteSync::Normal, phase).unwrap();
+        let store = open(url, SqliteSync::Normal, true, phase).unwrap();
         let commands: Vec<Command> = match phase {
             Phase::D => Vec::new(),
             _ => workload::commands(n).collect(),
