@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn d_seeds_an_empty_read_model_and_the_rebuild_fills_it() {
         for db in TestDatabase::all() {
-            let store = open(db.url(), SqliteSync::Normal, Phase::D).unwrap();
+            let store = open(db.url(), SqliteSync::Normal, true, Phase::D).unwrap();
             prepare(&store, Phase::D, 200, 0).unwrap();
             assert_eq!(book_list_rows(&store), 0, "seed on {}", db.backend());
             run(&store, Phase::D, &[]).unwrap();
