@@ -306,6 +306,34 @@ mod tests {
         assert!(!Arc::ptr_eq(&queue_of(&one), &queue_of(&three)));
     }
 
+    /// With `queue_sqlite_writers` off, connections keep the instrumentation
+    /// Diesel gave them, and writers wait in SQLite's busy handler.
+    #[test]
+    fn a_store_without_the_queue_leaves_its_connections_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("unqueued.db");
+        let store = EventStore::open_with(
+            path.to_str().unwrap(),
+            StoreOptions {
+                queue_sqlite_writers: false,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        store.migrate().unwrap();
+        store
+            .append("s", ExpectedVersion::NoStream, [Wrote])
+            .unwrap();
+        let mut conn = store.connection().unwrap();
+        let DbConnection::Sqlite(c) = &mut *conn else {
+            panic!("a SQLite store")
+        };
+        assert!(c
+            .instrumentation()
+            .downcast_ref::<QueuedWriters>()
+            .is_none());
+    }
+
     /// An in-memory database has one connection and no queue.
     #[test]
     fn an_in_memory_store_has_no_queue() {
