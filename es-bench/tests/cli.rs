@@ -86,12 +86,15 @@ fn check_latency(l: &serde_json::Value) {
     let lat = &l["latency_us"];
     assert_eq!(lat.is_null(), !commands, "{l}");
     if commands {
-        let (p50, p99, max) = (
+        let (mean, p50, p99, p999, max) = (
+            lat["mean"].as_f64().unwrap(),
             lat["p50"].as_f64().unwrap(),
             lat["p99"].as_f64().unwrap(),
+            lat["p999"].as_f64().unwrap(),
             lat["max"].as_f64().unwrap(),
         );
-        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{l}");
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "{l}");
+        assert!(0.0 < mean && mean <= max, "{l}");
     }
     let ratio = l["p99_vs_raw"].as_f64();
     assert_eq!(ratio.is_some(), commands && l["impl"] == "es", "{l}");
@@ -151,9 +154,34 @@ fn table_shows_latencies_and_the_p99_goal() {
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("--preload-events 100"), "{table}");
     assert!(table.contains("latency per command, µs"), "{table}");
-    assert!(table.contains("fw/raw p99"), "{table}");
+    assert!(table.contains("p99.9"), "{table}");
+    assert!(table.contains("framework p99 / raw p99: A "), "{table}");
     assert!(
         table.contains("C: framework p99 latency / raw p99 = "),
+        "{table}"
+    );
+    assert!(
+        table.contains("the framework's wait in its writer queue"),
+        "{table}"
+    );
+}
+
+#[test]
+fn no_writer_queue_runs_the_framework_with_the_busy_handler() {
+    let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
+        .args(["--backend", "sqlite", "--sqlite-sync", "normal"])
+        .args(["--phases", "C", "--events", "200", "--runs", "1"])
+        .arg("--no-writer-queue")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("the framework's wait in SQLite's busy handler (--no-writer-queue)"),
         "{table}"
     );
 }
