@@ -41,7 +41,10 @@ pub struct StoreOptions {
     pub pool_size: u32,
     /// How long a SQLite writer waits for the write lock before failing
     /// (also the bound on setting up a connection to a file another process
-    /// is setting up at the same moment).
+    /// is setting up at the same moment). With
+    /// [`queue_sqlite_writers`](Self::queue_sqlite_writers), a writer waits
+    /// at most this long for its turn in the queue and then at most this
+    /// long for SQLite's lock.
     pub busy_timeout: Duration,
     pub sqlite_sync: SqliteSync,
     /// How long `pool.get()` waits for a free connection, and the bound on
@@ -60,7 +63,8 @@ pub struct StoreOptions {
     /// should not conjure up a store because of a mistyped path.
     pub create_if_missing: bool,
     /// Let this process's writers of a SQLite file wait for its write lock
-    /// in a queue, each woken when the write before it ends (the default),
+    /// in a queue, in the order they came, each woken when the write before
+    /// it ends (the default),
     /// instead of in SQLite's busy handler, which sleeps and retries: there
     /// a writer that tries at the right moment overtakes those asleep, so
     /// under concurrent writers most appends are quick and some wait for

@@ -11,41 +11,88 @@
 //! timeout and fail although the lock was free most of the time.
 //!
 //! So every connection of a store on a SQLite file carries its file's
-//! queue (as its Diesel instrumentation, which forwards every event to the
-//! instrumentation Diesel would have installed), and every write the store
-//! starts outside a transaction takes a turn first: writers of the process
-//! wait in a mutex, parked, and the next is woken when a writer's
-//! transaction ends. SQLite's own lock still decides who writes; the queue
-//! only decides who tries, so writers of other processes (and connections
-//! whose instrumentation the application replaced) fall back to the busy
-//! handler as before, and nothing depends on the queue for correctness.
+//! queue (as its Diesel instrumentation, which forwards every event to a
+//! new instance of Diesel's default instrumentation, made when the queue is
+//! installed), and every write transaction the store opens
+//! ([`write_transaction`](crate::write_transaction)) and every append that
+//! is one statement takes a turn first: writers of the process draw a
+//! ticket and wait, blocked, until the writers before them are done.
+//! SQLite's own lock still decides who writes; the queue only decides who
+//! tries, so writers of other processes, connections whose instrumentation
+//! the application replaced, the application's own Diesel writes and a few
+//! single statements of the store outside transactions (a runner releasing
+//! its lease, clearing a failure; a rebuild releasing its claim) wait in
+//! the busy handler as before, and nothing depends on the queue for
+//! correctness. A writer waits for its turn at most the busy timeout, and
+//! then for SQLite's lock at most the busy timeout again.
 
 use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::sqlite::SqliteConnection;
 use diesel::Connection;
-use parking_lot::lock_api::ArcReentrantMutexGuard;
-use parking_lot::{RawMutex, RawThreadId, ReentrantMutex};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
-/// The writers of one SQLite file in this process.
+/// The writers of one SQLite file in this process: a ticket queue.
 ///
+/// A writer draws a ticket and waits until the tickets before it have been
+/// served: writers take the turn strictly in the order they came (a thread
+/// that finds the turn free while others wait does not overtake them).
 /// Reentrant: a thread that holds the turn and writes on a second
 /// connection (a projector that opens one) goes straight to SQLite's lock,
 /// where it meets its own transaction as it always did, instead of waiting
 /// for itself.
 #[derive(Default)]
 pub(crate) struct WriterQueue {
-    turn: Arc<ReentrantMutex<()>>,
-    /// Writers waiting for the turn (tests wait on it).
-    waiting: AtomicUsize,
+    state: Mutex<QueueState>,
+    served: Condvar,
 }
 
-/// Holding it is having the turn; dropping it wakes the next writer.
-pub(crate) type Turn = ArcReentrantMutexGuard<RawMutex, RawThreadId, ()>;
+#[derive(Default)]
+struct QueueState {
+    /// The ticket the next writer to arrive draws.
+    next: u64,
+    /// The ticket whose writer takes the turn next.
+    serving: u64,
+    /// Tickets whose writers stopped waiting: skipped when their time comes.
+    abandoned: BTreeSet<u64>,
+    /// The thread that has the turn, and how many turns it holds.
+    holder: Option<(ThreadId, usize)>,
+}
+
+impl QueueState {
+    fn skip_abandoned(&mut self) {
+        while self.abandoned.remove(&self.serving) {
+            self.serving += 1;
+        }
+    }
+
+    /// Writers holding a ticket that has not been served.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        (self.next - self.serving) as usize - self.abandoned.len()
+    }
+}
+
+/// Having the turn; dropping it lets the next writer take it.
+pub(crate) struct Turn(Arc<WriterQueue>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        if let Some((thread, depth)) = &mut state.holder {
+            debug_assert_eq!(*thread, std::thread::current().id());
+            *depth -= 1;
+            if *depth == 0 {
+                state.holder = None;
+                drop(state);
+                self.0.served.notify_all();
+            }
+        }
+    }
+}
 
 impl WriterQueue {
     /// The queue of the SQLite file at `path` (one per file in the process,
@@ -66,28 +113,55 @@ impl WriterQueue {
         queue
     }
 
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // The state is consistent between statements: a panic elsewhere
+        // while it was locked leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits for the turn, at most `wait`; `None` when it did not come (the
     /// writer then goes on to SQLite's own busy handling).
-    pub(crate) fn take(&self, wait: Duration) -> Option<Turn> {
-        if let Some(turn) = self.turn.try_lock_arc() {
-            return Some(turn);
+    pub(crate) fn take(self: &Arc<Self>, wait: Duration) -> Option<Turn> {
+        let me = std::thread::current().id();
+        let mut state = self.lock();
+        if let Some((thread, depth)) = &mut state.holder {
+            if *thread == me {
+                *depth += 1;
+                return Some(Turn(Arc::clone(self)));
+            }
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let turn = self.turn.try_lock_arc_for(wait);
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        if turn.is_none() {
-            tracing::debug!(
-                wait_ms = wait.as_millis() as u64,
-                "no turn to write within the busy timeout; trying SQLite's lock directly"
-            );
+        let ticket = state.next;
+        state.next += 1;
+        let deadline = Instant::now() + wait;
+        while state.holder.is_some() || state.serving != ticket {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                state.abandoned.insert(ticket);
+                state.skip_abandoned();
+                drop(state);
+                self.served.notify_all();
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "no turn to write within the busy timeout; trying SQLite's lock directly"
+                );
+                return None;
+            }
+            state = self
+                .served
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        turn
+        state.holder = Some((me, 1));
+        state.serving += 1;
+        state.skip_abandoned();
+        Some(Turn(Arc::clone(self)))
     }
 
     /// How many writers are waiting for the turn.
     #[cfg(test)]
     pub(crate) fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+        self.lock().waiting()
     }
 }
 
@@ -251,17 +325,63 @@ mod tests {
     #[test]
     fn a_writer_whose_turn_does_not_come_tries_the_lock_itself() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir, Duration::from_millis(200));
+        let timeout = Duration::from_millis(300);
+        let store = store(&dir, timeout);
         let queue = queue_of(&store);
         let held = queue.take(Duration::ZERO).expect("a free turn");
         let writer = {
             let store = store.clone();
-            std::thread::spawn(move || store.append("late", ExpectedVersion::NoStream, [Wrote]))
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let written = store.append("late", ExpectedVersion::NoStream, [Wrote]);
+                (written, started.elapsed())
+            })
         };
-        let written = writer.join().unwrap();
+        wait_until("the writer waits", || queue.waiting() == 1);
+        let (written, waited) = writer.join().unwrap();
         assert!(written.is_ok(), "{written:?}");
-        drop(held);
+        assert!(waited >= timeout, "wrote after {waited:?}, before its turn");
         assert_eq!(queue.waiting(), 0);
+        // The abandoned ticket does not hold up the writers after it.
+        drop(held);
+        let next = queue.take(Duration::ZERO);
+        assert!(next.is_some(), "the turn stayed with an abandoned ticket");
+    }
+
+    /// A writer that arrives while the turn is free but others wait for it
+    /// takes its place behind them; a thread that holds the turn takes it
+    /// again at once.
+    #[test]
+    fn the_turn_goes_by_ticket_and_again_to_its_holder() {
+        let queue = Arc::new(WriterQueue::default());
+        let first = queue.take(Duration::ZERO).unwrap();
+        let again = queue.take(Duration::ZERO).expect("reentrant");
+        drop(again);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let (queue, tx) = (Arc::clone(&queue), tx.clone());
+            std::thread::spawn(move || {
+                let turn = queue.take(Duration::from_secs(30)).unwrap();
+                tx.send("waiter").unwrap();
+                drop(turn);
+            })
+        };
+        wait_until("the waiter waits", || queue.waiting() == 1);
+        // Still held once: a third thread waits for the turn, not for an
+        // abandoned second hold.
+        let late = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let turn = queue.take(Duration::from_secs(30)).unwrap();
+                tx.send("late").unwrap();
+                drop(turn);
+            })
+        };
+        wait_until("both wait", || queue.waiting() == 2);
+        drop(first);
+        waiter.join().unwrap();
+        late.join().unwrap();
+        assert_eq!(rx.iter().collect::<Vec<_>>(), ["waiter", "late"]);
     }
 
     /// A thread that holds the turn and writes on a second connection is not

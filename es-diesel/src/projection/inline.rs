@@ -55,8 +55,13 @@ pub(crate) fn append_events_if(
     condition: Option<&AppendCondition>,
     project: bool,
 ) -> Result<Vec<RecordedEvent>> {
-    // An append that commits by itself waits for its turn to write here.
-    let _turn = crate::backend::statement_turn(conn);
+    // An append that commits by itself waits for its turn to write here
+    // (one that writes nothing needs none).
+    let _turn = if writes.iter().any(|w| !w.events.is_empty()) {
+        crate::backend::statement_turn(conn)
+    } else {
+        None
+    };
     // An ambiguous registry refuses before anything is inserted.
     let check = || registry().map(|_| ());
     insert_writes(
