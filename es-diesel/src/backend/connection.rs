@@ -137,7 +137,40 @@ impl Target {
             Some(rest) => &rest[rest.find('/').unwrap_or(rest.len())..],
             None => uri,
         };
-        Some(file.into())
+        Some(percent_decoded(file))
+    }
+}
+
+/// A SQLite URI's path with its `%HH` escapes decoded, as SQLite decodes it.
+fn percent_decoded(path: &str) -> std::path::PathBuf {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStringExt;
+        std::ffi::OsString::from_vec(out).into()
+    }
+    #[cfg(not(unix))]
+    {
+        String::from_utf8_lossy(&out).into_owned().into()
     }
 }
 
@@ -756,6 +789,17 @@ mod tests {
             Some("/tmp/x.db".into())
         );
         assert_eq!(parse_url(":memory:").unwrap().sqlite_file(), None);
+        // SQLite decodes a URI's %HH escapes; an incomplete one stays.
+        assert_eq!(
+            parse_url("file:data/my%20library%2Edb?mode=rwc")
+                .unwrap()
+                .sqlite_file(),
+            Some("data/my library.db".into())
+        );
+        assert_eq!(
+            parse_url("file:100%.db").unwrap().sqlite_file(),
+            Some("100%.db".into())
+        );
         assert_eq!(
             parse_url("postgres://ann:secret@db.example:5433/books?sslmode=require")
                 .unwrap()

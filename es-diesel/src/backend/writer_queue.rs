@@ -76,6 +76,28 @@ impl QueueState {
     }
 }
 
+/// What identifies a file: on Unix its device and inode (a file deleted
+/// and created again at the same path is another file), elsewhere its
+/// canonical path. The file exists once a connection opened it; a path
+/// that cannot be read keeps a queue of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    #[cfg(unix)]
+    Inode(u64, u64),
+    Path(PathBuf),
+}
+
+impl FileKey {
+    fn of(path: &Path) -> FileKey {
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            return FileKey::Inode(meta.dev(), meta.ino());
+        }
+        FileKey::Path(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()))
+    }
+}
+
 /// Having the turn; dropping it lets the next writer take it.
 pub(crate) struct Turn(Arc<WriterQueue>);
 
@@ -98,10 +120,8 @@ impl WriterQueue {
     /// The queue of the SQLite file at `path` (one per file in the process,
     /// whichever path names it), while a store on it is open.
     pub(crate) fn of_file(path: &Path) -> Arc<WriterQueue> {
-        static QUEUES: Mutex<Option<HashMap<PathBuf, Weak<WriterQueue>>>> = Mutex::new(None);
-        // The file exists once a connection opened it; a path that cannot
-        // be resolved keeps a queue of its own.
-        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        static QUEUES: Mutex<Option<HashMap<FileKey, Weak<WriterQueue>>>> = Mutex::new(None);
+        let key = FileKey::of(path);
         let mut queues = QUEUES.lock().unwrap_or_else(|e| e.into_inner());
         let queues = queues.get_or_insert_with(HashMap::new);
         if let Some(queue) = queues.get(&key).and_then(Weak::upgrade) {
@@ -421,6 +441,13 @@ mod tests {
         let other_spelling = dir.path().join(".").join("queue.db");
         let two = EventStore::open(other_spelling.to_str().unwrap()).unwrap();
         assert!(Arc::ptr_eq(&queue_of(&one), &queue_of(&two)));
+        // A URI with escapes, as SQLite reads them.
+        let escaped = format!(
+            "file:{}?mode=rw",
+            dir.path().join("queue%2Edb").to_str().unwrap()
+        );
+        let uri = EventStore::open(&escaped).unwrap();
+        assert!(Arc::ptr_eq(&queue_of(&one), &queue_of(&uri)));
         let elsewhere = tempfile::tempdir().unwrap();
         let three = store(&elsewhere, Duration::from_secs(5));
         assert!(!Arc::ptr_eq(&queue_of(&one), &queue_of(&three)));
