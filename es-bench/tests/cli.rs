@@ -132,18 +132,12 @@ fn preloaded_log_counts_in_a_c_d_and_the_checks_hold() {
     assert_eq!(d["state"]["rm_books"], 1_005, "{d}");
 }
 
-#[test]
-fn table_shows_latencies_and_the_p99_goal() {
+/// The table a SQLite run of `args` prints (after checking it succeeded).
+fn sqlite_table(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
-        .args([
-            "--backend",
-            "sqlite",
-            "--sqlite-sync",
-            "normal",
-            "--phases",
-            "A,C",
-        ])
-        .args(["--events", "200", "--runs", "1", "--preload-events", "100"])
+        .args(["--backend", "sqlite", "--sqlite-sync", "normal"])
+        .args(["--events", "200", "--runs", "1"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -151,7 +145,12 @@ fn table_shows_latencies_and_the_p99_goal() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let table = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn table_shows_latencies_and_the_p99_goal() {
+    let table = sqlite_table(&["--phases", "A,C", "--preload-events", "100"]);
     assert!(table.contains("--preload-events 100"), "{table}");
     assert!(table.contains("latency per command, µs"), "{table}");
     assert!(table.contains("p99.9"), "{table}");
@@ -168,18 +167,7 @@ fn table_shows_latencies_and_the_p99_goal() {
 
 #[test]
 fn no_writer_queue_runs_the_framework_with_the_busy_handler() {
-    let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
-        .args(["--backend", "sqlite", "--sqlite-sync", "normal"])
-        .args(["--phases", "C", "--events", "200", "--runs", "1"])
-        .arg("--no-writer-queue")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8(out.stdout).unwrap();
+    let table = sqlite_table(&["--phases", "C", "--no-writer-queue"]);
     assert!(
         table.contains("the framework's wait in SQLite's busy handler (--no-writer-queue)"),
         "{table}"

@@ -144,24 +144,22 @@ impl Target {
 /// A SQLite URI's path with its `%HH` escapes decoded, as SQLite decodes it.
 fn percent_decoded(path: &str) -> std::path::PathBuf {
     let bytes = path.as_bytes();
+    let hex = |b: &u8| (*b as char).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+        if bytes[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                bytes.get(i + 1).and_then(hex),
+                bytes.get(i + 2).and_then(hex),
+            ) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
+                continue;
             }
         }
+        out.push(bytes[i]);
+        i += 1;
     }
     #[cfg(unix)]
     {
@@ -522,23 +520,15 @@ pub(crate) fn note_if_connection_lost(e: &diesel::result::Error) {
 /// turn was taken when it began (by [`write_transaction`]) or is left to
 /// SQLite's busy handler (a transaction of the application's).
 pub(crate) fn statement_turn(conn: &mut DbConnection) -> Option<super::Turn> {
-    let DbConnection::Sqlite(c) = conn else {
-        return None;
-    };
-    if in_transaction_sqlite(c) {
+    // A broken transaction manager counts as inside a transaction: no
+    // turn, and the statement fails as it would have.
+    if in_transaction(conn).unwrap_or(true) {
         return None;
     }
-    super::writer_queue::turn(c)
-}
-
-fn in_transaction_sqlite(c: &mut diesel::sqlite::SqliteConnection) -> bool {
-    type Tm = <diesel::sqlite::SqliteConnection as Connection>::TransactionManager;
-    // A broken transaction manager is treated as inside a transaction: no
-    // turn, and the statement fails as it would have.
-    !matches!(
-        Tm::transaction_manager_status_mut(c).transaction_depth(),
-        Ok(None)
-    )
+    match conn {
+        DbConnection::Sqlite(c) => super::writer_queue::turn(c),
+        _ => None,
+    }
 }
 
 /// Whether `conn` is inside a transaction.

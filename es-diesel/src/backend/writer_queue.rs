@@ -267,17 +267,18 @@ mod tests {
         w
     }
 
-    fn queue_of(store: &EventStore) -> Arc<WriterQueue> {
+    /// The queue a connection of `store` carries, if any.
+    fn queued(store: &EventStore) -> Option<Arc<WriterQueue>> {
         let mut conn = store.connection().unwrap();
         let DbConnection::Sqlite(c) = &mut *conn else {
             panic!("a SQLite store")
         };
-        let queued = c.instrumentation().downcast_ref::<QueuedWriters>();
-        Arc::clone(
-            &queued
-                .expect("the store's connections carry the queue")
-                .queue,
-        )
+        let queued = c.instrumentation().downcast_ref::<QueuedWriters>()?;
+        Some(Arc::clone(&queued.queue))
+    }
+
+    fn queue_of(store: &EventStore) -> Arc<WriterQueue> {
+        queued(store).expect("the store's connections carry the queue")
     }
 
     fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -471,27 +472,36 @@ mod tests {
         store
             .append("s", ExpectedVersion::NoStream, [Wrote])
             .unwrap();
-        let mut conn = store.connection().unwrap();
-        let DbConnection::Sqlite(c) = &mut *conn else {
-            panic!("a SQLite store")
+        assert!(queued(&store).is_none());
+    }
+
+    /// A write transaction that panics gives the turn back as it unwinds.
+    #[test]
+    fn a_panic_in_a_write_transaction_gives_the_turn_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, Duration::from_secs(30));
+        let queue = queue_of(&store);
+        let panicked = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut conn = store.connection().unwrap();
+                let _ = write_transaction(&mut conn, |_| -> crate::Result<()> {
+                    panic!("a projector's bug")
+                });
+            })
+            .join()
         };
-        assert!(c
-            .instrumentation()
-            .downcast_ref::<QueuedWriters>()
-            .is_none());
+        assert!(panicked.is_err());
+        assert!(
+            queue.take(Duration::ZERO).is_some(),
+            "the turn stayed with the thread that panicked"
+        );
     }
 
     /// An in-memory database has one connection and no queue.
     #[test]
     fn an_in_memory_store_has_no_queue() {
         let store = EventStore::open(":memory:").unwrap();
-        let mut conn = store.connection().unwrap();
-        let DbConnection::Sqlite(c) = &mut *conn else {
-            panic!("a SQLite store")
-        };
-        assert!(c
-            .instrumentation()
-            .downcast_ref::<QueuedWriters>()
-            .is_none());
+        assert!(queued(&store).is_none());
     }
 }
