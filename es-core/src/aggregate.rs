@@ -74,6 +74,10 @@ pub trait Aggregate: Default + Send + 'static {
     /// load. See [`Snapshots`].
     const SNAPSHOTS: Option<Snapshots<Self>> = None;
 
+    /// In-memory cache policy: `None` (the default) loads the stream at
+    /// every command. See [`Cache`].
+    const CACHE: Option<Cache<Self>> = None;
+
     /// The stream holding the aggregate with this id: `"{TYPE}-{id}"`.
     fn stream_id(id: &str) -> String {
         format!("{}-{id}", Self::TYPE)
@@ -172,6 +176,73 @@ impl<A> fmt::Debug for Snapshots<A> {
         f.debug_struct("Snapshots")
             .field("every", &self.every)
             .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+/// Keeps the states of recently used aggregates in memory, so that a command
+/// on one decides without reading its stream first.
+///
+/// ```
+/// # use es_core::{Aggregate, Cache};
+/// # #[derive(Default, Clone)] struct Book;
+/// # impl Aggregate for Book {
+/// #   const TYPE: &'static str = "book"; type Event = Ev; type Command = (); type Error = std::fmt::Error;
+/// #   fn apply(&mut self, _: &Ev) {} fn handle(&self, _: ()) -> Result<Vec<Ev>, std::fmt::Error> { Ok(vec![]) }
+/// // In `impl Aggregate for Book`: the 10,000 books used last.
+/// const CACHE: Option<Cache<Self>> = Some(Cache::entries(10_000));
+/// # }
+/// # struct Ev; impl es_core::Event for Ev { const EVENT_TYPES: &'static [&'static str] = &[];
+/// #   fn event_type(&self) -> &'static str { "" } fn event_version(&self) -> u16 { 1 }
+/// #   fn encode(&self) -> Result<String, es_core::EncodeError> { Ok(String::new()) }
+/// #   fn decode(_: &str, _: u16, _: &str) -> Result<Self, es_core::DecodeError> { Ok(Ev) } }
+/// ```
+///
+/// A cached state is never trusted blindly, as another process (or another
+/// store) may have appended to the stream since it was cached. The append
+/// expects the cached version, so a state that fell behind loses the race
+/// and the command is loaded and decided again; a command that the cached
+/// state refuses, or that decides nothing, is checked against the stream
+/// first. The cache holds states folded from the events as stored (decoded
+/// from their JSON, as a load would read them), one per stream, keeping the
+/// most recently used ones. It assumes what the log guarantees: events are
+/// only ever appended. After a database is restored from a backup under a
+/// running process, clear the cache (or restart the process).
+pub struct Cache<A> {
+    /// The most states kept (at least 1); the least recently used goes first.
+    pub entries: usize,
+    clone: fn(&A) -> A,
+}
+
+impl<A: Clone> Cache<A> {
+    /// Keep up to `entries` states (at least 1).
+    pub const fn entries(entries: usize) -> Self {
+        Cache {
+            entries: if entries == 0 { 1 } else { entries },
+            clone: <A as Clone>::clone,
+        }
+    }
+}
+
+impl<A> Cache<A> {
+    /// A copy of `state`.
+    pub fn copy(&self, state: &A) -> A {
+        (self.clone)(state)
+    }
+}
+
+impl<A> Clone for Cache<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Cache<A> {}
+
+impl<A> fmt::Debug for Cache<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.entries)
             .finish()
     }
 }

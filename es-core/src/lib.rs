@@ -18,7 +18,7 @@ pub mod upcast;
 mod version;
 pub mod view;
 
-pub use aggregate::{fold, Aggregate, Snapshots};
+pub use aggregate::{fold, Aggregate, Cache, Snapshots};
 pub use decision::{DecisionState, DecisionStates};
 pub use envelope::{Payload, Recorded, RecordedEvent};
 pub use error::{BoxError, DecodeError, EncodeError};

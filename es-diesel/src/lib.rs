@@ -164,7 +164,7 @@ pub use store::{EventStore, LogIter, PooledConnection};
 pub use es_core::Event;
 pub use es_core::{
     decision, fold, harness, name_clashes, registered_event_types, tag, upcast, validate_stream_id,
-    validate_tag, view, Aggregate, BoxError, DecisionState, DecisionStates, DecodeError,
+    validate_tag, view, Aggregate, BoxError, Cache, DecisionState, DecisionStates, DecodeError,
     EncodeError, EventRegistration, EventType, ExpectedVersion, Metadata, MetadataError, NameClash,
     NewEvent, Payload, Query, QueryError, QueryItem, Recorded, RecordedEvent, Snapshots,
     StreamIdError, TagError, MAX_QUERY_ITEMS, MAX_TAGS, MAX_TAG_BYTES,

@@ -2,11 +2,13 @@
 
 use crate::append::{retrying, StreamWrite};
 use crate::backend::{parse_url, write_transaction, Backend, Manager, StoreOptions};
+use crate::command::cache::StateCache;
 use crate::error::{check_stream_id, Error, Result};
 use crate::projection::append_events;
 use crate::{migrations, read};
-use es_core::{Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};
+use es_core::{Aggregate, Event, ExpectedVersion, Metadata, NewEvent, Recorded, RecordedEvent};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// A connection checked out of the store's pool.
 pub type PooledConnection = r2d2::PooledConnection<Manager>;
@@ -15,7 +17,8 @@ pub type PooledConnection = r2d2::PooledConnection<Manager>;
 const STREAM_PAGE: usize = 1_000;
 
 /// The event store: an append-only log in a SQL database, with a pool of
-/// connections. Cheap to clone; clones share the pool.
+/// connections. Cheap to clone; clones share the pool (and the cache of
+/// aggregates' states, see [`Cache`](crate::Cache)).
 ///
 /// ```
 /// use es_diesel::{Event, EventStore, ExpectedVersion};
@@ -40,6 +43,9 @@ pub struct EventStore {
     manager: Manager,
     backend: Backend,
     inline_projectors: bool,
+    /// Aggregates' states kept between commands; `None` with
+    /// [`StoreOptions::cache_aggregates`] off.
+    states: Option<Arc<StateCache>>,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -107,6 +113,9 @@ impl EventStore {
             manager,
             backend,
             inline_projectors: options.inline_projectors,
+            states: options
+                .cache_aggregates
+                .then(|| Arc::new(StateCache::default())),
         })
     }
 
@@ -144,6 +153,23 @@ impl EventStore {
                 .events
                 .iter()
                 .all(|e| e.tags.is_empty() && !crate::append::declares_tags(e.event_type))
+    }
+
+    /// The cache of `A`'s states, when `A` asks for one and the store keeps
+    /// them.
+    pub(crate) fn state_cache<A: Aggregate>(&self) -> Option<&StateCache> {
+        A::CACHE.and(self.states.as_deref())
+    }
+
+    /// Forgets every aggregate state this store (and its clones) keeps in
+    /// memory (see [`Cache`](crate::Cache)): the next command on each
+    /// aggregate loads its stream. Needed only when the log changed other
+    /// than by appends, such as a database restored from a backup under a
+    /// running process.
+    pub fn clear_aggregate_cache(&self) {
+        if let Some(states) = &self.states {
+            states.clear();
+        }
     }
 
     /// Whether this store runs inline projectors on append.

@@ -72,6 +72,10 @@ pub struct StoreOptions {
     /// when more threads write than the machine has cores; turn it off for
     /// a batch job that only cares about the total.
     pub queue_sqlite_writers: bool,
+    /// Keep in memory the states of aggregates that ask for it with
+    /// [`Aggregate::CACHE`](crate::Aggregate::CACHE) (the default). Off,
+    /// every command loads its stream, whatever the aggregates ask.
+    pub cache_aggregates: bool,
 }
 
 impl Default for StoreOptions {
@@ -84,6 +88,7 @@ impl Default for StoreOptions {
             inline_projectors: true,
             create_if_missing: true,
             queue_sqlite_writers: true,
+            cache_aggregates: true,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Commands against aggregates: load the stream (from a snapshot when there
 //! is one), decide, append with the expected version, retry on conflict.
 
+use super::cache::{Cached, StateCache};
 use super::snapshot;
 use crate::append::{micros, StreamWrite, ACTUAL_UNKNOWN};
 use crate::backend::{write_transaction, DbConnection};
@@ -151,21 +152,30 @@ pub(crate) fn load_in<A: Aggregate>(conn: &mut DbConnection, stream: &str) -> Re
 /// Saves a snapshot in a transaction of its own (a savepoint when the
 /// command runs in one): it is a cache, so failing to write it must not
 /// undo the command.
-fn save_snapshot_in<A: Aggregate>(conn: &mut DbConnection, stream: &str, state: &A, version: i64) {
-    let Some(policy) = A::SNAPSHOTS else { return };
+/// Returns whether it saved one.
+fn save_snapshot_in<A: Aggregate>(
+    conn: &mut DbConnection,
+    stream: &str,
+    state: &A,
+    version: i64,
+) -> bool {
+    let Some(policy) = A::SNAPSHOTS else {
+        return false;
+    };
     let json = match policy.encode(state) {
         Ok(json) => json,
         Err(err) => {
             tracing::warn!(aggregate = A::TYPE, stream, error = %err, "cannot serialize the aggregate's state; no snapshot saved");
-            return;
+            return false;
         }
     };
     let saved = write_transaction(conn, |c| {
         snapshot::save(c, A::TYPE, stream, policy.shape, version, &json)
     });
-    if let Err(err) = saved {
+    if let Err(err) = &saved {
         tracing::warn!(aggregate = A::TYPE, stream, version, error = %err, "cannot save snapshot");
     }
+    saved.is_ok()
 }
 
 impl EventStore {
@@ -417,8 +427,8 @@ impl EventStore {
     }
 }
 
-/// Loads, decides and appends; the append opens a transaction only if it
-/// must.
+/// Loads (or takes from the cache), decides and appends; the append opens a
+/// transaction only if it must.
 fn decide_and_append<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
@@ -426,26 +436,134 @@ fn decide_and_append<A: Aggregate>(
     command: A::Command,
     options: &ExecuteOptions,
     attempts: u32,
-) -> Result<Executed<A>, ExecuteError<A::Error>> {
+) -> Result<Executed<A>, ExecuteError<A::Error>>
+where
+    A::Command: Clone,
+{
+    let cache = store.state_cache::<A>();
+    // A retry after a lost race always reads the stream.
+    if let (Some(cache), 1) = (cache, attempts) {
+        if let Some(cached) = cache.take::<A>(stream) {
+            let cached = cached.into_loaded(stream);
+            if let Some(done) = decide_on_cached(store, conn, cache, cached, &command, options)? {
+                return Ok(done);
+            }
+        }
+    }
     let loaded = load_in::<A>(conn, stream)?;
-    let events = loaded.state.handle(command).map_err(ExecuteError::Domain)?;
-    let mut state = loaded.state;
+    match loaded.state.handle(command) {
+        Ok(events) => Ok(append_decided(
+            store, conn, cache, loaded, events, options, attempts,
+        )?),
+        Err(refused) => {
+            if let Some(cache) = cache {
+                cache.put(stream, cached_state(loaded));
+            }
+            Err(ExecuteError::Domain(refused))
+        }
+    }
+}
+
+fn cached_state<A>(loaded: Loaded<A>) -> Cached<A> {
+    Cached {
+        state: loaded.state,
+        version: loaded.version,
+        snapshot_version: loaded.snapshot_version,
+    }
+}
+
+/// Decides on a cached state. `None` when the state turned out to be behind
+/// the stream: the caller loads the stream and decides again.
+///
+/// The append expects the cached version, so a state that fell behind
+/// loses the race and writes nothing. A refusal, or a decision to write
+/// nothing, writes nothing to lose a race with: it stands only if no event
+/// follows the cached version.
+fn decide_on_cached<A: Aggregate>(
+    store: &EventStore,
+    conn: &mut DbConnection,
+    cache: &StateCache,
+    cached: Loaded<A>,
+    command: &A::Command,
+    options: &ExecuteOptions,
+) -> Result<Option<Executed<A>>, ExecuteError<A::Error>>
+where
+    A::Command: Clone,
+{
+    let decision = cached.state.handle(command.clone());
+    if let Ok(events) = &decision {
+        if !events.is_empty() {
+            let Ok(events) = decision else { unreachable!() };
+            return match append_decided(store, conn, Some(cache), cached, events, options, 1) {
+                Ok(done) => Ok(Some(done)),
+                Err(Error::Conflict { .. }) => Ok(None),
+                Err(other) => Err(other.into()),
+            };
+        }
+    }
+    let behind =
+        !read::read_stream_for_fold(conn, &cached.stream_id, cached.version + 1, 1)?.is_empty();
+    if behind {
+        return Ok(None);
+    }
+    match decision {
+        Err(refused) => {
+            let stream = cached.stream_id.clone();
+            cache.put(&stream, cached_state(cached));
+            Err(ExecuteError::Domain(refused))
+        }
+        Ok(_) => {
+            let done = unchanged(&cached, 1);
+            cache.put(&done.stream_id, cached_state(cached));
+            Ok(Some(done))
+        }
+    }
+}
+
+/// What a command that decided no events returns: a copy of the state
+/// (the cache keeps the state itself).
+fn unchanged<A: Aggregate>(loaded: &Loaded<A>, attempts: u32) -> Executed<A> {
+    let policy = A::CACHE.expect("only cached states are copied");
+    Executed {
+        stream_id: loaded.stream_id.clone(),
+        state: policy.copy(&loaded.state),
+        version: loaded.version,
+        events: Vec::new(),
+        attempts,
+    }
+}
+
+/// Appends the events `loaded.state` decided, expecting `loaded.version`;
+/// keeps the new state in `cache`, if given, once the append committed.
+fn append_decided<A: Aggregate>(
+    store: &EventStore,
+    conn: &mut DbConnection,
+    cache: Option<&StateCache>,
+    loaded: Loaded<A>,
+    events: Vec<A::Event>,
+    options: &ExecuteOptions,
+    attempts: u32,
+) -> Result<Executed<A>> {
     if events.is_empty() {
-        return Ok(Executed {
-            stream_id: loaded.stream_id,
-            state,
-            version: loaded.version,
-            events: Vec::new(),
-            attempts,
+        return Ok(match cache {
+            Some(cache) => {
+                let done = unchanged(&loaded, attempts);
+                cache.put(&done.stream_id, cached_state(loaded));
+                done
+            }
+            None => Executed {
+                stream_id: loaded.stream_id,
+                state: loaded.state,
+                version: loaded.version,
+                events: Vec::new(),
+                attempts,
+            },
         });
     }
+    let stream = loaded.stream_id.as_str();
     let mut write = StreamWrite::new(stream, ExpectedVersion::Exact(loaded.version));
     for event in &events {
-        write.push_new(
-            NewEvent::new(event)
-                .map_err(Error::from)?
-                .with_metadata(options.metadata.clone()),
-        );
+        write.push_new(NewEvent::new(event)?.with_metadata(options.metadata.clone()));
     }
     let writes = std::slice::from_ref(&write);
     let project = store.projects(writes)?;
@@ -454,19 +572,49 @@ fn decide_and_append<A: Aggregate>(
     } else {
         write_transaction(conn, |c| append_events(c, writes, project))?
     };
+    // A cached state is folded from the events as a load will read them
+    // (their JSON), not from the values the command made: a field that
+    // serde skips must not live on in the cache alone.
+    let mut cache = cache;
+    let mut state = loaded.state;
     let mut version = loaded.version;
     let mut out = Vec::with_capacity(events.len());
-    for (rec, event) in recorded.into_iter().zip(events) {
-        state.apply(&event);
+    for ((rec, event), new) in recorded.into_iter().zip(events).zip(&write.events) {
+        if cache.is_some() {
+            match <A::Event as es_core::Event>::decode(
+                new.event_type,
+                new.event_version,
+                &new.payload,
+            ) {
+                Ok(stored) => state.apply(&stored),
+                Err(err) => {
+                    tracing::warn!(aggregate = A::TYPE, stream, event_type = new.event_type, error = %err, "an appended event does not decode from its JSON; its state is not cached, and loading the stream will fail");
+                    cache = None;
+                    state.apply(&event);
+                }
+            }
+        } else {
+            state.apply(&event);
+        }
         version = rec.stream_version;
         out.push(rec.map(|_| event));
     }
+    let mut snapshot_version = loaded.snapshot_version;
     if let Some(policy) = A::SNAPSHOTS {
-        if version - loaded.snapshot_version.unwrap_or(0)
+        if version - snapshot_version.unwrap_or(0)
             >= i64::try_from(policy.every).unwrap_or(i64::MAX)
+            && save_snapshot_in(conn, stream, &state, version)
         {
-            save_snapshot_in(conn, stream, &state, version);
+            snapshot_version = Some(version);
         }
+    }
+    if let (Some(cache), Some(policy)) = (cache, A::CACHE) {
+        let kept = Cached {
+            state: policy.copy(&state),
+            version,
+            snapshot_version,
+        };
+        cache.put(stream, kept);
     }
     Ok(Executed {
         stream_id: loaded.stream_id,
