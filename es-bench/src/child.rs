@@ -38,6 +38,9 @@ struct Task {
     /// `StoreOptions::queue_sqlite_writers` of the framework's store.
     #[serde(default = "yes")]
     writer_queue: bool,
+    /// `StoreOptions::cache_aggregates` of the framework's store.
+    #[serde(default)]
+    aggregate_cache: bool,
 }
 
 fn yes() -> bool {
@@ -85,6 +88,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         replay_events: args.replay_events,
         preload_events: phase.preload(args.preload_events),
         writer_queue: !args.no_writer_queue,
+        aggregate_cache: args.aggregate_cache,
     };
     spawn(&task)?;
     task.step = Step::Run;
@@ -157,7 +161,13 @@ pub fn child_main(task: &str) -> Result<()> {
     match task.step {
         Step::Prepare => match task.imp {
             Impl::Es => framework::prepare(
-                &framework::open(&task.url, sync, task.writer_queue, task.phase)?,
+                &framework::open(
+                    &task.url,
+                    sync,
+                    task.writer_queue,
+                    task.aggregate_cache,
+                    task.phase,
+                )?,
                 task.phase,
                 n,
                 preload,
@@ -176,7 +186,13 @@ pub fn child_main(task: &str) -> Result<()> {
             };
             let (elapsed, mut latencies, state) = match task.imp {
                 Impl::Es => {
-                    let store = framework::open(&task.url, sync, task.writer_queue, task.phase)?;
+                    let store = framework::open(
+                        &task.url,
+                        sync,
+                        task.writer_queue,
+                        task.aggregate_cache,
+                        task.phase,
+                    )?;
                     let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;
                     (elapsed, latencies, framework::state(&store, task.phase)?)
                 }

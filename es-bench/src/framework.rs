@@ -13,14 +13,16 @@ use crate::workload::{self, Command, LogEvent, State};
 use crate::{latency, BenchError, Phase, Result};
 use diesel::prelude::*;
 use es_diesel::{
-    projector, Aggregate, Backend, Event, EventStore, ExecuteError, ExpectedVersion, ReadModel,
-    RebuildOptions, SqliteSync, StoreOptions, StreamWrite,
+    projector, Aggregate, Backend, Cache, Event, EventStore, ExecuteError, ExpectedVersion,
+    ReadModel, RebuildOptions, SqliteSync, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// How a command obtains the book's state, as printed in the report.
 pub const APPROACH: &str = "load + fold (no snapshots)";
+/// The framework's approach with `--aggregate-cache`.
+pub const APPROACH_CACHED: &str = "state cache (Aggregate::CACHE); load + fold on a miss";
 
 /// A book entered the catalogue.
 #[derive(Event, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -78,6 +80,9 @@ impl Aggregate for Book {
     type Event = BookEvent;
     type Command = Command;
     type Error = Refused;
+    /// Used only with `--aggregate-cache` (`StoreOptions::cache_aggregates`
+    /// is off otherwise, so that both implementations read every stream).
+    const CACHE: Option<Cache<Self>> = Some(Cache::entries(10_000));
 
     fn apply(&mut self, event: &BookEvent) {
         match event {
@@ -150,18 +155,21 @@ fn list_returned(e: &BookReturned, row: &mut Option<BookList>) -> Result<(), Str
 }
 
 /// Opens the store the way an application would, with the SQLite
-/// durability (and writer queue) the benchmark runs under. Inline projectors run only in
+/// durability (and writer queue) the benchmark runs under, and `Book`'s
+/// state cache only with `--aggregate-cache`. Inline projectors run only in
 /// phase B: the others measure appends without a read model (A, C) or
 /// seed a log whose read model D rebuilds.
 pub fn open(
     url: &str,
     sqlite_sync: SqliteSync,
     queue_sqlite_writers: bool,
+    cache_aggregates: bool,
     phase: Phase,
 ) -> Result<EventStore> {
     let options = StoreOptions {
         sqlite_sync,
         queue_sqlite_writers,
+        cache_aggregates,
         inline_projectors: phase == Phase::B,
         ..StoreOptions::default()
     };

@@ -245,6 +245,13 @@ pub struct Args {
     /// of its writer queue (`StoreOptions::queue_sqlite_writers` off).
     #[arg(long)]
     no_writer_queue: bool,
+    /// The framework keeps the books' states in memory between commands
+    /// (`Aggregate::CACHE`, `StoreOptions::cache_aggregates`), so that a
+    /// command on a book seen before reads no stream; raw still reads the
+    /// book's stream at every command. Off by default: both sides then do
+    /// the same reads.
+    #[arg(long)]
+    aggregate_cache: bool,
     /// One JSON object per (phase, implementation) on stdout instead of a table.
     #[arg(long)]
     json: bool,

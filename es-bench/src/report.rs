@@ -143,7 +143,13 @@ impl Results {
                     events_per_s: s.events_per_s,
                     peak_rss_kib: s.peak_rss_kib,
                     state: s.state,
-                    approach: phase.has_commands().then_some(APPROACH),
+                    approach: phase.has_commands().then_some(
+                        if imp == Impl::Es && args.aggregate_cache {
+                            crate::framework::APPROACH_CACHED
+                        } else {
+                            APPROACH
+                        },
+                    ),
                     preload_events: phase
                         .preloads()
                         .then_some(phase.preload(args.preload_events)),
@@ -192,7 +198,11 @@ impl Results {
                 }
             );
         }
-        println!("   state per command (A, B, C): {APPROACH}: the whole book stream is read and folded, no cache, both implementations");
+        if args.aggregate_cache {
+            println!("   state per command (A, B, C): {APPROACH}: raw reads and folds the whole book stream; the framework keeps each book's state in memory after its first command (--aggregate-cache), so its later commands read no stream");
+        } else {
+            println!("   state per command (A, B, C): {APPROACH}: the whole book stream is read and folded, no cache, both implementations");
+        }
         if args.preload_events > 0 {
             println!(
                 "   preloaded log (A, C, D): {} events on books {}.. ({} per stream) written untimed before the registrations; D replays them too",

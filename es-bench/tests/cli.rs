@@ -174,6 +174,37 @@ fn no_writer_queue_runs_the_framework_with_the_busy_handler() {
     );
 }
 
+/// With `--aggregate-cache` the framework decides on cached states, and
+/// every run's final state is still checked against the reference (the
+/// benchmark fails otherwise), concurrent writers (C) included.
+#[test]
+fn aggregate_cache_runs_the_framework_on_cached_states() {
+    let lines = bench(
+        "sqlite",
+        &[
+            "--sqlite-sync",
+            "normal",
+            "--phases",
+            "A,B,C",
+            "--aggregate-cache",
+        ],
+    );
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        let approach = l["approach"].as_str().unwrap();
+        if l["impl"] == "es" {
+            assert_eq!(
+                approach, "state cache (Aggregate::CACHE); load + fold on a miss",
+                "{l}"
+            );
+        } else {
+            assert_eq!(approach, "load + fold (no snapshots)", "{l}");
+        }
+    }
+    let table = sqlite_table(&["--phases", "A", "--aggregate-cache"]);
+    assert!(table.contains("(--aggregate-cache)"), "{table}");
+}
+
 #[test]
 fn sqlite_json_lines() {
     check(&bench("sqlite", &["--sqlite-sync", "normal"]), "sqlite");

@@ -125,13 +125,11 @@ fn ensure(by: &str) -> SeatCommand {
     SeatCommand::Ensure(by.into())
 }
 
+type Outcome = Result<Vec<(String, String)>, ExecuteError<Refused>>;
+
 /// Runs `command`, returning the events it appended (as `(type, by)`) and
 /// how many `apply` calls it made on this thread.
-fn run(
-    store: &EventStore,
-    seat: &str,
-    command: SeatCommand,
-) -> (Result<Vec<(String, String)>, ExecuteError<Refused>>, u64) {
+fn run(store: &EventStore, seat: &str, command: SeatCommand) -> (Outcome, u64) {
     let before = applied();
     let result = store.execute::<Seat>(seat, command).map(|done| {
         done.events
@@ -166,7 +164,7 @@ fn ev(kind: &str, by: &str) -> (String, String) {
     (kind.to_owned(), by.to_owned())
 }
 
-fn refused(result: Result<Vec<(String, String)>, ExecuteError<Refused>>) -> Refused {
+fn refused(result: Outcome) -> Refused {
     match result {
         Err(ExecuteError::Domain(refused)) => refused,
         other => panic!("expected a refusal, got {other:?}"),

@@ -81,15 +81,6 @@ impl StateCache {
         _dropped_after_unlock = entries.push(stream.to_owned(), cached);
     }
 
-    /// How many states of `A` the cache holds.
-    #[cfg(test)]
-    pub fn len<A: Aggregate>(&self) -> usize {
-        self.lock()
-            .get(&TypeId::of::<A>())
-            .and_then(|e| e.downcast_ref::<Entries<A>>())
-            .map_or(0, LruCache::len)
-    }
-
     /// Forgets every state.
     pub fn clear(&self) {
         let all = std::mem::take(&mut *self.lock());
