@@ -201,8 +201,18 @@ fn aggregate_cache_runs_the_framework_on_cached_states() {
             assert_eq!(approach, "load + fold (no snapshots)", "{l}");
         }
     }
-    let table = sqlite_table(&["--phases", "A", "--aggregate-cache"]);
+    let table = sqlite_table(&["--phases", "A,C", "--aggregate-cache"]);
     assert!(table.contains("(--aggregate-cache)"), "{table}");
+    // Not like for like: no goal of A or C is judged.
+    assert!(
+        !table.contains(": met") && !table.contains("MISSED"),
+        "{table}"
+    );
+    assert_eq!(
+        table.matches(": not judged (--aggregate-cache").count(),
+        3,
+        "{table}"
+    );
 }
 
 #[test]

@@ -201,6 +201,16 @@ impl EventStore {
     /// SQLite such a retry takes the write lock before loading, so it
     /// cannot lose again.
     ///
+    /// An aggregate with a [`Cache`](crate::Cache) decides on the state
+    /// its last command left in memory, without reading the stream. If
+    /// that state fell behind the stream (another process appended), the
+    /// append loses the race and the command is loaded and decided again,
+    /// without counting as a retry; a refusal, or a decision of no events,
+    /// from a cached state stands only once a read of the stream finds
+    /// nothing after it. [`Executed::state`] of such an aggregate is folded
+    /// from the new events as stored (decoded from their JSON), as a load
+    /// would fold them.
+    ///
     /// A refused command returns [`ExecuteError::Domain`] with the
     /// aggregate's own error, and writes nothing.
     ///
