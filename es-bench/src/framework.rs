@@ -439,19 +439,29 @@ mod tests {
     /// Prepares and runs `phase` as the child processes do: a store opened
     /// for the phase for each step.
     fn prepare_and_run(db: &TestDatabase, phase: Phase, n: u64) -> State {
-        prepare_and_run_preloaded(db, phase, n, 0)
+        prepare_and_run_with(db, phase, n, 0, false)
     }
 
     fn prepare_and_run_preloaded(db: &TestDatabase, phase: Phase, n: u64, preload: u64) -> State {
+        prepare_and_run_with(db, phase, n, preload, false)
+    }
+
+    fn prepare_and_run_with(
+        db: &TestDatabase,
+        phase: Phase,
+        n: u64,
+        preload: u64,
+        cache: bool,
+    ) -> State {
         let url = db.url();
         prepare(
-            &open(url, SqliteSync::Normal, true, phase).unwrap(),
+            &open(url, SqliteSync::Normal, true, false, phase).unwrap(),
             phase,
             n,
             preload,
         )
         .unwrap();
-        let store = open(url, SqliteSync::Normal, true, phase).unwrap();
+        let store = open(url, SqliteSync::Normal, true, cache, phase).unwrap();
         let commands: Vec<Command> = match phase {
             Phase::D => Vec::new(),
             _ => workload::commands(n).collect(),
@@ -473,6 +483,27 @@ mod tests {
                 assert_eq!(
                     prepare_and_run_preloaded(&db, phase, n, preload),
                     expected.with_preload(preload),
+                    "{phase} on {}",
+                    db.backend()
+                );
+            }
+        }
+    }
+
+    /// With Book's state cache (`--aggregate-cache`), concurrent writers
+    /// included.
+    #[test]
+    fn phases_a_b_c_on_cached_states_end_in_the_expected_state() {
+        let n = 300;
+        for (phase, expected) in [
+            (Phase::A, workload::expected(n).log_only()),
+            (Phase::B, workload::expected(n)),
+            (Phase::C, workload::expected(n).log_only()),
+        ] {
+            for db in TestDatabase::all() {
+                assert_eq!(
+                    prepare_and_run_with(&db, phase, n, 0, true),
+                    expected,
                     "{phase} on {}",
                     db.backend()
                 );
@@ -525,7 +556,7 @@ mod tests {
     #[test]
     fn d_seeds_an_empty_read_model_and_the_rebuild_fills_it() {
         for db in TestDatabase::all() {
-            let store = open(db.url(), SqliteSync::Normal, true, Phase::D).unwrap();
+            let store = open(db.url(), SqliteSync::Normal, true, false, Phase::D).unwrap();
             prepare(&store, Phase::D, 200, 0).unwrap();
             assert_eq!(book_list_rows(&store), 0, "seed on {}", db.backend());
             run(&store, Phase::D, &[]).unwrap();
