@@ -202,12 +202,22 @@ impl<A> fmt::Debug for Snapshots<A> {
 /// store) may have appended to the stream since it was cached. The append
 /// expects the cached version, so a state that fell behind loses the race
 /// and the command is loaded and decided again; a command that the cached
-/// state refuses, or that decides nothing, is checked against the stream
-/// first. The cache holds states folded from the events as stored (decoded
-/// from their JSON, as a load would read them), one per stream, keeping the
-/// most recently used ones. It assumes what the log guarantees: events are
-/// only ever appended. After a database is restored from a backup under a
-/// running process, clear the cache (or restart the process).
+/// state refuses, or that decides nothing, stands only once a read of the
+/// stream's last event finds the cached version there. A state is kept
+/// only once the command's transaction committed, folded from the events
+/// decoded from the JSON they were written as, one per stream, keeping the
+/// most recently used ones.
+///
+/// A load decodes the JSON the database gives back. On SQLite and MySQL
+/// that is the JSON written; PostgreSQL stores it as `jsonb`, which orders
+/// an object's keys and keeps the last of duplicate keys: a state that
+/// depends on the order of a map's keys (an `IndexMap`, a
+/// `serde_json::Value` with `preserve_order`) can differ between a cached
+/// and a loaded state there.
+///
+/// The cache trusts what the log guarantees: a stream's events never
+/// change. After a database is restored from a backup under a running
+/// process, clear the cache (or restart the process).
 pub struct Cache<A> {
     /// The most states kept (at least 1); the least recently used goes first.
     pub entries: usize,

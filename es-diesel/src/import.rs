@@ -143,6 +143,9 @@ impl EventStore {
                     other => break other?,
                 }
             };
+            if imported > 0 {
+                self.forget_cached_streams(batch.iter().map(|(stream, _)| stream.as_str()));
+            }
             report.imported += imported;
             report.skipped += skipped;
             progress(&report);

@@ -161,6 +161,19 @@ impl EventStore {
         A::CACHE.and(self.states.as_deref())
     }
 
+    /// Forgets the cached states of the streams this store just appended
+    /// to other than through a command: the next command on each reads
+    /// its stream instead of losing a race first.
+    pub(crate) fn forget_cached_states(&self, writes: &[StreamWrite]) {
+        self.forget_cached_streams(writes.iter().map(|w| w.stream_id.as_str()));
+    }
+
+    pub(crate) fn forget_cached_streams<'s>(&self, streams: impl IntoIterator<Item = &'s str>) {
+        if let Some(states) = &self.states {
+            states.forget(streams);
+        }
+    }
+
     /// Forgets every aggregate state this store (and its clones) keeps in
     /// memory (see [`Cache`](crate::Cache)): the next command on each
     /// aggregate loads its stream. Needed only when the log changed other
@@ -273,13 +286,15 @@ impl EventStore {
         let mut conn = self.connection()?;
         let single_statement = self.appends_in_one_statement(writes, self.projects(writes)?);
         let project = self.inline_projectors;
-        retrying(&mut conn, writes, |conn| {
+        let appended = retrying(&mut conn, writes, |conn| {
             if single_statement {
                 append_events(conn, writes, false)
             } else {
                 write_transaction(conn, |c| append_events(c, writes, project))
             }
-        })
+        })?;
+        self.forget_cached_states(writes);
+        Ok(appended)
     }
 
     /// Events of `stream` from `from_version` (1 = the start), at most `limit`.

@@ -86,11 +86,13 @@ impl EventStore {
         let project = self.projects(writes)?;
         // A deadlock or serialization failure wrote nothing: the condition
         // is checked again. A failed condition is returned.
-        crate::append::retrying(&mut conn, writes, |conn| {
+        let appended = crate::append::retrying(&mut conn, writes, |conn| {
             write_transaction(conn, |c| {
                 append_events_if(c, writes, Some(condition), project)
             })
-        })
+        })?;
+        self.forget_cached_states(writes);
+        Ok(appended)
     }
 
     /// Reads what `states` are built from, folds it, lets `decide` choose
@@ -205,6 +207,7 @@ impl EventStore {
             });
             match appended {
                 Ok(recorded) => {
+                    self.forget_cached_states(writes);
                     return Ok(Decided {
                         states: folded,
                         events: recorded

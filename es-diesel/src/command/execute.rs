@@ -40,7 +40,9 @@ pub struct Executed<A: Aggregate> {
     /// The appended events; empty when the command decided none, in which
     /// case nothing was written.
     pub events: Vec<Recorded<A::Event>>,
-    /// Load-and-decide rounds: 1, plus one per lost concurrency race.
+    /// Load-and-decide rounds: 1, plus one per lost concurrency race (a
+    /// race lost by a cached state that fell behind the stream is not
+    /// counted: see [`Cache`](crate::Cache)).
     pub attempts: u32,
 }
 
@@ -203,13 +205,16 @@ impl EventStore {
     ///
     /// An aggregate with a [`Cache`](crate::Cache) decides on the state
     /// its last command left in memory, without reading the stream. If
-    /// that state fell behind the stream (another process appended), the
-    /// append loses the race and the command is loaded and decided again,
-    /// without counting as a retry; a refusal, or a decision of no events,
-    /// from a cached state stands only once a read of the stream finds
-    /// nothing after it. [`Executed::state`] of such an aggregate is folded
-    /// from the new events as stored (decoded from their JSON), as a load
-    /// would fold them.
+    /// that state fell behind the stream (another process, or another
+    /// store, appended; this store's own appends forget the states of the
+    /// streams they write), the append loses the race and the command is
+    /// loaded and decided again, without counting as a retry; a refusal,
+    /// or a decision of no events, from a cached state stands only once a
+    /// read of the stream's last event finds the cached version there.
+    /// [`Executed::state`] of such an aggregate is folded from the new
+    /// events decoded from the JSON they were stored as, as a load would
+    /// fold them (but see [`Cache`](crate::Cache) on PostgreSQL's key
+    /// order).
     ///
     /// A refused command returns [`ExecuteError::Domain`] with the
     /// aggregate's own error, and writes nothing.
@@ -366,14 +371,33 @@ impl EventStore {
             // After a lost race SQLite takes the write lock first, so that
             // the retry cannot lose again: a writer that slept in SQLite's
             // busy handler would otherwise keep waking to a moved stream.
-            let run = |c: &mut DbConnection| {
-                decide_and_append::<A>(self, c, &stream, command.clone(), options, attempts)
+            // A state to cache is kept only once the transaction around
+            // the command, if any, has ended: what it decided is committed
+            // (or, for a refusal, nothing was written).
+            let cache = self.state_cache::<A>();
+            let generation = cache.map(StateCache::generation);
+            let mut keep = None;
+            let mut run = |c: &mut DbConnection| {
+                decide_and_append::<A>(
+                    self,
+                    c,
+                    &stream,
+                    command.clone(),
+                    options,
+                    attempts,
+                    &mut keep,
+                )
             };
             let result = if attempts > 1 && conn.dialect().serial_writers() {
                 write_transaction(&mut conn, run)
             } else {
                 run(&mut conn)
             };
+            if let (Some(cache), Some(generation), Some(kept)) = (cache, generation, keep) {
+                if matches!(result, Ok(_) | Err(ExecuteError::Domain(_))) {
+                    cache.put(&stream, kept, generation);
+                }
+            }
             match result {
                 Ok(executed) => return Ok(executed),
                 Err(ExecuteError::Store(e))
@@ -433,12 +457,17 @@ impl EventStore {
     /// Deletes every snapshot of aggregate `A` (they are rebuilt as commands
     /// run). Returns how many were deleted.
     pub fn delete_snapshots<A: Aggregate>(&self) -> Result<usize> {
-        snapshot::delete_all(&mut *self.connection()?, A::TYPE)
+        let deleted = snapshot::delete_all(&mut *self.connection()?, A::TYPE)?;
+        if let Some(cache) = self.state_cache::<A>() {
+            cache.forget_type::<A>();
+        }
+        Ok(deleted)
     }
 }
 
 /// Loads (or takes from the cache), decides and appends; the append opens a
-/// transaction only if it must.
+/// transaction only if it must. The state the command ends with is left in
+/// `keep` for the caller to cache once the command's transaction ended.
 fn decide_and_append<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
@@ -446,6 +475,7 @@ fn decide_and_append<A: Aggregate>(
     command: A::Command,
     options: &ExecuteOptions,
     attempts: u32,
+    keep: &mut Option<Cached<A>>,
 ) -> Result<Executed<A>, ExecuteError<A::Error>>
 where
     A::Command: Clone,
@@ -455,19 +485,22 @@ where
     if let (Some(cache), 1) = (cache, attempts) {
         if let Some(cached) = cache.take::<A>(stream) {
             let cached = cached.into_loaded(stream);
-            if let Some(done) = decide_on_cached(store, conn, cache, cached, &command, options)? {
+            if let Some(done) = decide_on_cached(store, conn, cached, &command, options, keep)? {
                 return Ok(done);
             }
         }
     }
     let loaded = load_in::<A>(conn, stream)?;
     match loaded.state.handle(command) {
-        Ok(events) => Ok(append_decided(
-            store, conn, cache, loaded, events, options, attempts,
-        )?),
+        Ok(events) => {
+            let caching = cache.is_some();
+            Ok(append_decided(
+                store, conn, caching, loaded, events, options, attempts, keep,
+            )?)
+        }
         Err(refused) => {
-            if let Some(cache) = cache {
-                cache.put(stream, cached_state(loaded));
+            if cache.is_some() {
+                *keep = Some(cached_state(loaded));
             }
             Err(ExecuteError::Domain(refused))
         }
@@ -482,20 +515,22 @@ fn cached_state<A>(loaded: Loaded<A>) -> Cached<A> {
     }
 }
 
-/// Decides on a cached state. `None` when the state turned out to be behind
-/// the stream: the caller loads the stream and decides again.
+/// Decides on a cached state. `None` when the state turned out not to be
+/// the stream's: the caller loads the stream and decides again.
 ///
-/// The append expects the cached version, so a state that fell behind
+/// The append expects the cached version, so a state behind the stream
 /// loses the race and writes nothing. A refusal, or a decision to write
-/// nothing, writes nothing to lose a race with: it stands only if no event
-/// follows the cached version.
+/// nothing, writes nothing to lose a race with: it stands only if the
+/// stream's last event is the cached version's (one read of at most two
+/// rows, which also finds a state ahead of the log, for events the log no
+/// longer holds).
 fn decide_on_cached<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
-    cache: &StateCache,
     cached: Loaded<A>,
     command: &A::Command,
     options: &ExecuteOptions,
+    keep: &mut Option<Cached<A>>,
 ) -> Result<Option<Executed<A>>, ExecuteError<A::Error>>
 where
     A::Command: Clone,
@@ -504,27 +539,29 @@ where
     if let Ok(events) = &decision {
         if !events.is_empty() {
             let Ok(events) = decision else { unreachable!() };
-            return match append_decided(store, conn, Some(cache), cached, events, options, 1) {
+            return match append_decided(store, conn, true, cached, events, options, 1, keep) {
                 Ok(done) => Ok(Some(done)),
                 Err(Error::Conflict { .. }) => Ok(None),
                 Err(other) => Err(other.into()),
             };
         }
     }
-    let behind =
-        !read::read_stream_for_fold(conn, &cached.stream_id, cached.version + 1, 1)?.is_empty();
-    if behind {
+    let tail = read::read_stream_for_fold(conn, &cached.stream_id, cached.version, 2)?;
+    let current = match cached.version {
+        0 => tail.is_empty(),
+        v => tail.len() == 1 && tail[0].stream_version == v,
+    };
+    if !current {
         return Ok(None);
     }
     match decision {
         Err(refused) => {
-            let stream = cached.stream_id.clone();
-            cache.put(&stream, cached_state(cached));
+            *keep = Some(cached_state(cached));
             Err(ExecuteError::Domain(refused))
         }
         Ok(_) => {
             let done = unchanged(&cached, 1);
-            cache.put(&done.stream_id, cached_state(cached));
+            *keep = Some(cached_state(cached));
             Ok(Some(done))
         }
     }
@@ -544,24 +581,26 @@ fn unchanged<A: Aggregate>(loaded: &Loaded<A>, attempts: u32) -> Executed<A> {
 }
 
 /// Appends the events `loaded.state` decided, expecting `loaded.version`;
-/// keeps the new state in `cache`, if given, once the append committed.
+/// with `caching`, leaves the new state in `keep`.
+#[allow(clippy::too_many_arguments)]
 fn append_decided<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
-    cache: Option<&StateCache>,
+    caching: bool,
     loaded: Loaded<A>,
     events: Vec<A::Event>,
     options: &ExecuteOptions,
     attempts: u32,
+    keep: &mut Option<Cached<A>>,
 ) -> Result<Executed<A>> {
     if events.is_empty() {
-        return Ok(match cache {
-            Some(cache) => {
+        return Ok(match caching {
+            true => {
                 let done = unchanged(&loaded, attempts);
-                cache.put(&done.stream_id, cached_state(loaded));
+                *keep = Some(cached_state(loaded));
                 done
             }
-            None => Executed {
+            false => Executed {
                 stream_id: loaded.stream_id,
                 state: loaded.state,
                 version: loaded.version,
@@ -585,12 +624,12 @@ fn append_decided<A: Aggregate>(
     // A cached state is folded from the events as a load will read them
     // (their JSON), not from the values the command made: a field that
     // serde skips must not live on in the cache alone.
-    let mut cache = cache;
+    let mut caching = caching;
     let mut state = loaded.state;
     let mut version = loaded.version;
     let mut out = Vec::with_capacity(events.len());
     for ((rec, event), new) in recorded.into_iter().zip(events).zip(&write.events) {
-        if cache.is_some() {
+        if caching {
             match <A::Event as es_core::Event>::decode(
                 new.event_type,
                 new.event_version,
@@ -599,7 +638,7 @@ fn append_decided<A: Aggregate>(
                 Ok(stored) => state.apply(&stored),
                 Err(err) => {
                     tracing::warn!(aggregate = A::TYPE, stream, event_type = new.event_type, error = %err, "an appended event does not decode from its JSON; its state is not cached, and loading the stream will fail");
-                    cache = None;
+                    caching = false;
                     state.apply(&event);
                 }
             }
@@ -618,13 +657,12 @@ fn append_decided<A: Aggregate>(
             snapshot_version = Some(version);
         }
     }
-    if let (Some(cache), Some(policy)) = (cache, A::CACHE) {
-        let kept = Cached {
+    if let (true, Some(policy)) = (caching, A::CACHE) {
+        *keep = Some(Cached {
             state: policy.copy(&state),
             version,
             snapshot_version,
-        };
-        cache.put(stream, kept);
+        });
     }
     Ok(Executed {
         stream_id: loaded.stream_id,

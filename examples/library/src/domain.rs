@@ -6,7 +6,7 @@
 //! which their loans of every book decide. It is one decision across
 //! streams ([`borrow`]), on the events tagged with the book and the reader.
 
-use es_diesel::{tag, Aggregate, Cache, DecisionState, Event, Query, Snapshots};
+use es_diesel::{tag, Aggregate, DecisionState, Event, Query, Snapshots};
 use serde::{Deserialize, Serialize};
 
 /// The most books one reader may hold at once.
@@ -124,11 +124,6 @@ impl Aggregate for Book {
     type Command = BookCommand;
     type Error = LibraryError;
     const SNAPSHOTS: Option<Snapshots<Self>> = Some(Snapshots::every(50));
-    /// `serve` keeps the books used last in memory: a return decides
-    /// without reading the book's stream (a borrow, decided across the book
-    /// and the reader, has moved it on meanwhile: the return's append then
-    /// loses the race and the book is read again).
-    const CACHE: Option<Cache<Self>> = Some(Cache::entries(10_000));
 
     fn apply(&mut self, event: &BookEvent) {
         match event {
