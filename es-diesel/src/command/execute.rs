@@ -535,17 +535,16 @@ fn decide_on_cached<A: Aggregate>(
 where
     A::Command: Clone,
 {
-    let decision = cached.state.handle(command.clone());
-    if let Ok(events) = &decision {
-        if !events.is_empty() {
-            let Ok(events) = decision else { unreachable!() };
+    let decision = match cached.state.handle(command.clone()) {
+        Ok(events) if !events.is_empty() => {
             return match append_decided(store, conn, true, cached, events, options, 1, keep) {
                 Ok(done) => Ok(Some(done)),
                 Err(Error::Conflict { .. }) => Ok(None),
                 Err(other) => Err(other.into()),
             };
         }
-    }
+        refused_or_nothing => refused_or_nothing,
+    };
     let tail = read::read_stream_for_fold(conn, &cached.stream_id, cached.version, 2)?;
     let current = match cached.version {
         0 => tail.is_empty(),
