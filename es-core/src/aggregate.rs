@@ -202,8 +202,8 @@ impl<A> fmt::Debug for Snapshots<A> {
 /// store) may have appended to the stream since it was cached. The append
 /// expects the cached version, so a state that fell behind loses the race
 /// and the command is loaded and decided again; a command that the cached
-/// state refuses, or that decides nothing, stands only once a read of the
-/// stream's last event finds the cached version there. A state is kept
+/// state refuses, or that decides nothing, stands only once a read finds
+/// the stream at the cached version. A state is kept
 /// only once the command's transaction committed, folded from the events
 /// decoded from the JSON they were written as, one per stream, keeping the
 /// most recently used ones.
@@ -216,8 +216,13 @@ impl<A> fmt::Debug for Snapshots<A> {
 /// and a loaded state there.
 ///
 /// The cache trusts what the log guarantees: a stream's events never
-/// change. After a database is restored from a backup under a running
-/// process, clear the cache (or restart the process).
+/// change. A database that loses commits it had made visible breaks that:
+/// one restored from a backup under a running process, a failover to a
+/// standby that had not received every commit, a server crash with
+/// commits that were not yet durable. After such an event, clear the
+/// cache (`EventStore::clear_aggregate_cache`) or restart the process: a
+/// state ahead of the stream is found while the stream is shorter, but not
+/// once other writers have appended up to its version.
 pub struct Cache<A> {
     /// The most states kept (at least 1); the least recently used goes first.
     pub entries: usize,

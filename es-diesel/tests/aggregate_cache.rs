@@ -250,8 +250,9 @@ fn another_node_s_appends_are_never_decided_past() {
 
         // B now holds the stream's state; A still holds its own append's.
         run(&node_a, "s", free("bob")).0.unwrap(); // v4
-                                                   // B's cached state says bob holds it, so `Ensure(bob)` would decide
-                                                   // nothing: that too is checked, and bob takes the seat again.
+
+        // B's cached state says bob holds it, so `Ensure(bob)` would decide
+        // nothing: that too is checked, and bob takes the seat again.
         let (done, _) = run(&node_b, "s", ensure("bob"));
         assert_eq!(done.unwrap(), [ev("taken", "bob")], "{backend}");
         // And now it does decide nothing, on either node.
@@ -587,37 +588,70 @@ fn many_writers_on_two_nodes_keep_every_rule() {
 
 /// Appends of this store other than commands (`append`, `append_if`,
 /// `decide`, `import`) forget the streams' cached states: the next command
-/// reads the stream at once instead of deciding on the state and losing
-/// the race first.
+/// reads the stream at once instead of deciding on the state first.
 #[test]
 fn the_store_s_own_appends_forget_the_cached_state() {
+    type Append = fn(&EventStore, i64, &str);
+    let ways: [(&str, Append); 3] = [
+        ("append", |store, version, by| {
+            store
+                .append(
+                    &Seat::stream_id("s"),
+                    ExpectedVersion::Exact(version),
+                    [SeatEvent::from(SeatFreed { by: by.into() })],
+                )
+                .unwrap();
+        }),
+        ("append_if", |store, version, by| {
+            let mut write = StreamWrite::new(Seat::stream_id("s"), ExpectedVersion::Exact(version));
+            write
+                .push(&SeatEvent::from(SeatFreed { by: by.into() }))
+                .unwrap();
+            // No DoorNoted is ever appended in this test's database.
+            let condition =
+                es_diesel::AppendCondition::none_match(es_diesel::Query::of::<DoorNoted>());
+            store.append_if(&[write], &condition).unwrap();
+        }),
+        ("import", |store, _, by| {
+            let row = es_diesel::ImportRow {
+                stream_id: Seat::stream_id("s"),
+                key: format!("freed-by-{by}"),
+                event: SeatEvent::from(SeatFreed { by: by.into() }),
+            };
+            store
+                .import([row], &es_diesel::ImportOptions::new("seats"), |_| {})
+                .unwrap();
+        }),
+    ];
     for db in TestDatabase::all() {
         let backend = db.backend();
         let store = db.store();
-        run(&store, "s", take("ann")).0.unwrap(); // v1, cached
-        store
-            .append(
-                &Seat::stream_id("s"),
-                ExpectedVersion::Exact(1),
-                [SeatEvent::from(SeatFreed { by: "ann".into() })],
-            )
-            .unwrap();
-        let before = handled();
-        let (done, folded) = run(&store, "s", take("bob"));
-        assert_eq!(done.unwrap(), [ev("taken", "bob")], "{backend}");
-        assert_eq!(
-            handled() - before,
-            1,
-            "{backend}: decided once, on the stream"
-        );
-        assert_eq!(folded, 2 + 1, "{backend}");
+        for (way, append) in ways {
+            let user = format!("{way}-user");
+            let (taken, _) = run(&store, "s", take(&user));
+            taken.unwrap();
+            let version = store.stream_version(&Seat::stream_id("s")).unwrap();
+            append(&store, version, &user);
+            let before = handled();
+            let (done, _) = run(&store, "s", take("bob"));
+            assert_eq!(done.unwrap(), [ev("taken", "bob")], "{backend} {way}");
+            assert_eq!(
+                handled() - before,
+                1,
+                "{backend} {way}: decided once, on the stream"
+            );
+            run(&store, "s", free("bob")).0.unwrap();
+        }
 
-        // Another store's append is not seen: the cached state decides,
-        // loses the race, and the command is decided again on the stream.
+        // Another store's append is not seen: the cached state (bob holds
+        // the seat) refuses carl, the refusal is checked against the
+        // stream, and the command is decided again on it.
+        run(&store, "s", take("bob")).0.unwrap();
+        let version = store.stream_version(&Seat::stream_id("s")).unwrap();
         db.store()
             .append(
                 &Seat::stream_id("s"),
-                ExpectedVersion::Exact(3),
+                ExpectedVersion::Exact(version),
                 [SeatEvent::from(SeatFreed { by: "bob".into() })],
             )
             .unwrap();
@@ -836,8 +870,19 @@ fn a_retry_s_state_is_kept_only_once_its_transaction_committed() {
         .map(|r| r.event)
         .collect();
     assert_eq!(log, [DoorEvent::from(DoorNoted { n: 1 })]);
+    // Another writer brings the stream to version 2, the version of the
+    // state the failed command would have left: a state cached before the
+    // COMMIT would now pass the check of its version, and refuse bob.
+    EventStore::open(db.url())
+        .unwrap()
+        .append(
+            "door-d",
+            ExpectedVersion::Exact(1),
+            [DoorEvent::from(DoorNoted { n: 2 })],
+        )
+        .unwrap();
     // Nobody opened the door.
     let done = store.execute::<Door>("d", "bob".into()).unwrap();
-    assert_eq!(done.version, 2);
+    assert_eq!(done.version, 3);
     assert_eq!(done.state.opened_by.as_deref(), Some("bob"));
 }

@@ -206,11 +206,13 @@ impl EventStore {
     /// An aggregate with a [`Cache`](crate::Cache) decides on the state
     /// its last command left in memory, without reading the stream. If
     /// that state fell behind the stream (another process, or another
-    /// store, appended; this store's own appends forget the states of the
-    /// streams they write), the append loses the race and the command is
-    /// loaded and decided again, without counting as a retry; a refusal,
-    /// or a decision of no events, from a cached state stands only once a
-    /// read of the stream's last event finds the cached version there.
+    /// store, appended; this store's `append`, `append_if`, `decide` and
+    /// `import` forget the states of the streams they write, as a best
+    /// effort, and [`append_in`](crate::append_in) does not), the append
+    /// loses the race and the command is loaded and decided again, without
+    /// counting as a retry; a refusal, or a decision of no events, from a
+    /// cached state stands only once a read finds the stream at the cached
+    /// version.
     /// [`Executed::state`] of such an aggregate is folded from the new
     /// events decoded from the JSON they were stored as, as a load would
     /// fold them (but see [`Cache`](crate::Cache) on PostgreSQL's key
@@ -521,9 +523,9 @@ fn cached_state<A>(loaded: Loaded<A>) -> Cached<A> {
 /// The append expects the cached version, so a state behind the stream
 /// loses the race and writes nothing. A refusal, or a decision to write
 /// nothing, writes nothing to lose a race with: it stands only if the
-/// stream's last event is the cached version's (one read of at most two
-/// rows, which also finds a state ahead of the log, for events the log no
-/// longer holds).
+/// stream's version is the cached one (one read of one index entry, which
+/// also finds a state ahead of a log that lost events, as long as the
+/// stream has not grown back to the cached version).
 fn decide_on_cached<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
@@ -545,12 +547,7 @@ where
         }
         refused_or_nothing => refused_or_nothing,
     };
-    let tail = read::read_stream_for_fold(conn, &cached.stream_id, cached.version, 2)?;
-    let current = match cached.version {
-        0 => tail.is_empty(),
-        v => tail.len() == 1 && tail[0].stream_version == v,
-    };
-    if !current {
+    if read::stream_version(conn, &cached.stream_id)? != cached.version {
         return Ok(None);
     }
     match decision {
