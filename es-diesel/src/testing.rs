@@ -216,3 +216,26 @@ impl Drop for TestDatabase {
         }
     }
 }
+
+/// An event written by hand, for the crate's own unit tests (the derive
+/// names the crate from outside).
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Wrote;
+
+#[cfg(test)]
+impl es_core::Event for Wrote {
+    const EVENT_TYPES: &'static [&'static str] = &["Wrote"];
+    fn event_type(&self) -> &'static str {
+        "Wrote"
+    }
+    fn event_version(&self) -> u16 {
+        1
+    }
+    fn encode(&self) -> Result<String, es_core::EncodeError> {
+        Ok("{}".into())
+    }
+    fn decode(_: &str, _: u16, _: &str) -> Result<Self, es_core::DecodeError> {
+        Ok(Wrote)
+    }
+}

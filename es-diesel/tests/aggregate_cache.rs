@@ -76,7 +76,7 @@ fn applied() -> u64 {
     APPLIED.with(Cell::get)
 }
 
-#[derive(Default, Debug, Clone, PartialEq)]
+#[derive(Default, Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Seat {
     holder: Option<String>,
     notes: Vec<String>,
@@ -146,16 +146,18 @@ type Outcome = Result<Vec<(String, String)>, ExecuteError<Refused>>;
 /// how many `apply` calls it made on this thread.
 fn run(store: &EventStore, seat: &str, command: SeatCommand) -> (Outcome, u64) {
     let before = applied();
-    let result = store.execute::<Seat>(seat, command).map(|done| {
-        done.events
-            .iter()
-            .map(|e| match &e.event {
-                SeatEvent::Taken(t) => ("taken".to_owned(), t.by.clone()),
-                SeatEvent::Freed(f) => ("freed".to_owned(), f.by.clone()),
-            })
-            .collect()
-    });
+    let result = store
+        .execute::<Seat>(seat, command)
+        .map(|done| done.events.iter().map(|e| pair(&e.event)).collect());
     (result, applied() - before)
+}
+
+/// An event as `(type, by)`.
+fn pair(event: &SeatEvent) -> (String, String) {
+    match event {
+        SeatEvent::Taken(t) => ev("taken", &t.by),
+        SeatEvent::Freed(f) => ev("freed", &f.by),
+    }
 }
 
 /// The stream as `(type, by)` pairs, in order.
@@ -167,10 +169,7 @@ fn log(store: &EventStore, seat: &str) -> Vec<(String, String)> {
         .enumerate()
         .map(|(i, r)| {
             assert_eq!(r.stream_version, i as i64 + 1);
-            match &r.event {
-                SeatEvent::Taken(t) => ("taken".to_owned(), t.by.clone()),
-                SeatEvent::Freed(f) => ("freed".to_owned(), f.by.clone()),
-            }
+            pair(&r.event)
         })
         .collect()
 }
@@ -664,10 +663,7 @@ fn the_store_s_own_appends_forget_the_cached_state() {
 
 /// The same seat with snapshots every 3 events as well.
 #[derive(Default, Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct SnapSeat {
-    holder: Option<String>,
-    taken: u32,
-}
+struct SnapSeat(Seat);
 
 impl Aggregate for SnapSeat {
     const TYPE: &'static str = "snapseat";
@@ -678,27 +674,11 @@ impl Aggregate for SnapSeat {
     const SNAPSHOTS: Option<es_diesel::Snapshots<Self>> = Some(es_diesel::Snapshots::every(3));
 
     fn apply(&mut self, event: &SeatEvent) {
-        match event {
-            SeatEvent::Taken(e) => {
-                self.holder = Some(e.by.clone());
-                self.taken += 1;
-            }
-            SeatEvent::Freed(_) => self.holder = None,
-        }
+        self.0.apply(event);
     }
 
     fn handle(&self, command: SeatCommand) -> Result<Vec<SeatEvent>, Refused> {
-        match (command, &self.holder) {
-            (SeatCommand::Toggle(by), None) => Ok(vec![SeatTaken {
-                by,
-                note: String::new(),
-            }
-            .into()]),
-            (SeatCommand::Toggle(_), Some(holder)) => {
-                Ok(vec![SeatFreed { by: holder.clone() }.into()])
-            }
-            (_, _) => Err(Refused::NotHolder("toggles only".into())),
-        }
+        self.0.handle(command)
     }
 }
 

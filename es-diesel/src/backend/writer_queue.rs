@@ -222,29 +222,9 @@ pub(crate) fn turn(conn: &mut SqliteConnection) -> Option<Turn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Wrote;
     use crate::{write_transaction, DbConnection, EventStore, ExpectedVersion, StoreOptions};
-    use es_core::{DecodeError, EncodeError, Event};
     use std::time::Instant;
-
-    /// An event written by hand (the derive names the crate from outside).
-    #[derive(Debug)]
-    struct Wrote;
-
-    impl Event for Wrote {
-        const EVENT_TYPES: &'static [&'static str] = &["Wrote"];
-        fn event_type(&self) -> &'static str {
-            "Wrote"
-        }
-        fn event_version(&self) -> u16 {
-            1
-        }
-        fn encode(&self) -> Result<String, EncodeError> {
-            Ok("{}".into())
-        }
-        fn decode(_: &str, _: u16, _: &str) -> Result<Self, DecodeError> {
-            Ok(Wrote)
-        }
-    }
 
     fn store(dir: &tempfile::TempDir, busy_timeout: Duration) -> EventStore {
         let path = dir.path().join("queue.db");

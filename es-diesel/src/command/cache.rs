@@ -173,41 +173,23 @@ impl std::fmt::Debug for StateCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use es_core::{Cache, DecodeError, EncodeError, Event};
-
-    #[derive(Debug)]
-    struct Ev;
-
-    impl Event for Ev {
-        const EVENT_TYPES: &'static [&'static str] = &["Ev"];
-        fn event_type(&self) -> &'static str {
-            "Ev"
-        }
-        fn event_version(&self) -> u16 {
-            1
-        }
-        fn encode(&self) -> Result<String, EncodeError> {
-            Ok("{}".into())
-        }
-        fn decode(_: &str, _: u16, _: &str) -> Result<Self, DecodeError> {
-            Ok(Ev)
-        }
-    }
+    use crate::testing::Wrote;
+    use es_core::Cache;
 
     #[derive(Default, Clone, Debug, PartialEq)]
     struct Counter(u32);
 
     impl Aggregate for Counter {
         const TYPE: &'static str = "counter";
-        type Event = Ev;
+        type Event = Wrote;
         type Command = ();
         type Error = std::fmt::Error;
         const CACHE: Option<Cache<Self>> = Some(Cache::entries(2));
-        fn apply(&mut self, _: &Ev) {
+        fn apply(&mut self, _: &Wrote) {
             self.0 += 1;
         }
-        fn handle(&self, (): ()) -> Result<Vec<Ev>, std::fmt::Error> {
-            Ok(vec![Ev])
+        fn handle(&self, (): ()) -> Result<Vec<Wrote>, std::fmt::Error> {
+            Ok(vec![Wrote])
         }
     }
 

@@ -495,9 +495,9 @@ where
     let loaded = load_in::<A>(conn, stream)?;
     match loaded.state.handle(command) {
         Ok(events) => {
-            let caching = cache.is_some();
+            let keep = cache.is_some().then_some(keep);
             Ok(append_decided(
-                store, conn, caching, loaded, events, options, attempts, keep,
+                store, conn, loaded, events, options, attempts, keep,
             )?)
         }
         Err(refused) => {
@@ -539,7 +539,7 @@ where
 {
     let decision = match cached.state.handle(command.clone()) {
         Ok(events) if !events.is_empty() => {
-            return match append_decided(store, conn, true, cached, events, options, 1, keep) {
+            return match append_decided(store, conn, cached, events, options, 1, Some(keep)) {
                 Ok(done) => Ok(Some(done)),
                 Err(Error::Conflict { .. }) => Ok(None),
                 Err(other) => Err(other.into()),
@@ -577,26 +577,24 @@ fn unchanged<A: Aggregate>(loaded: &Loaded<A>, attempts: u32) -> Executed<A> {
 }
 
 /// Appends the events `loaded.state` decided, expecting `loaded.version`;
-/// with `caching`, leaves the new state in `keep`.
-#[allow(clippy::too_many_arguments)]
+/// for a cached aggregate (`keep` given), leaves the new state in `keep`.
 fn append_decided<A: Aggregate>(
     store: &EventStore,
     conn: &mut DbConnection,
-    caching: bool,
     loaded: Loaded<A>,
     events: Vec<A::Event>,
     options: &ExecuteOptions,
     attempts: u32,
-    keep: &mut Option<Cached<A>>,
+    mut keep: Option<&mut Option<Cached<A>>>,
 ) -> Result<Executed<A>> {
     if events.is_empty() {
-        return Ok(match caching {
-            true => {
+        return Ok(match keep {
+            Some(keep) => {
                 let done = unchanged(&loaded, attempts);
                 *keep = Some(cached_state(loaded));
                 done
             }
-            false => Executed {
+            None => Executed {
                 stream_id: loaded.stream_id,
                 state: loaded.state,
                 version: loaded.version,
@@ -620,12 +618,11 @@ fn append_decided<A: Aggregate>(
     // A cached state is folded from the events as a load will read them
     // (their JSON), not from the values the command made: a field that
     // serde skips must not live on in the cache alone.
-    let mut caching = caching;
     let mut state = loaded.state;
     let mut version = loaded.version;
     let mut out = Vec::with_capacity(events.len());
     for ((rec, event), new) in recorded.into_iter().zip(events).zip(&write.events) {
-        if caching {
+        if keep.is_some() {
             match <A::Event as es_core::Event>::decode(
                 new.event_type,
                 new.event_version,
@@ -634,7 +631,7 @@ fn append_decided<A: Aggregate>(
                 Ok(stored) => state.apply(&stored),
                 Err(err) => {
                     tracing::warn!(aggregate = A::TYPE, stream, event_type = new.event_type, error = %err, "an appended event does not decode from its JSON; its state is not cached, and loading the stream will fail");
-                    caching = false;
+                    keep = None;
                     state.apply(&event);
                 }
             }
@@ -653,7 +650,7 @@ fn append_decided<A: Aggregate>(
             snapshot_version = Some(version);
         }
     }
-    if let (true, Some(policy)) = (caching, A::CACHE) {
+    if let (Some(keep), Some(policy)) = (keep, A::CACHE) {
         *keep = Some(Cached {
             state: policy.copy(&state),
             version,
