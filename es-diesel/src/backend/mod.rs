@@ -23,7 +23,7 @@ pub(crate) use connection::{
 };
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::{cached_shape, CHUNK};
-pub(crate) use stmt::{Bind, Stmt};
+pub(crate) use stmt::{Bind, Marked, SqlText, Stmt};
 pub(crate) use writer_queue::Turn;
 
 use crate::error::Result;
@@ -55,14 +55,15 @@ impl Columns {
 /// How many backends there are (the variants of [`Backend`]).
 pub(crate) const BACKENDS: usize = 3;
 
-/// A SQL text built once per backend, at the first use on it: `d` names a
+/// A SQL text built once per backend, at the first use on it, its
+/// placeholders [`Marked`]: `d` names a
 /// `&'static dyn Dialect` in scope, and the expression builds the text.
 macro_rules! per_backend {
     ($d:ident => $make:expr) => {{
-        static TEXTS: [std::sync::OnceLock<String>; $crate::backend::BACKENDS] =
+        static TEXTS: [std::sync::OnceLock<$crate::backend::Marked>; $crate::backend::BACKENDS] =
             [const { std::sync::OnceLock::new() }; $crate::backend::BACKENDS];
         let d: &'static dyn $crate::backend::Dialect = $d;
-        TEXTS[d.backend() as usize].get_or_init(|| $make).as_str()
+        TEXTS[d.backend() as usize].get_or_init(|| $crate::backend::Marked::new($make))
     }};
 }
 pub(crate) use per_backend;

@@ -5,7 +5,7 @@ use super::rows::{Appended, EventTuple, Name, Number};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
-use super::{Backend, Bind, Columns, DbConnection, Dialect, Stmt};
+use super::{Backend, Bind, Columns, DbConnection, Dialect, Marked, SqlText, Stmt};
 use crate::error::{Error, Result};
 use chrono::Utc;
 use diesel::QueryResult;
@@ -168,17 +168,26 @@ fn insert(
             current
         }
     };
-    let mut sql = String::with_capacity(200 + chunk.len() * 32);
-    sql.push_str(
-        "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) VALUES ",
-    );
-    for k in 0..chunk.len() {
-        sql.push_str(if k == 0 {
-            "(?, ?, ?, ?, ?, ?, ?, ?)"
-        } else {
-            ", (?, ?, ?, ?, ?, ?, ?, ?)"
-        });
+    fn text(events: usize) -> String {
+        let mut sql = String::with_capacity(200 + events * 32);
+        sql.push_str(
+            "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, created_at) VALUES ",
+        );
+        for k in 0..events {
+            sql.push_str(if k == 0 {
+                "(?, ?, ?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+            });
+        }
+        sql
     }
+    // A one-event append, the common one, is written out once.
+    static ONE: std::sync::OnceLock<Marked> = std::sync::OnceLock::new();
+    let sql: SqlText<'_> = match chunk.len() {
+        1 => ONE.get_or_init(|| Marked::new(text(1))).into(),
+        n => text(n).into(),
+    };
     // No `RETURNING`: SQLite collects returned rows in a temporary b-tree
     // it opens and closes per statement (about 12,000 instructions). The
     // versions and time are the ones bound, and the positions are the
@@ -188,7 +197,7 @@ fn insert(
     let now = Utc::now().naive_utc();
     // As Diesel writes a `Timestamp`, without chrono's formatting.
     let now_text = super::rows::format_sqlite_time(now);
-    let mut q = Stmt::with_capacity(&sql, chunk.len() * 8);
+    let mut q = Stmt::with_capacity(sql, chunk.len() * 8);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }

@@ -21,6 +21,73 @@ use diesel::{QueryResult, RunQueryDsl};
 use std::borrow::Cow;
 use std::marker::PhantomData;
 
+/// A statement text with the byte offsets of its `?` placeholders, found
+/// once: a statement the store runs at every command is then not searched
+/// for them again in each of Diesel's passes over it (two per execution).
+#[derive(Debug)]
+pub(crate) struct Marked {
+    sql: String,
+    marks: Box<[usize]>,
+}
+
+impl Marked {
+    pub(crate) fn new(sql: String) -> Self {
+        let marks = sql.match_indices('?').map(|(at, _)| at).collect();
+        Marked { sql, marks }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.sql
+    }
+}
+
+/// A statement's text: searched for placeholders at each pass, or
+/// [`Marked`] once.
+#[derive(Debug)]
+pub(crate) enum SqlText<'a> {
+    Plain(Cow<'a, str>),
+    Marked(&'a Marked),
+}
+
+impl SqlText<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            SqlText::Plain(s) => s,
+            SqlText::Marked(m) => m.as_str(),
+        }
+    }
+}
+
+impl<'a> From<&'a str> for SqlText<'a> {
+    fn from(s: &'a str) -> Self {
+        SqlText::Plain(Cow::Borrowed(s))
+    }
+}
+
+impl<'a> From<&'a String> for SqlText<'a> {
+    fn from(s: &'a String) -> Self {
+        SqlText::Plain(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for SqlText<'_> {
+    fn from(s: String) -> Self {
+        SqlText::Plain(Cow::Owned(s))
+    }
+}
+
+impl<'a> From<Cow<'a, str>> for SqlText<'a> {
+    fn from(s: Cow<'a, str>) -> Self {
+        SqlText::Plain(s)
+    }
+}
+
+impl<'a> From<&'a Marked> for SqlText<'a> {
+    fn from(m: &'a Marked) -> Self {
+        SqlText::Marked(m)
+    }
+}
+
 /// One bound value.
 #[derive(Debug)]
 pub(crate) enum Bind<'a> {
@@ -42,7 +109,7 @@ pub(crate) enum Bind<'a> {
 /// before: by its text ([`ByText`]) or by a name ([`Stmt::named`]).
 #[derive(Debug)]
 pub(crate) struct Stmt<'a, ST = Untyped, K = ByText> {
-    sql: Cow<'a, str>,
+    sql: SqlText<'a>,
     binds: Vec<Bind<'a>>,
     cache: bool,
     rows: PhantomData<ST>,
@@ -76,11 +143,11 @@ impl<M: 'static> CacheKey for Named<M> {
 }
 
 impl<'a> Stmt<'a> {
-    pub(crate) fn new(sql: impl Into<Cow<'a, str>>) -> Self {
+    pub(crate) fn new(sql: impl Into<SqlText<'a>>) -> Self {
         Self::with_capacity(sql, 0)
     }
 
-    pub(crate) fn with_capacity(sql: impl Into<Cow<'a, str>>, binds: usize) -> Self {
+    pub(crate) fn with_capacity(sql: impl Into<SqlText<'a>>, binds: usize) -> Self {
         Stmt {
             sql: sql.into(),
             binds: Vec::with_capacity(binds),
@@ -148,7 +215,7 @@ impl<'a, ST, K> Stmt<'a, ST, K> {
     {
         #[cfg(debug_assertions)]
         if K::NAMED {
-            same_text_per_name::<K::Id, DB>(&self.sql);
+            same_text_per_name::<K::Id, DB>(self.sql.as_str());
         }
         On {
             stmt: self,
@@ -247,24 +314,46 @@ where
     if !stmt.cache {
         out.unsafe_to_cache_prepared();
     }
-    let mut parts = stmt.sql.split('?');
-    if let Some(first) = parts.next() {
-        out.push_sql(first);
-    }
-    let mut values = stmt.binds.iter();
-    for part in parts {
-        let value = values.next().ok_or_else(|| {
-            diesel::result::Error::QueryBuilderError(
-                "statement has more placeholders than values".into(),
-            )
-        })?;
-        push(value, &mut out)?;
-        out.push_sql(part);
-    }
-    if values.next().is_some() {
-        return Err(diesel::result::Error::QueryBuilderError(
+    let too_few = || {
+        diesel::result::Error::QueryBuilderError(
+            "statement has more placeholders than values".into(),
+        )
+    };
+    let too_many = || {
+        diesel::result::Error::QueryBuilderError(
             "statement has more values than placeholders".into(),
-        ));
+        )
+    };
+    match &stmt.sql {
+        SqlText::Marked(m) => {
+            if m.marks.len() > stmt.binds.len() {
+                return Err(too_few());
+            }
+            if m.marks.len() < stmt.binds.len() {
+                return Err(too_many());
+            }
+            let mut from = 0;
+            for (&at, value) in m.marks.iter().zip(&stmt.binds) {
+                out.push_sql(&m.sql[from..at]);
+                push(value, &mut out)?;
+                from = at + 1;
+            }
+            out.push_sql(&m.sql[from..]);
+        }
+        SqlText::Plain(sql) => {
+            let mut parts = sql.split('?');
+            if let Some(first) = parts.next() {
+                out.push_sql(first);
+            }
+            let mut values = stmt.binds.iter();
+            for part in parts {
+                push(values.next().ok_or_else(too_few)?, &mut out)?;
+                out.push_sql(part);
+            }
+            if values.next().is_some() {
+                return Err(too_many());
+            }
+        }
     }
     Ok(())
 }
@@ -335,6 +424,19 @@ mod tests {
         diesel::query_builder::QueryBuilder::finish(builder)
     }
 
+    impl<DB> On<'_, DB, Untyped>
+    where
+        DB: Backend + Default + 'static,
+        DB::QueryBuilder: Default,
+        Self: QueryFragment<DB>,
+    {
+        fn to_sql_string(self) -> String {
+            let mut builder = DB::QueryBuilder::default();
+            self.to_sql(&mut builder, &DB::default()).unwrap();
+            diesel::query_builder::QueryBuilder::finish(builder)
+        }
+    }
+
     #[test]
     fn each_backend_writes_its_own_placeholders() {
         let stmt = || {
@@ -355,6 +457,32 @@ mod tests {
             rendered::<Mysql>(stmt()),
             "SELECT a FROM t WHERE b = ? AND c IN (?, ?)"
         );
+    }
+
+    #[test]
+    fn a_marked_text_renders_as_its_plain_text() {
+        let marked = Marked::new("SELECT a FROM t WHERE b = ? AND c IN (?, ?) AND d = 'x'".into());
+        let stmt = |text: SqlText<'_>| {
+            Stmt::new(text)
+                .bind(Bind::Int(1))
+                .bind(Bind::Text("x"))
+                .bind(Bind::BigInt(2))
+                .on::<Pg>()
+                .to_sql_string()
+        };
+        assert_eq!(
+            stmt((&marked).into()),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3) AND d = 'x'"
+        );
+        assert_eq!(stmt((&marked).into()), stmt(marked.as_str().into()));
+        let ends = Marked::new("?".into());
+        assert_eq!(Stmt::new(&ends).bind(Bind::Int(1)).on::<Pg>().to_sql_string(), "$1");
+        for binds in [0, 2] {
+            let mut q = Stmt::new(&ends);
+            (0..binds).for_each(|_| q.push(Bind::Int(1)));
+            let mut builder = <Pg as Backend>::QueryBuilder::default();
+            assert!(q.on::<Pg>().to_sql(&mut builder, &Pg).is_err(), "{binds} values for one mark");
+        }
     }
 
     #[test]
