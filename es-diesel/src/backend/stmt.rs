@@ -430,7 +430,7 @@ mod tests {
         DB::QueryBuilder: Default,
         Self: QueryFragment<DB>,
     {
-        fn to_sql_string(self) -> String {
+        fn sql_text(self) -> String {
             let mut builder = DB::QueryBuilder::default();
             self.to_sql(&mut builder, &DB::default()).unwrap();
             diesel::query_builder::QueryBuilder::finish(builder)
@@ -459,6 +459,13 @@ mod tests {
         );
     }
 
+    fn sql_copy<'a>(sql: &SqlText<'a>) -> SqlText<'a> {
+        match sql {
+            SqlText::Plain(s) => SqlText::Plain(s.clone()),
+            SqlText::Marked(m) => SqlText::Marked(m),
+        }
+    }
+
     #[test]
     fn a_marked_text_renders_as_its_plain_text() {
         let marked = Marked::new("SELECT a FROM t WHERE b = ? AND c IN (?, ?) AND d = 'x'".into());
@@ -468,20 +475,42 @@ mod tests {
                 .bind(Bind::Text("x"))
                 .bind(Bind::BigInt(2))
                 .on::<Pg>()
-                .to_sql_string()
+                .sql_text()
         };
         assert_eq!(
             stmt((&marked).into()),
             "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3) AND d = 'x'"
         );
         assert_eq!(stmt((&marked).into()), stmt(marked.as_str().into()));
+        // Both forms bind the same values in the same places, on every
+        // backend, whatever surrounds the marks.
+        for text in ["?", "??", "? ,?", "é?ü?x", "?é"] {
+            let marked = Marked::new(text.into());
+            let both = |sql: SqlText<'_>| {
+                let q = || {
+                    let mut q = Stmt::new(sql_copy(&sql));
+                    for k in 0..text.matches('?').count() {
+                        q.push(Bind::Int(k as i32 + 7));
+                    }
+                    q
+                };
+                (
+                    diesel::debug_query::<Pg, _>(&q().on::<Pg>()).to_string(),
+                    diesel::debug_query::<Sqlite, _>(&q().on::<Sqlite>()).to_string(),
+                    diesel::debug_query::<Mysql, _>(&q().on::<Mysql>()).to_string(),
+                )
+            };
+            assert_eq!(both((&marked).into()), both(text.into()), "{text:?}");
+        }
         let ends = Marked::new("?".into());
-        assert_eq!(Stmt::new(&ends).bind(Bind::Int(1)).on::<Pg>().to_sql_string(), "$1");
         for binds in [0, 2] {
             let mut q = Stmt::new(&ends);
             (0..binds).for_each(|_| q.push(Bind::Int(1)));
             let mut builder = <Pg as Backend>::QueryBuilder::default();
-            assert!(q.on::<Pg>().to_sql(&mut builder, &Pg).is_err(), "{binds} values for one mark");
+            assert!(
+                q.on::<Pg>().to_sql(&mut builder, &Pg).is_err(),
+                "{binds} values for one mark"
+            );
         }
     }
 
