@@ -2,7 +2,7 @@
 //! failed insert is reported, how metadata is bound.
 
 use super::rows::Appended;
-use super::Bind;
+use super::{Bind, Marked, SqlText};
 use crate::error::{Error, ACTUAL_UNKNOWN};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use es_core::{ExpectedVersion, Metadata, NewEvent};
@@ -15,6 +15,31 @@ pub(crate) const CHUNK: usize = 500;
 /// few dozen statements however the chunk sizes vary.
 pub(crate) fn cached_shape(events: usize) -> bool {
     events <= 16 || events == CHUNK
+}
+
+/// One-event append texts of a backend, one per kind of expectation.
+pub(super) type OneEventTexts = [std::sync::OnceLock<Marked>; 4];
+
+/// The text of an append of `events` events expecting `expected`, written
+/// by `text`. A one-event append (every command's) is written once per kind
+/// of expectation and kept in `one`, its placeholders marked; others are
+/// written per call.
+pub(super) fn append_text(
+    one: &'static OneEventTexts,
+    events: usize,
+    expected: ExpectedVersion,
+    text: impl FnOnce() -> String,
+) -> SqlText<'static> {
+    if events != 1 {
+        return text().into();
+    }
+    let kind = match expected {
+        ExpectedVersion::Any => 0,
+        ExpectedVersion::NoStream => 1,
+        ExpectedVersion::StreamExists => 2,
+        ExpectedVersion::Exact(_) => 3,
+    };
+    one[kind].get_or_init(|| Marked::new(text())).into()
 }
 
 pub(super) fn map_insert_error(

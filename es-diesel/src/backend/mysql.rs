@@ -31,7 +31,7 @@
 //! Sessions read committed (each statement sees what committed before it),
 //! in UTC, with ANSI quotes and strict mode: see [`SESSION_SETUP`].
 
-use super::insert::{cached_shape, map_insert_error, metadata_bind};
+use super::insert::{append_text, cached_shape, map_insert_error, metadata_bind, OneEventTexts};
 use super::rows::{Appended, EventTuple, Number};
 mod migrations;
 
@@ -301,51 +301,55 @@ fn insert_checked(
     ids: &[String],
     now: chrono::NaiveDateTime,
 ) -> Result<usize> {
-    use std::fmt::Write;
-    const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
-         stream_version, event_type, event_version, payload, metadata, created_at)";
-    let mut sql = String::with_capacity(700 + chunk.len() * 60);
-    // The stream's last version, read once.
-    let cur = format!(
-        "FROM (SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
-         ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur",
-        Mysql.stream_is()
-    );
-    let one = chunk.len() == 1;
-    if one {
-        // One event selects its values directly: MariaDB materializes the
-        // derived table of the general form as an internal temporary table
-        // at every append, besides the one an `INSERT … SELECT` reading its
-        // own table needs (`Created_tmp_tables`).
-        let _ = write!(sql, "{INTO} SELECT 0, ?, ?, cur.v + 1, ?, ?, ?, ?, ? {cur}");
-    } else {
-        let _ = write!(
-            sql,
-            "{INTO} SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, \
-             e.payload, e.metadata, ? {cur}, ("
+    static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
+    let sql = append_text(&ONE, chunk.len(), expected, || {
+        use std::fmt::Write;
+        const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
+             stream_version, event_type, event_version, payload, metadata, created_at)";
+        let mut sql = String::with_capacity(700 + chunk.len() * 60);
+        // The stream's last version, read once.
+        let cur = format!(
+            "FROM (SELECT COALESCE((SELECT stream_version FROM es_events WHERE {} \
+             ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur",
+            Mysql.stream_is()
         );
-        for k in 1..=chunk.len() {
-            if k == 1 {
-                sql.push_str(
-                    "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
-                );
-            } else {
-                let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
+        let one = chunk.len() == 1;
+        if one {
+            // One event selects its values directly: MariaDB materializes the
+            // derived table of the general form as an internal temporary table
+            // at every append, besides the one an `INSERT … SELECT` reading its
+            // own table needs (`Created_tmp_tables`).
+            let _ = write!(sql, "{INTO} SELECT 0, ?, ?, cur.v + 1, ?, ?, ?, ?, ? {cur}");
+        } else {
+            let _ = write!(
+                sql,
+                "{INTO} SELECT 0, e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, \
+                 e.payload, e.metadata, ? {cur}, ("
+            );
+            for k in 1..=chunk.len() {
+                if k == 1 {
+                    sql.push_str(
+                        "SELECT ? AS event_id, 1 AS k, ? AS event_type, ? AS event_version, ? AS payload, ? AS metadata",
+                    );
+                } else {
+                    let _ = write!(sql, " UNION ALL SELECT ?, {k}, ?, ?, ?, ?");
+                }
             }
+            sql.push_str(") AS e");
         }
-        sql.push_str(") AS e");
-    }
-    match expected {
-        ExpectedVersion::Any => {}
-        ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
-        ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
-        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
-    }
-    if !one {
-        // The trigger numbers the rows in insertion order.
-        sql.push_str(" ORDER BY e.k");
-    }
-    let mut q = Stmt::with_capacity(&sql, 4 + chunk.len() * 5);
+        match expected {
+            ExpectedVersion::Any => {}
+            ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
+            ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
+            ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
+        }
+        if !one {
+            // The trigger numbers the rows in insertion order.
+            sql.push_str(" ORDER BY e.k");
+        }
+        sql
+    });
+    let mut q = Stmt::with_capacity(sql, 4 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }

@@ -1,7 +1,9 @@
 //! PostgreSQL: concurrent writers, positions visible out of order (see
 //! [`crate::follow`]), idle runners woken by the order-key sequence.
 
-use super::insert::{cached_shape, map_insert_error, metadata_bind, sorted};
+use super::insert::{
+    append_text, cached_shape, map_insert_error, metadata_bind, sorted, OneEventTexts,
+};
 use super::rows::{payload_only, Appended, EventSql, EventTuple, Number, PayloadSql, PayloadTuple};
 mod migrations;
 
@@ -450,38 +452,42 @@ fn insert(
     expected: ExpectedVersion,
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
-    let mut sql = String::with_capacity(900 + chunk.len() * 70);
-    sql.push_str(
-        "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), \
-         last AS (SELECT stream_version, order_key FROM es_events \
-         WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
-         cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
-         GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
-         INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
-         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
-         FROM cur, (VALUES ",
-    );
-    for k in 1..=chunk.len() {
-        if k > 1 {
-            sql.push_str(", ");
-        }
-        use std::fmt::Write;
-        let _ = write!(
-            sql,
-            "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
+    static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
+    let sql = append_text(&ONE, chunk.len(), expected, || {
+        let mut sql = String::with_capacity(900 + chunk.len() * 70);
+        sql.push_str(
+            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), \
+             last AS (SELECT stream_version, order_key FROM es_events \
+             WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
+             cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
+             GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
+             INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
+             SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
+             FROM cur, (VALUES ",
         );
-    }
-    sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
-    match expected {
-        ExpectedVersion::Any => {}
-        ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
-        ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
-        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
-    }
-    sql.push_str(
-        " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
-    );
-    let mut q = Stmt::with_capacity(&sql, 4 + chunk.len() * 5);
+        for k in 1..=chunk.len() {
+            if k > 1 {
+                sql.push_str(", ");
+            }
+            use std::fmt::Write;
+            let _ = write!(
+                sql,
+                "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
+            );
+        }
+        sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
+        match expected {
+            ExpectedVersion::Any => {}
+            ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
+            ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
+            ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
+        }
+        sql.push_str(
+            " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
+        );
+        sql
+    });
+    let mut q = Stmt::with_capacity(sql, 4 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
