@@ -60,6 +60,10 @@ struct QueueState {
     abandoned: BTreeSet<u64>,
     /// The thread that has the turn, and how many turns it holds.
     holder: Option<(ThreadId, usize)>,
+    /// Writers asleep on `served` (or about to be): with none, a turn is
+    /// given back without waking anyone, which on Linux is a system call
+    /// even when nobody waits.
+    asleep: usize,
 }
 
 impl QueueState {
@@ -109,8 +113,11 @@ impl Drop for Turn {
             *depth -= 1;
             if *depth == 0 {
                 state.holder = None;
+                let wake = state.asleep > 0;
                 drop(state);
-                self.0.served.notify_all();
+                if wake {
+                    self.0.served.notify_all();
+                }
             }
         }
     }
@@ -158,19 +165,24 @@ impl WriterQueue {
             if left.is_zero() {
                 state.abandoned.insert(ticket);
                 state.skip_abandoned();
+                let wake = state.asleep > 0;
                 drop(state);
-                self.served.notify_all();
+                if wake {
+                    self.served.notify_all();
+                }
                 tracing::debug!(
                     wait_ms = wait.as_millis() as u64,
                     "no turn to write within the busy timeout; trying SQLite's lock directly"
                 );
                 return None;
             }
+            state.asleep += 1;
             state = self
                 .served
                 .wait_timeout(state, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            state.asleep -= 1;
         }
         state.holder = Some((me, 1));
         state.serving += 1;
@@ -379,10 +391,20 @@ mod tests {
             })
         };
         wait_until("both wait", || queue.waiting() == 2);
+        let released = Instant::now();
         drop(first);
         waiter.join().unwrap();
         late.join().unwrap();
         assert_eq!(rx.iter().collect::<Vec<_>>(), ["waiter", "late"]);
+        // Woken when the turn was given back, not by their 30-second
+        // timeout (a turn given back wakes sleepers only when it counts
+        // some, and the count must not miss one).
+        assert!(
+            released.elapsed() < Duration::from_secs(10),
+            "the waiters slept {:?} after the turn was given back",
+            released.elapsed()
+        );
+        assert_eq!(queue.lock().asleep, 0, "nobody is left counted asleep");
     }
 
     /// A thread that holds the turn and writes on a second connection is not
