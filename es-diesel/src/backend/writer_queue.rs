@@ -407,6 +407,34 @@ mod tests {
         assert_eq!(queue.lock().asleep, 0, "nobody is left counted asleep");
     }
 
+    /// A writer that gives up waiting while others sleep does not strand
+    /// them: they take the turn when it is given back, not at their
+    /// timeout, and nobody is left counted asleep.
+    #[test]
+    fn a_writer_that_gives_up_does_not_strand_the_others() {
+        let queue = Arc::new(WriterQueue::default());
+        let first = queue.take(Duration::ZERO).unwrap();
+        let waiter = |wait: Duration| {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || queue.take(wait).map(drop).is_some())
+        };
+        let patient = waiter(Duration::from_secs(30));
+        wait_until("the patient writer waits", || queue.waiting() == 1);
+        let hasty = waiter(Duration::from_millis(200));
+        assert!(!hasty.join().unwrap(), "the hasty writer gave up");
+        let late = waiter(Duration::from_secs(30));
+        wait_until("a late writer waits too", || queue.waiting() == 2);
+        let released = Instant::now();
+        drop(first);
+        assert!(patient.join().unwrap() && late.join().unwrap());
+        assert!(
+            released.elapsed() < Duration::from_secs(10),
+            "the writers slept {:?} after the turn was given back",
+            released.elapsed()
+        );
+        assert_eq!(queue.lock().asleep, 0, "nobody is left counted asleep");
+    }
+
     /// A thread that holds the turn and writes on a second connection is not
     /// made to wait for itself: it meets its own transaction's lock in
     /// SQLite, which fails after one busy timeout, as it did without a queue.
