@@ -1,7 +1,7 @@
 //! Commands against aggregates: load the stream (from a snapshot when there
 //! is one), decide, append with the expected version, retry on conflict.
 
-use super::cache::{Cached, StateCache};
+use super::cache::Cached;
 use super::snapshot;
 use crate::append::{micros, StreamWrite, ACTUAL_UNKNOWN};
 use crate::backend::{write_transaction, DbConnection};
@@ -376,8 +376,7 @@ impl EventStore {
             // A state to cache is kept only once the transaction around
             // the command, if any, has ended: what it decided is committed
             // (or, for a refusal, nothing was written).
-            let cache = self.state_cache::<A>();
-            let generation = cache.map(StateCache::generation);
+            let cache = self.state_cache::<A>().map(|c| (c, c.generation()));
             let mut keep = None;
             let mut run = |c: &mut DbConnection| {
                 decide_and_append::<A>(
@@ -395,7 +394,7 @@ impl EventStore {
             } else {
                 run(&mut conn)
             };
-            if let (Some(cache), Some(generation), Some(kept)) = (cache, generation, keep) {
+            if let (Some((cache, generation)), Some(kept)) = (cache, keep) {
                 if matches!(result, Ok(_) | Err(ExecuteError::Domain(_))) {
                     cache.put(&stream, kept, generation);
                 }
