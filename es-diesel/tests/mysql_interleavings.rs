@@ -335,3 +335,74 @@ fn an_append_in_a_repeatable_read_transaction_sees_the_last_commit() {
     let (seen, _) = follow_all(&store, Checkpoint::default());
     assert_eq!(ticks(&seen), [1, 2, 3]);
 }
+
+/// An append expecting a version that another transaction is appending
+/// and holds open (so the expected version's row is not committed yet)
+/// waits for it instead of being refused on what it could not see: it lands
+/// on the next version once that transaction commits, and is refused,
+/// naming the stream's real version, once it rolls back.
+#[test]
+fn an_append_expecting_a_version_still_open_waits_for_its_commit() {
+    let Some(db) = TestDatabase::mysql() else {
+        return;
+    };
+    let store = db.store();
+    store
+        .append("s", ExpectedVersion::NoStream, [Tick { n: 1 }])
+        .unwrap();
+    for commit in [true, false] {
+        let before = store.stream_version("s").unwrap();
+        let (held_tx, held_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut conn = store.connection().unwrap();
+                let _ = write_transaction(&mut conn, |c| -> Result<(), Error> {
+                    let mut w = StreamWrite::new("s", ExpectedVersion::Exact(before));
+                    w.push(&Tick { n: 10 })?;
+                    let rec = append_in(c, &[w])?;
+                    held_tx.send(rec[0].stream_version).unwrap();
+                    release_rx.recv().unwrap();
+                    if commit {
+                        Ok(())
+                    } else {
+                        Err(Error::Malformed {
+                            position: 0,
+                            reason: "rolled back on purpose".into(),
+                        })
+                    }
+                });
+            })
+        };
+        let held = held_rx.recv().unwrap();
+        assert_eq!(held, before + 1);
+        let follower = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.append("s", ExpectedVersion::Exact(held), [Tick { n: 20 }])
+            })
+        };
+        still_waiting(
+            &follower,
+            Duration::from_millis(300),
+            "the append after the open one",
+        );
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        match (commit, follower.join().unwrap()) {
+            (true, Ok(rec)) => assert_eq!(rec[0].stream_version, held + 1),
+            (false, Err(Error::Conflict { actual, .. })) => assert_eq!(actual, before),
+            (commit, other) => panic!("commit {commit}: {other:?}"),
+        }
+    }
+    let (seen, _) = follow_all(&store, Checkpoint::default());
+    assert_eq!(ticks(&seen), [1, 10, 20]);
+    let versions: Vec<i64> = store
+        .read_stream("s", 1, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.stream_version)
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+}

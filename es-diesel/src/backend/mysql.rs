@@ -19,9 +19,11 @@
 //! A rolled-back append gives its positions back (the head's update rolls
 //! back with it).
 //!
-//! An append is one statement (an INSERT … SELECT that reads the stream's
-//! version, checks the expectation and inserts), atomic without a
-//! transaction around it, then a read of the positions it got.
+//! An append is one statement that checks the expectation and inserts,
+//! atomic without a transaction around it (an `INSERT … VALUES` whose
+//! version is the successor of the expected version's row, or an
+//! `INSERT … SELECT` that reads the stream's last version), then a read of
+//! the positions it got.
 //!
 //! The cost is SQLite's: appends to different streams do not overlap. An
 //! append holds the head from its first insert to its commit, inline
@@ -241,8 +243,8 @@ impl Dialect for Mysql {
     }
 }
 
-/// One statement: reads the stream's last version, checks the expectation
-/// and inserts the chunk, each row taking the next position from the head
+/// One statement: checks the expectation and inserts the chunk (see
+/// [`insert_checked`]), each row taking the next position from the head
 /// in the insert trigger (migration 1), which holds the head's lock until
 /// the statement, or the caller's transaction, commits. Then the positions
 /// are read back by event id. A concurrent writer of the same version loses
@@ -290,9 +292,22 @@ fn insert(
     }
 }
 
-/// The INSERT … SELECT of [`insert`] (`ids`: the chunk's event ids as
-/// text); the number of rows inserted (0 when the expectation does not
-/// hold).
+/// The insert of [`insert`] (`ids`: the chunk's event ids as text); the
+/// number of rows inserted (0 when the expectation does not hold).
+///
+/// One event expecting a version (every command's append) is an
+/// `INSERT … VALUES`: its version is bound, 1 for a new stream and
+/// otherwise the successor of the expected version, read from the
+/// expected version's own row (NULL, which the column refuses, when that
+/// row is missing). The unique index on (stream, version) refuses it when
+/// the stream has moved past the expectation; with versions numbered from
+/// 1 without gaps, the two checks together are the expectation. MariaDB
+/// runs an `INSERT … SELECT` that reads its own table through an internal
+/// temporary table, prepared and optimized again at every execution; the
+/// `VALUES` form takes a unique-key lookup. The lookup's row is the only one
+/// it reads, so it takes no gap lock that concurrent appends could
+/// deadlock on. Other appends (several events, or any version, or an
+/// existing stream) read the stream's last version in an `INSERT … SELECT`.
 fn insert_checked(
     conn: &mut DbConnection,
     stream: &str,
@@ -301,11 +316,62 @@ fn insert_checked(
     ids: &[String],
     now: chrono::NaiveDateTime,
 ) -> Result<usize> {
+    const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
+         stream_version, event_type, event_version, payload, metadata, created_at)";
     static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
+    if let ([ev], ExpectedVersion::NoStream | ExpectedVersion::Exact(_)) = (chunk, expected) {
+        // Exact(0) is NoStream, and shares its text.
+        let after = match expected {
+            ExpectedVersion::Exact(v) if v > 0 => Some(v),
+            _ => None,
+        };
+        let shape = match after {
+            Some(v) => ExpectedVersion::Exact(v),
+            None => ExpectedVersion::NoStream,
+        };
+        let sql = append_text(&ONE, 1, shape, || {
+            match after {
+            Some(_) => format!(
+                "{INTO} VALUES (0, ?, ?, (SELECT e.stream_version + 1 FROM es_events AS e \
+                 WHERE e.stream_hash = UNHEX(MD5(?)) AND e.stream_id = ? AND e.stream_version = ?), \
+                 ?, ?, ?, ?, ?)"
+            ),
+            None => format!("{INTO} VALUES (0, ?, ?, 1, ?, ?, ?, ?, ?)"),
+        }
+        });
+        let mut q = Stmt::with_capacity(sql, 10);
+        q.push(Bind::Text(&ids[0]));
+        q.push(Bind::Text(stream));
+        if let Some(v) = after {
+            q.push(Bind::Text(stream));
+            q.push(Bind::Text(stream));
+            q.push(Bind::BigInt(v));
+        }
+        q.push(Bind::Text(ev.event_type));
+        q.push(Bind::SmallInt(ev.event_version as i16));
+        q.push(Bind::Text(&ev.payload));
+        q.push(metadata_bind(&ev.metadata));
+        q.push(Bind::Timestamp(now));
+        /// The texts of one-event appends that expect a version or no stream.
+        struct OneAtVersion;
+        struct OneNew;
+        let done = match after {
+            Some(_) => q.named::<OneAtVersion>().execute(conn),
+            None => q.named::<OneNew>().execute(conn),
+        };
+        return match done {
+            // The expected version's row is missing: the expectation does
+            // not hold (or that row is not committed yet: the caller reads
+            // the version again with a locking read).
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::NotNullViolation,
+                info,
+            )) if after.is_some() && info.message().contains("stream_version") => Ok(0),
+            done => done.map_err(|e| map_insert_error(e, stream, expected, chunk)),
+        };
+    }
     let sql = append_text(&ONE, chunk.len(), expected, || {
         use std::fmt::Write;
-        const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
-             stream_version, event_type, event_version, payload, metadata, created_at)";
         let mut sql = String::with_capacity(700 + chunk.len() * 60);
         // The stream's last version, read once.
         let cur = format!(
@@ -313,8 +379,7 @@ fn insert_checked(
              ORDER BY stream_version DESC LIMIT 1), 0) AS v) AS cur",
             Mysql.stream_is()
         );
-        let one = chunk.len() == 1;
-        if one {
+        if chunk.len() == 1 {
             // One event selects its values directly: MariaDB materializes the
             // derived table of the general form as an internal temporary table
             // at every append, besides the one an `INSERT … SELECT` reading its
@@ -343,7 +408,7 @@ fn insert_checked(
             ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
             ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
         }
-        if !one {
+        if chunk.len() > 1 {
             // The trigger numbers the rows in insertion order.
             sql.push_str(" ORDER BY e.k");
         }
@@ -379,15 +444,8 @@ fn insert_checked(
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));
     }
-    /// The texts of one-event appends that expect a version or no stream.
-    struct OneAtVersion;
-    struct OneNew;
-    match (chunk.len(), expected) {
-        (1, ExpectedVersion::Exact(_)) => q.named::<OneAtVersion>().execute(conn),
-        (1, ExpectedVersion::NoStream) => q.named::<OneNew>().execute(conn),
-        _ => q.execute(conn),
-    }
-    .map_err(|e| map_insert_error(e, stream, expected, chunk))
+    q.execute(conn)
+        .map_err(|e| map_insert_error(e, stream, expected, chunk))
 }
 
 /// The positions and versions the rows of these event ids got, in version
