@@ -706,6 +706,68 @@ fn duplicate_event_ids_are_refused_and_write_nothing() {
     }
 }
 
+/// The expectation is checked before the event ids on every backend, for
+/// one event (a command's append) and for several: an append resent after
+/// it committed is a conflict naming the stream's version, an expectation
+/// below 0 or ahead of the stream is a conflict that writes nothing, and
+/// reused ids under an expectation that holds are a duplicate.
+#[test]
+fn a_resent_append_is_a_conflict_and_reused_ids_under_a_held_expectation_a_duplicate() {
+    for db in TestDatabase::all() {
+        let store = db.store();
+        let backend = db.backend();
+        for (stream, n) in [("one", 1_i64), ("two", 2)] {
+            let events: Vec<NewEvent> = (0..n)
+                .map(|i| NewEvent::new(&registered(i)).unwrap())
+                .collect();
+            let write = |expected| {
+                let mut w = StreamWrite::new(stream, expected);
+                for e in &events {
+                    w.push_new(e.clone());
+                }
+                w
+            };
+            store
+                .append_streams(&[write(ExpectedVersion::NoStream)])
+                .unwrap();
+            let head = store.head().unwrap();
+            for expected in [
+                ExpectedVersion::NoStream,
+                ExpectedVersion::Exact(0),
+                ExpectedVersion::Exact(n - 1),
+                ExpectedVersion::Exact(n + 1),
+                ExpectedVersion::Exact(-1),
+                ExpectedVersion::Exact(i64::MIN),
+                ExpectedVersion::Exact(i64::MAX),
+            ] {
+                match store.append_streams(&[write(expected)]) {
+                    Err(Error::Conflict { actual, .. }) => {
+                        assert_eq!(actual, n, "{backend}, {stream}, {expected}")
+                    }
+                    other => panic!("{backend}, {stream}, {expected}: {other:?}"),
+                }
+            }
+            match store.append_streams(&[write(ExpectedVersion::Exact(n))]) {
+                Err(Error::DuplicateEventId { event_id }) => assert!(
+                    events.iter().any(|e| e.event_id == event_id),
+                    "{backend}, {stream}: {event_id}"
+                ),
+                other => panic!("{backend}, {stream}, at its version: {other:?}"),
+            }
+            assert_eq!(store.head().unwrap(), head, "{backend}, {stream}");
+            assert_eq!(store.stream_version(stream).unwrap(), n, "{backend}");
+        }
+        // Below 0 on a stream that does not exist: nothing is written.
+        for expected in [ExpectedVersion::Exact(-1), ExpectedVersion::Exact(i64::MIN)] {
+            match store.append("new", expected, [registered(9)]) {
+                Err(Error::Conflict { actual: 0, .. }) => {}
+                other => panic!("{backend}, {expected} on a new stream: {other:?}"),
+            }
+        }
+        assert_eq!(store.stream_version("new").unwrap(), 0, "{backend}");
+    }
+}
+
 #[test]
 fn typed_views_query_events_like_tables() {
     for db in TestDatabase::all() {

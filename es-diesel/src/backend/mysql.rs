@@ -269,12 +269,17 @@ fn insert(
         Ok(_) => return read_back(conn, &ids),
         // Only a concurrent append of the same version collides.
         Err(Error::Conflict { .. }) => {}
+        // The expectation is checked before the event ids, as on the other
+        // backends (an append resent after it committed is a conflict): an
+        // `INSERT … VALUES` meets the event id's unique index first.
+        Err(Error::DuplicateEventId { .. }) => {}
         Err(e) => return Err(e),
     }
     // The version was taken, or the expectation failed on what the
-    // statement read. A caller's transaction at REPEATABLE READ reads the
-    // snapshot of its first read in places: before refusing, read the
-    // version with a locking read, which sees the last commit.
+    // statement read, or an event id is taken. A caller's transaction at
+    // REPEATABLE READ reads the snapshot of its first read in places:
+    // before refusing, read the version with a locking read, which sees
+    // the last commit.
     let actual = locked_version(conn, stream)?;
     if !expected.is_satisfied_by(actual) {
         return Ok(Vec::new());
@@ -295,19 +300,30 @@ fn insert(
 /// The insert of [`insert`] (`ids`: the chunk's event ids as text); the
 /// number of rows inserted (0 when the expectation does not hold).
 ///
-/// One event expecting a version (every command's append) is an
-/// `INSERT … VALUES`: its version is bound, 1 for a new stream and
-/// otherwise the successor of the expected version, read from the
-/// expected version's own row (NULL, which the column refuses, when that
-/// row is missing). The unique index on (stream, version) refuses it when
-/// the stream has moved past the expectation; with versions numbered from
-/// 1 without gaps, the two checks together are the expectation. MariaDB
-/// runs an `INSERT … SELECT` that reads its own table through an internal
+/// One event expecting no stream or a version of at least 0 (every
+/// command's append) is an `INSERT … VALUES`: its version is 1 for a new
+/// stream, and otherwise the successor of the expected version read from
+/// that version's own row (NULL, which the column refuses, when the row is
+/// missing). The unique index on (stream, version) refuses it when the
+/// stream has moved past the expectation: with versions numbered from 1
+/// without gaps, the two checks together are the expectation. MariaDB runs
+/// an `INSERT … SELECT` that reads its own table through an internal
 /// temporary table, prepared and optimized again at every execution; the
-/// `VALUES` form takes a unique-key lookup. The lookup's row is the only one
-/// it reads, so it takes no gap lock that concurrent appends could
-/// deadlock on. Other appends (several events, or any version, or an
-/// existing stream) read the stream's last version in an `INSERT … SELECT`.
+/// `VALUES` form takes one unique-key lookup, a locking read that waits for
+/// an uncommitted row of that key. At READ COMMITTED (the store's sessions)
+/// it locks only the row it finds; in a caller's REPEATABLE READ
+/// transaction, a missing row (an expectation ahead of the stream) takes a
+/// gap lock, which can deadlock with an append in flight that writes into
+/// that gap (MariaDB then rolls the caller's transaction back with a
+/// retryable error).
+///
+/// The position trigger runs before the row is refused, so a refused
+/// one-event append takes the log's head for its statement, waiting for
+/// appends in flight like any append, and gives it back when the statement
+/// fails (or, inside a transaction, when `append_in`'s savepoint is rolled
+/// back). Other appends (several events, any version, an existing stream)
+/// read the stream's last version in an `INSERT … SELECT` and select
+/// nothing when the expectation fails, without firing the trigger.
 fn insert_checked(
     conn: &mut DbConnection,
     stream: &str,
@@ -319,7 +335,12 @@ fn insert_checked(
     const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
          stream_version, event_type, event_version, payload, metadata, created_at)";
     static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
-    if let ([ev], ExpectedVersion::NoStream | ExpectedVersion::Exact(_)) = (chunk, expected) {
+    let at_version = match expected {
+        ExpectedVersion::NoStream => true,
+        ExpectedVersion::Exact(v) => v >= 0,
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => false,
+    };
+    if let ([ev], true) = (chunk, at_version) {
         // Exact(0) is NoStream, and shares its text.
         let after = match expected {
             ExpectedVersion::Exact(v) if v > 0 => Some(v),
@@ -361,8 +382,8 @@ fn insert_checked(
         };
         return match done {
             // The expected version's row is missing: the expectation does
-            // not hold (or that row is not committed yet: the caller reads
-            // the version again with a locking read).
+            // not hold (the caller reads the version again with a locking
+            // read before refusing).
             Err(diesel::result::Error::DatabaseError(
                 diesel::result::DatabaseErrorKind::NotNullViolation,
                 info,
@@ -370,7 +391,9 @@ fn insert_checked(
             done => done.map_err(|e| map_insert_error(e, stream, expected, chunk)),
         };
     }
-    let sql = append_text(&ONE, chunk.len(), expected, || {
+    // Texts of their own: `ONE` holds the `VALUES` forms.
+    static ONE_SELECTED: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
+    let sql = append_text(&ONE_SELECTED, chunk.len(), expected, || {
         use std::fmt::Write;
         let mut sql = String::with_capacity(700 + chunk.len() * 60);
         // The stream's last version, read once.
