@@ -45,6 +45,7 @@ use chrono::{Timelike, Utc};
 use diesel::connection::SimpleConnection;
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent, Query};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub(crate) struct Mysql;
 
@@ -297,6 +298,17 @@ fn insert(
     }
 }
 
+/// Set once a server refused the `INSERT … VALUES` form that reads the
+/// log (MySQL's "You can't specify target table … for update in FROM
+/// clause", error 1093, which MariaDB does not raise).
+static SELF_READ_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Is this MySQL's refusal of a statement that writes a table it reads in
+/// a subquery (error 1093, in English as servers send it by default)?
+fn refuses_self_read(message: &str) -> bool {
+    message.contains("can't specify target table")
+}
+
 /// The insert of [`insert`] (`ids`: the chunk's event ids as text); the
 /// number of rows inserted (0 when the expectation does not hold).
 ///
@@ -321,9 +333,12 @@ fn insert(
 /// one-event append takes the log's head for its statement, waiting for
 /// appends in flight like any append, and gives it back when the statement
 /// fails (or, inside a transaction, when `append_in`'s savepoint is rolled
-/// back). Other appends (several events, any version, an existing stream)
-/// read the stream's last version in an `INSERT … SELECT` and select
-/// nothing when the expectation fails, without firing the trigger.
+/// back). Other appends (several events, any version, an existing stream,
+/// a version below 0) read the stream's last version in an
+/// `INSERT … SELECT` and select nothing when the expectation fails,
+/// without firing the trigger; so do appends expecting a version on a
+/// MySQL server, which refuses the `VALUES` form that reads the log (see
+/// [`SELF_READ_REFUSED`]).
 fn insert_checked(
     conn: &mut DbConnection,
     stream: &str,
@@ -336,8 +351,8 @@ fn insert_checked(
          stream_version, event_type, event_version, payload, metadata, created_at)";
     static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
     let at_version = match expected {
-        ExpectedVersion::NoStream => true,
-        ExpectedVersion::Exact(v) => v >= 0,
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => true,
+        ExpectedVersion::Exact(v) => v > 0 && !SELF_READ_REFUSED.load(Ordering::Relaxed),
         ExpectedVersion::Any | ExpectedVersion::StreamExists => false,
     };
     if let ([ev], true) = (chunk, at_version) {
@@ -380,16 +395,28 @@ fn insert_checked(
             Some(_) => q.named::<OneAtVersion>().execute(conn),
             None => q.named::<OneNew>().execute(conn),
         };
-        return match done {
+        match done {
             // The expected version's row is missing: the expectation does
             // not hold (the caller reads the version again with a locking
             // read before refusing).
             Err(diesel::result::Error::DatabaseError(
                 diesel::result::DatabaseErrorKind::NotNullViolation,
                 info,
-            )) if after.is_some() && info.message().contains("stream_version") => Ok(0),
-            done => done.map_err(|e| map_insert_error(e, stream, expected, chunk)),
-        };
+            )) if after.is_some() && info.message().contains("stream_version") => return Ok(0),
+            // MySQL (not MariaDB) refuses an `INSERT … VALUES` that reads
+            // its own table, before running it: from now on this process
+            // appends with the `INSERT … SELECT` below.
+            Err(diesel::result::Error::DatabaseError(_, info))
+                if after.is_some() && refuses_self_read(info.message()) =>
+            {
+                SELF_READ_REFUSED.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    "the server refuses an INSERT … VALUES that reads its own table; \
+                     appending with INSERT … SELECT"
+                );
+            }
+            done => return done.map_err(|e| map_insert_error(e, stream, expected, chunk)),
+        }
     }
     // Texts of their own: `ONE` holds the `VALUES` forms.
     static ONE_SELECTED: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
