@@ -299,6 +299,7 @@ fn randomized_writers_never_reorder_a_stream_for_a_runner() {
             )
             .unwrap();
         let mut runner = store.runner(Arc::new(VersionCheck));
+        let backend = db.backend();
         let threads: Vec<_> = (0..8u64)
             .map(|t| {
                 let store = store.clone();
@@ -349,7 +350,7 @@ fn randomized_writers_never_reorder_a_stream_for_a_runner() {
                             Err(Error::Malformed { .. }) => {}
                             // StreamExists on a stream nobody created yet.
                             Err(Error::Conflict { actual: 0, .. }) if exists => {}
-                            Err(e) => panic!("unexpected append failure: {e}"),
+                            Err(e) => panic!("unexpected append failure on {backend}: {e}"),
                         }
                     }
                     committed

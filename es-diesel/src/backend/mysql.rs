@@ -38,7 +38,7 @@ use super::rows::{Appended, EventTuple, Number};
 mod migrations;
 
 use super::{
-    per_backend, quote_literal, Backend, Bind, Columns, DbConnection, Dialect, ListOf, Stmt,
+    per_backend, quote_literal, Backend, Bind, Columns, DbConnection, Dialect, ListOf, Marked, Stmt,
 };
 use crate::error::{Error, Result};
 use chrono::{Timelike, Utc};
@@ -46,6 +46,7 @@ use diesel::connection::SimpleConnection;
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent, Query};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 pub(crate) struct Mysql;
 
@@ -268,7 +269,8 @@ fn insert(
     match insert_checked(conn, stream, expected, chunk, &ids, now) {
         Ok(0) => {}
         Ok(_) => return read_back(conn, &ids),
-        // Only a concurrent append of the same version collides.
+        // The version is taken: a stale expectation, or a concurrent
+        // append of the same version.
         Err(Error::Conflict { .. }) => {}
         // The expectation is checked before the event ids, as on the other
         // backends (an append resent after it committed is a conflict): an
@@ -349,33 +351,35 @@ fn insert_checked(
 ) -> Result<usize> {
     const INTO: &str = "INSERT INTO es_events (global_position, event_id, stream_id, \
          stream_version, event_type, event_version, payload, metadata, created_at)";
-    static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
-    let at_version = match expected {
-        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => true,
-        ExpectedVersion::Exact(v) => v > 0 && !SELF_READ_REFUSED.load(Ordering::Relaxed),
-        ExpectedVersion::Any | ExpectedVersion::StreamExists => false,
-    };
-    if let ([ev], true) = (chunk, at_version) {
-        // Exact(0) is NoStream, and shares its text.
-        let after = match expected {
-            ExpectedVersion::Exact(v) if v > 0 => Some(v),
-            _ => None,
-        };
-        let shape = match after {
-            Some(v) => ExpectedVersion::Exact(v),
-            None => ExpectedVersion::NoStream,
-        };
-        let sql = append_text(&ONE, 1, shape, || {
-            match after {
-            Some(_) => format!(
-                "{INTO} VALUES (0, ?, ?, (SELECT e.stream_version + 1 FROM es_events AS e \
-                 WHERE e.stream_hash = UNHEX(MD5(?)) AND e.stream_id = ? AND e.stream_version = ?), \
-                 ?, ?, ?, ?, ?)"
-            ),
-            None => format!("{INTO} VALUES (0, ?, ?, 1, ?, ?, ?, ?, ?)"),
+    // One event at a version of 0 (no stream) or more: `Some(after)`, the
+    // version it follows, `None` for a new stream.
+    let values_form = match (chunk, expected) {
+        ([ev], ExpectedVersion::NoStream | ExpectedVersion::Exact(0)) => Some((ev, None)),
+        ([ev], ExpectedVersion::Exact(v))
+            if v > 0 && !SELF_READ_REFUSED.load(Ordering::Relaxed) =>
+        {
+            Some((ev, Some(v)))
         }
-        });
-        let mut q = Stmt::with_capacity(sql, 10);
+        _ => None,
+    };
+    if let Some((ev, after)) = values_form {
+        static AT_VERSION: OnceLock<Marked> = OnceLock::new();
+        static NEW: OnceLock<Marked> = OnceLock::new();
+        let mut q = Stmt::with_capacity(
+            match after {
+                Some(_) => AT_VERSION.get_or_init(|| {
+                    Marked::new(format!(
+                        "{INTO} VALUES (0, ?, ?, (SELECT e.stream_version + 1 FROM es_events AS e \
+                         WHERE e.stream_hash = UNHEX(MD5(?)) AND e.stream_id = ? \
+                         AND e.stream_version = ?), ?, ?, ?, ?, ?)"
+                    ))
+                }),
+                None => NEW.get_or_init(|| {
+                    Marked::new(format!("{INTO} VALUES (0, ?, ?, 1, ?, ?, ?, ?, ?)"))
+                }),
+            },
+            10,
+        );
         q.push(Bind::Text(&ids[0]));
         q.push(Bind::Text(stream));
         if let Some(v) = after {
@@ -383,10 +387,7 @@ fn insert_checked(
             q.push(Bind::Text(stream));
             q.push(Bind::BigInt(v));
         }
-        q.push(Bind::Text(ev.event_type));
-        q.push(Bind::SmallInt(ev.event_version as i16));
-        q.push(Bind::Text(&ev.payload));
-        q.push(metadata_bind(&ev.metadata));
+        push_event_values(&mut q, ev);
         q.push(Bind::Timestamp(now));
         /// The texts of one-event appends that expect a version or no stream.
         struct OneAtVersion;
@@ -418,9 +419,8 @@ fn insert_checked(
             done => return done.map_err(|e| map_insert_error(e, stream, expected, chunk)),
         }
     }
-    // Texts of their own: `ONE` holds the `VALUES` forms.
-    static ONE_SELECTED: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
-    let sql = append_text(&ONE_SELECTED, chunk.len(), expected, || {
+    static ONE: OneEventTexts = [const { OnceLock::new() }; 4];
+    let sql = append_text(&ONE, chunk.len(), expected, || {
         use std::fmt::Write;
         let mut sql = String::with_capacity(700 + chunk.len() * 60);
         // The stream's last version, read once.
@@ -471,10 +471,7 @@ fn insert_checked(
     if let [ev] = chunk {
         q.push(Bind::Text(&ids[0]));
         q.push(Bind::Text(stream));
-        q.push(Bind::Text(ev.event_type));
-        q.push(Bind::SmallInt(ev.event_version as i16));
-        q.push(Bind::Text(&ev.payload));
-        q.push(metadata_bind(&ev.metadata));
+        push_event_values(&mut q, ev);
         q.push(Bind::Timestamp(now));
         q.push(Bind::Text(stream));
         q.push(Bind::Text(stream));
@@ -485,10 +482,7 @@ fn insert_checked(
         q.push(Bind::Text(stream));
         for (ev, id) in chunk.iter().zip(ids) {
             q.push(Bind::Text(id));
-            q.push(Bind::Text(ev.event_type));
-            q.push(Bind::SmallInt(ev.event_version as i16));
-            q.push(Bind::Text(&ev.payload));
-            q.push(metadata_bind(&ev.metadata));
+            push_event_values(&mut q, ev);
         }
     }
     if let ExpectedVersion::Exact(v) = expected {
@@ -496,6 +490,14 @@ fn insert_checked(
     }
     q.execute(conn)
         .map_err(|e| map_insert_error(e, stream, expected, chunk))
+}
+
+/// An event's type, type version, payload and metadata, in that order.
+fn push_event_values<'a>(q: &mut Stmt<'a>, ev: &'a NewEvent) {
+    q.push(Bind::Text(ev.event_type));
+    q.push(Bind::SmallInt(ev.event_version as i16));
+    q.push(Bind::Text(&ev.payload));
+    q.push(metadata_bind(&ev.metadata));
 }
 
 /// The positions and versions the rows of these event ids got, in version
