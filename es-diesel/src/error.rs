@@ -5,12 +5,21 @@ use es_core::{DecodeError, EncodeError, ExpectedVersion, StreamIdError};
 /// back; the store fills it in then.
 pub(crate) const ACTUAL_UNKNOWN: i64 = i64::MIN;
 
+/// Where a conflict found the stream, for its message.
+fn stream_at(actual: i64) -> String {
+    if actual == ACTUAL_UNKNOWN {
+        "at a version another writer just wrote (not read yet)".to_owned()
+    } else {
+        format!("at version {actual}")
+    }
+}
+
 /// Everything the store can fail with. Variants carry what you need to act.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Another writer got there first; nothing of the append was written.
     /// Reload the stream and decide again.
-    #[error("version conflict on stream `{stream}`: expected {expected}, but the stream is at version {actual}; nothing was written")]
+    #[error("version conflict on stream `{stream}`: expected {expected}, but the stream is {}; nothing was written", stream_at(*actual))]
     Conflict {
         stream: String,
         expected: ExpectedVersion,

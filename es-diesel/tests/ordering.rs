@@ -10,8 +10,8 @@ use es_diesel::follow::{read_after, Checkpoint};
 use es_diesel::runner::{AsyncProjection, Step};
 use es_diesel::testing::TestDatabase;
 use es_diesel::{
-    append_in, write_transaction, DbConnection, Error, Event, EventStore, ExpectedVersion,
-    ImportOptions, ImportRow, RecordedEvent, StreamWrite,
+    append_in, write_transaction, AppendCondition, DbConnection, Error, Event, EventStore,
+    ExpectedVersion, ImportOptions, ImportRow, Query, RecordedEvent, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -101,8 +101,9 @@ fn a_transaction_that_began_earlier_still_follows_the_stream_order() {
 }
 
 /// The same interleaving with `append_streams` writing several streams and
-/// with an import, held open between its first and its second stream by a
-/// trigger that waits for a lock the test holds.
+/// with an import, held open between their first and their second stream
+/// by a trigger that waits for a lock the test holds: appends to their
+/// second streams meanwhile wait for them.
 #[test]
 fn imports_and_multi_stream_appends_keep_stream_order() {
     let Some(db) = TestDatabase::postgres() else {
@@ -150,17 +151,21 @@ fn imports_and_multi_stream_appends_keep_stream_order() {
                 .unwrap()
         })
     };
-    // Both are parked after writing their `a-` stream.
+    // Both are parked after writing their `a-` stream, holding the append
+    // locks of their `b-` streams: appends to those wait for them, and are
+    // written after them.
     wait_for_lock_waiters(&store, 2);
-    // Were a parked writer holding `b-` rows, these would wait for it: bound
-    // the wait so that such a failure ends the test instead of hanging it.
-    let bounded = EventStore::open(&format!("{}%20-clock_timeout%3D20000", db.url())).unwrap();
-    bounded
-        .append("b-1", ExpectedVersion::NoStream, [Moved { n: 10 }])
-        .unwrap();
-    bounded
-        .append("b-2", ExpectedVersion::NoStream, [Moved { n: 11 }])
-        .unwrap();
+    let mut observer = store.connection().unwrap();
+    let mut later: Vec<Session> = ["b-1", "b-2"]
+        .iter()
+        .zip([10, 11])
+        .map(|(stream, n)| {
+            let session = Session::begin(&store);
+            session.send(vec![write(stream, ExpectedVersion::Any, n)]);
+            session.blocked(&mut observer);
+            session
+        })
+        .collect();
     hold.batch_execute("SELECT pg_advisory_unlock(4242)")
         .unwrap();
     assert_eq!(importer.join().unwrap().imported, 2);
@@ -169,9 +174,13 @@ fn imports_and_multi_stream_appends_keep_stream_order() {
         rec.iter()
             .map(|r| (r.stream_id.as_str(), r.stream_version))
             .collect::<Vec<_>>(),
-        [("b-2", 2), ("a-2", 1)],
+        [("b-2", 1), ("a-2", 1)],
         "returned in the caller's order"
     );
+    for session in &mut later {
+        session.result().unwrap();
+        session.commit();
+    }
     let versions = follow(&store, 6);
     assert_eq!(versions["b-1"], [1, 2]);
     assert_eq!(versions["b-2"], [1, 2]);
@@ -448,6 +457,308 @@ fn opposite_transfers_never_deadlock() {
         }
         assert_eq!(store.stream_version("acct-a").unwrap(), 161);
         assert_eq!(store.stream_version("acct-b").unwrap(), 161);
+    }
+}
+
+/// A connection on a thread of its own, in a transaction held open between
+/// the steps the test sends it; what the store traces there is kept in
+/// `log` (an append retried after a deadlock says so).
+struct Session {
+    steps: mpsc::Sender<SessionStep>,
+    done: mpsc::Receiver<Result<(), Error>>,
+    pid: i32,
+    log: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// What a [`Session`] runs in its transaction.
+type SessionStep = Box<dyn FnOnce(&mut DbConnection) -> Result<(), Error> + Send>;
+
+/// A `tracing` writer into a shared buffer.
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Session {
+    fn begin(store: &EventStore) -> Session {
+        let (steps, rx) = mpsc::channel::<SessionStep>();
+        let (tx, done) = mpsc::channel();
+        let (pid_tx, pid_rx) = mpsc::channel();
+        let store = store.clone();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || Capture(kept.clone()))
+                .finish();
+            let _traced = tracing::subscriber::set_default(subscriber);
+            let mut conn = store.connection().unwrap();
+            #[derive(QueryableByName)]
+            struct Pid {
+                #[diesel(sql_type = diesel::sql_types::Integer)]
+                pid: i32,
+            }
+            let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+                .get_result::<Pid>(&mut conn)
+                .unwrap()
+                .pid;
+            pid_tx.send(pid).unwrap();
+            let _ = write_transaction(&mut conn, |c| -> Result<(), Error> {
+                for step in rx {
+                    let last = step(c);
+                    let failed = last.is_err();
+                    tx.send(last).unwrap();
+                    if failed {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+        });
+        Session {
+            steps,
+            done,
+            pid: pid_rx.recv().unwrap(),
+            log,
+        }
+    }
+
+    /// What the store traced on this session's connection.
+    fn traced(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    fn send(&self, writes: Vec<StreamWrite>) {
+        self.steps
+            .send(Box::new(move |c| append_in(c, &writes).map(|_| ())))
+            .unwrap();
+    }
+
+    fn sql(&self, sql: &'static str) {
+        self.steps
+            .send(Box::new(move |c| {
+                c.batch_execute(sql)?;
+                Ok(())
+            }))
+            .unwrap();
+    }
+
+    /// The result of the step sent last (within a minute).
+    fn result(&self) -> Result<(), Error> {
+        self.done
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the step finished")
+    }
+
+    /// Waits until the step sent last waits for a lock of another session.
+    fn blocked(&self, observer: &mut DbConnection) {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                 WHERE pid = $1 AND cardinality(pg_blocking_pids(pid)) > 0",
+            )
+            .bind::<diesel::sql_types::Integer, _>(self.pid)
+            .get_result::<Count>(observer)
+            .unwrap()
+            .n;
+            if n > 0 {
+                return;
+            }
+            if let Ok(r) = self.done.try_recv() {
+                panic!("the step was expected to wait, but finished: {r:?}");
+            }
+            assert!(Instant::now() < deadline, "the step never waited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Ends the transaction: the session's thread commits it.
+    fn commit(&mut self) {
+        let (closed, _) = mpsc::channel();
+        self.steps = closed;
+    }
+}
+
+/// Writers of any mix of expectations never wait for each other in a cycle.
+/// Here U holds s-a's next event (an expected version), V holds s-c's (any
+/// version); T writes s-a and s-b at once and waits for U; U then writes
+/// s-c and waits for V; V then writes s-b. Had T locked s-b before waiting
+/// at s-a, V would wait for T, T for U and U for V: a deadlock the server
+/// breaks by failing one of them.
+#[test]
+fn writers_of_mixed_expectations_never_wait_in_a_cycle() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    for s in ["s-a", "s-b", "s-c"] {
+        store
+            .append(s, ExpectedVersion::NoStream, [Moved { n: 0 }])
+            .unwrap();
+    }
+    let mut observer = store.connection().unwrap();
+    let mut u = Session::begin(&store);
+    let mut v = Session::begin(&store);
+    let mut t = Session::begin(&store);
+    u.send(vec![write("s-a", ExpectedVersion::Exact(1), 1)]);
+    u.result().unwrap();
+    v.send(vec![write("s-c", ExpectedVersion::Any, 2)]);
+    v.result().unwrap();
+    t.send(vec![
+        write("s-a", ExpectedVersion::Any, 3),
+        write("s-b", ExpectedVersion::Any, 3),
+    ]);
+    t.blocked(&mut observer);
+    u.send(vec![write("s-c", ExpectedVersion::Any, 1)]);
+    u.blocked(&mut observer);
+    v.send(vec![write("s-b", ExpectedVersion::Any, 2)]);
+    v.result().expect("V waits for nobody");
+    v.commit();
+    u.result().expect("U goes on once V commits");
+    u.commit();
+    t.result().expect("T goes on once U commits");
+    t.commit();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ["s-a", "s-b", "s-c"]
+        .iter()
+        .any(|s| store.stream_version(s).unwrap() != 3)
+    {
+        assert!(Instant::now() < deadline, "every transaction committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The server broke no deadlock by failing a statement (the store would
+    // have retried it in its savepoint).
+    for (name, session) in [("T", &t), ("U", &u), ("V", &v)] {
+        let traced = session.traced();
+        assert!(
+            !traced.contains("retrying"),
+            "{name} waited in a cycle and was retried:\n{traced}"
+        );
+    }
+}
+
+/// An append inside a transaction takes its stream's lock and holds it to
+/// the commit; one that commits by itself takes none, so it never waits
+/// for a holder of the lock, and it holds none afterwards.
+#[test]
+fn appends_in_transactions_hold_their_streams_lock_and_others_none() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    let mut observer = store.connection().unwrap();
+    let mut holder = Session::begin(&store);
+    holder.sql(
+        "SELECT pg_advisory_xact_lock(1163067393, hashtext('es_events'::regclass::oid::text || '/' || 'held'))",
+    );
+    holder.result().unwrap();
+    // By itself: not held up by the lock (were it, the wait would end in
+    // an error after 20 s instead of hanging the test).
+    let bounded = EventStore::open(&format!("{}%20-clock_timeout%3D20000", db.url())).unwrap();
+    bounded
+        .append("held", ExpectedVersion::NoStream, [Moved { n: 1 }])
+        .unwrap();
+    // In a transaction: waits for it.
+    let mut waiter = Session::begin(&store);
+    waiter.send(vec![write("held", ExpectedVersion::Exact(1), 2)]);
+    waiter.blocked(&mut observer);
+    holder.commit();
+    waiter.result().unwrap();
+    // Now the waiter holds it: so does no one else.
+    let mut other = Session::begin(&store);
+    other.send(vec![write("held", ExpectedVersion::Any, 3)]);
+    other.blocked(&mut observer);
+    waiter.commit();
+    other.result().unwrap();
+    other.commit();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.stream_version("held").unwrap() != 3 {
+        assert!(Instant::now() < deadline, "both transactions committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A transaction that appends in two calls holds its first call's locks
+/// while its second takes its own, so it can deadlock with a conditional
+/// append: the append in the caller's transaction then fails at once with a
+/// transient error instead of retrying in the same cycle, and the other
+/// writer goes through.
+#[test]
+fn a_deadlock_inside_a_callers_transaction_is_returned_not_retried() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    store
+        .append("w", ExpectedVersion::NoStream, [Moved { n: 0 }])
+        .unwrap();
+    let mut observer = store.connection().unwrap();
+    let mut h = Session::begin(&store);
+    // This session breaks the deadlock: it detects it first.
+    h.sql("SET LOCAL deadlock_timeout = '50ms'");
+    h.result().unwrap();
+    h.send(vec![write("h", ExpectedVersion::NoStream, 1)]);
+    h.result().unwrap();
+    // A conditional append on a query by type: it takes w's lock, then
+    // waits for every append in flight (H's) to finish.
+    let conditional = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.append_if(
+                &[write("w", ExpectedVersion::Any, 2)],
+                &AppendCondition::none_match(Query::types(["Nothing"])),
+            )
+        })
+    };
+    wait_until_blocked_by(&mut observer, h.pid);
+    // H now waits for w's lock, held by the conditional append.
+    h.send(vec![write("w", ExpectedVersion::Exact(1), 3)]);
+    let err = h.result().expect_err("H is the deadlock's victim");
+    assert!(err.is_transient() && err.is_retryable(), "{err:?}");
+    let traced = h.traced();
+    assert!(
+        !traced.contains("retrying"),
+        "retried in the cycle:\n{traced}"
+    );
+    h.commit();
+    let appended = conditional.join().unwrap().unwrap();
+    assert_eq!(appended[0].stream_version, 2);
+}
+
+/// Waits until a session waits for a lock that `pid` holds.
+fn wait_until_blocked_by(observer: &mut DbConnection, pid: i32) {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+    )
+    .bind::<diesel::sql_types::Integer, _>(pid)
+    .get_result::<Count>(observer)
+    .unwrap()
+    .n == 0
+    {
+        assert!(Instant::now() < deadline, "no one waited for {pid}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

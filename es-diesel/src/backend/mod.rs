@@ -243,6 +243,14 @@ pub(crate) trait Dialect: Send + Sync {
         false
     }
 
+    /// Each stream has an append lock of its own, which every insert into
+    /// the stream takes before it writes (then a write that takes tag
+    /// locks takes its streams' locks first). Otherwise one lock covers
+    /// every stream.
+    fn locks_each_stream(&self) -> bool {
+        false
+    }
+
     /// One writer at a time: appends inside a write transaction never race
     /// each other (no row a concurrent projector may insert first), and
     /// positions become visible in order, so a follower's checkpoint is
@@ -251,9 +259,9 @@ pub(crate) trait Dialect: Send + Sync {
         false
     }
 
-    /// Takes the per-stream append locks of these streams (serializing
-    /// appends with `ExpectedVersion::Any`, and ordering multi-stream
-    /// writes), before the inserts, in the order of the stream ids.
+    /// Takes the append locks of these streams (serializing appends with
+    /// `ExpectedVersion::Any`, and ordering writes of several streams),
+    /// before the inserts, in the order of the stream ids.
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         let _ = (conn, streams);
         Ok(())
@@ -265,14 +273,17 @@ pub(crate) trait Dialect: Send + Sync {
     /// what makes the check of the condition and the append's commit one
     /// step for every other writer, so that no event the query matches
     /// commits in between. Backends with one writer at a time have nothing
-    /// to take.
+    /// to take. Where [`Dialect::locks_each_stream`], the append locks of
+    /// `streams` come here instead of to `lock_streams`, to be taken first,
+    /// in the same round trip.
     fn lock_tags(
         &self,
         conn: &mut DbConnection,
+        streams: &[&str],
         tags: &[&str],
         condition: Option<&Query>,
     ) -> Result<()> {
-        let _ = (conn, tags, condition);
+        let _ = (conn, streams, tags, condition);
         Ok(())
     }
 

@@ -212,6 +212,7 @@ impl Dialect for Mysql {
     fn lock_tags(
         &self,
         conn: &mut DbConnection,
+        _streams: &[&str],
         _tags: &[&str],
         condition: Option<&Query>,
     ) -> Result<()> {

@@ -133,6 +133,10 @@ impl Dialect for Postgres {
         true
     }
 
+    fn locks_each_stream(&self) -> bool {
+        true
+    }
+
     fn lock_streams(&self, conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
         if streams.is_empty() {
             return Ok(());
@@ -145,11 +149,12 @@ impl Dialect for Postgres {
     /// tag of each item of its query, which waits for the writers of those
     /// tags in flight to finish and holds off new ones until it commits.
     /// An item without tags matches by type alone: for those, the lock
-    /// every append announces itself with, exclusively. The tag locks are
-    /// one statement, keys in increasing order, after the stream locks.
+    /// every append announces itself with, exclusively. The stream locks
+    /// and then the tag locks are one statement, keys in increasing order.
     fn lock_tags(
         &self,
         conn: &mut DbConnection,
+        streams: &[&str],
         tags: &[&str],
         condition: Option<&Query>,
     ) -> Result<()> {
@@ -159,16 +164,27 @@ impl Dialect for Postgres {
             by_type |= item.tags.is_empty();
             exclusive.extend(item.tags.iter().map(String::as_str));
         }
-        if !(tags.is_empty() && exclusive.is_empty()) {
+        if tags.is_empty() && exclusive.is_empty() {
+            if !streams.is_empty() {
+                lock_streams(conn, streams)?;
+            }
+        } else {
+            // The stream locks (`s`, empty or not, one row) are a condition
+            // of the tag locks' only row source, so they come first.
             Stmt::new(
-            "SELECT COUNT(CASE WHEN x THEN pg_advisory_xact_lock(?, k) \
+            "WITH s AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || s))) AS n FROM \
+               (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams) \
+             SELECT COUNT(CASE WHEN x THEN pg_advisory_xact_lock(?, k) \
                               ELSE pg_advisory_xact_lock_shared(?, k) END) AS n \
              FROM (SELECT k, bool_or(x) AS x FROM ( \
                      SELECT hashtext('es_event_tags'::regclass::oid::text || '/' || t) AS k, false AS x FROM unnest(?::text[]) AS t \
                      UNION ALL \
                      SELECT hashtext('es_event_tags'::regclass::oid::text || '/' || t), true FROM unnest(?::text[]) AS t) AS u \
+                   WHERE (SELECT n FROM s) >= 0 \
                    GROUP BY k ORDER BY k) AS keys",
         )
+        .bind(Bind::Int(STREAM_LOCK_CLASS))
+        .bind(Bind::TextArray(streams))
         .bind(Bind::Int(TAG_LOCK_CLASS))
         .bind(Bind::Int(TAG_LOCK_CLASS))
         .bind(Bind::TextArray(tags))
@@ -414,7 +430,7 @@ fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
 }
 
 /// Advisory-lock namespace of per-stream append locks ("ES" + 1).
-const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
+const STREAM_LOCK_CLASS: i32 = 0x4553_0001; // 1163067393, as written in `insert`
 /// The advisory lock class of tags (see [`Postgres::lock_tags`]); keys
 /// are hashed with the OID of the tag table, so that sessions reaching one
 /// log through different search paths take the same locks. (0x4553_0002 is
@@ -426,7 +442,10 @@ const TAG_LOCK_CLASS: i32 = 0x4553_0003;
 /// each other. The locks must be held before the insert statement takes its
 /// snapshot, hence a statement of their own; they are keyed by schema and
 /// stream and taken in the order of the stream ids (bytewise, as appends
-/// write streams), so two writers never wait for each other in a cycle.
+/// write streams). Every insert inside a transaction takes its stream's
+/// lock too (see [`insert`]): a writer never waits for an uncommitted event
+/// of another transaction, only for these locks, which every write takes
+/// in one order, so two writers never wait for each other in a cycle.
 fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
     Stmt::new(
         "SELECT COUNT(pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || s))) FROM \
@@ -438,10 +457,19 @@ fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// One statement: draws the append's order key, reads the stream's last
-/// version and key, checks the expectation and inserts the chunk, so an
-/// append costs one round trip. A concurrent writer of the same version
-/// loses on the unique index.
+/// One statement: takes the stream's append lock inside a transaction
+/// block, draws the append's order key, reads the stream's last version and
+/// key, checks the expectation and inserts the chunk, so an append costs
+/// one round trip. A concurrent writer of the same version loses on the
+/// unique index.
+///
+/// The lock, held to the commit, makes every writer of the stream wait for
+/// it before it can wait for an uncommitted event of this transaction, so
+/// that writers only ever wait for stream locks, taken in one order (see
+/// [`lock_streams`]), never in a cycle. An append that commits by itself
+/// (outside a transaction that Diesel opened) waits for nothing once it has
+/// inserted, so it takes none: only transactions hold these locks, one per
+/// stream they append to, until they commit.
 ///
 /// The order key (see [`crate::follow`]) is the larger of a key drawn now
 /// and the key of the stream's previous event, so that followers, which
@@ -456,7 +484,10 @@ fn insert(
     let sql = append_text(&ONE, chunk.len(), expected, || {
         let mut sql = String::with_capacity(900 + chunk.len() * 70);
         sql.push_str(
-            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), \
+            "WITH l AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock(1163067393, \
+             hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n \
+             FROM (SELECT 1) AS one WHERE ?::integer = 1), \
+             k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), \
              last AS (SELECT stream_version, order_key FROM es_events \
              WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
              cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
@@ -487,10 +518,12 @@ fn insert(
         );
         sql
     });
-    let mut q = Stmt::with_capacity(sql, 4 + chunk.len() * 5);
+    let mut q = Stmt::with_capacity(sql, 6 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
+    q.push(Bind::Text(stream));
+    q.push(Bind::Int(i32::from(super::in_transaction(conn)?)));
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));

@@ -82,16 +82,21 @@ pub(crate) fn retrying<T>(
     writes: &[StreamWrite],
     mut run: impl FnMut(&mut DbConnection) -> Result<T>,
 ) -> Result<T> {
-    // MySQL rolls the whole transaction back to break a deadlock: inside a
-    // caller's transaction nothing is left to retry in (a retry would run
-    // outside any transaction and commit on its own), so the transient
-    // error goes to the caller, whose transaction must run again whole.
-    let whole_transaction_lost_on_abort =
-        matches!(conn, DbConnection::Mysql(_)) && crate::backend::in_transaction(conn)?;
+    // Inside a caller's transaction a transient error (a deadlock, a
+    // serialization failure) goes to the caller, whose transaction must run
+    // again whole. MySQL rolls the whole transaction back to break a
+    // deadlock: nothing is left to retry in (a retry would run outside any
+    // transaction and commit on its own). PostgreSQL rolls back the
+    // append's savepoint, but a deadlock there involves locks the
+    // transaction took before it (in one append, every writer takes its
+    // locks in one order), which a retry would still hold: it would wait in
+    // the same cycle again, a second each time, while the other writers
+    // of the cycle stay blocked.
+    let callers_transaction = crate::backend::in_transaction(conn)?;
     let mut attempt = 0;
     loop {
         match run(conn) {
-            Err(e) if whole_transaction_lost_on_abort && e.is_transient() => return Err(e),
+            Err(e) if callers_transaction && e.is_transient() => return Err(e),
             Err(e) if attempt < RACE_RETRIES && retry_after(&e, writes) => {
                 attempt += 1;
                 tracing::debug!(attempt, error = %e, "append lost a race; retrying");
@@ -216,31 +221,6 @@ fn insert_traced(
     let mut order: Vec<usize> = (0..writes.len()).collect();
     order.sort_by(|&a, &b| writes[a].stream_id.cmp(&writes[b].stream_id));
     let reordered = order.iter().enumerate().any(|(k, &i)| k != i);
-    // Appends with `Any` read the stream's version and write the next one:
-    // they are serialized per stream. A write of several streams locks them
-    // all, in the order it inserts them, before its first insert, so that it
-    // never waits for a stream while holding a later one locked by that
-    // rule alone.
-    let nonempty = writes.iter().filter(|w| !w.events.is_empty());
-    let locked: Vec<&str> = if nonempty.clone().count() > 1 {
-        order
-            .iter()
-            .map(|&i| &writes[i])
-            .filter(|w| !w.events.is_empty())
-            .map(|w| w.stream_id.as_str())
-            .collect()
-    } else {
-        nonempty
-            .filter(|w| w.expected == ExpectedVersion::Any)
-            .map(|w| w.stream_id.as_str())
-            .collect()
-    };
-    let dialect = conn.dialect();
-    dialect.lock_streams(conn, &locked)?;
-    // Then the tags, after the streams (one order for every writer): the
-    // ones this append writes, and what its condition covers, so that no
-    // writer of an event matching the condition's query commits between
-    // the check and this append's commit.
     // Per write and event: its tags, computed from the payload where an
     // event of a type that declares tags came without them.
     // Empty (nothing allocated) when no event has tags, the usual append.
@@ -261,10 +241,40 @@ fn insert_traced(
         .flatten()
         .flat_map(|t| t.iter().map(String::as_str))
         .collect();
-    if condition.is_some() || !tags.is_empty() {
+    // First the streams' append locks (`Dialect::lock_streams`), in the
+    // order of the stream ids. Appends with `Any` read the stream's version
+    // and write the next one: they take it before their insert statement
+    // takes its snapshot. Where each stream has a lock of its own
+    // (PostgreSQL), every insert takes its stream's lock before it writes,
+    // so no writer ever waits for another's uncommitted event, only for
+    // locks taken in one order; a write of several streams, or one that
+    // then takes tag locks, takes all of its streams' locks here, so that
+    // it never waits for a stream while holding a later one or a tag.
+    // Where one lock covers every stream (MySQL), a write of several
+    // streams takes it here, before its first insert.
+    let dialect = conn.dialect();
+    let tag_locks = condition.is_some() || !tags.is_empty();
+    // Where each stream has a lock of its own, `lock_tags` takes them.
+    let with_tags = tag_locks && dialect.locks_each_stream();
+    let nonempty = writes.iter().filter(|w| !w.events.is_empty());
+    let all = nonempty.clone().count() > 1 || with_tags;
+    let locked: Vec<&str> = order
+        .iter()
+        .map(|&i| &writes[i])
+        .filter(|w| !w.events.is_empty() && (all || w.expected == ExpectedVersion::Any))
+        .map(|w| w.stream_id.as_str())
+        .collect();
+    if !with_tags {
+        dialect.lock_streams(conn, &locked)?;
+    }
+    // Then the tags: the ones this append writes, and what its condition
+    // covers, so that no writer of an event matching the condition's query
+    // commits between the check and this append's commit.
+    if tag_locks {
         tags.sort_unstable();
         tags.dedup();
-        dialect.lock_tags(conn, &tags, condition.map(|c| &c.query))?;
+        let streams: &[&str] = if with_tags { &locked } else { &[] };
+        dialect.lock_tags(conn, streams, &tags, condition.map(|c| &c.query))?;
     }
     if let Some(condition) = condition {
         check_condition(conn, condition)?;

@@ -18,16 +18,19 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// together. Returns the recorded events in the order of `writes`.
 ///
 /// Streams are written in the order of their ids, whatever the order of
-/// `writes`, so that two transactions writing the same streams never wait
-/// for each other in a cycle. On PostgreSQL the append runs in a savepoint:
-/// a lost race with [`ExpectedVersion::Any`](crate::ExpectedVersion::Any) or
+/// `writes`, so that two appends never wait for each other in a cycle. A
+/// transaction that appends in several calls holds the locks of its
+/// earlier calls while a later one takes its own, so it can deadlock with
+/// another writer (the server then fails one of them). On PostgreSQL the append runs in a
+/// savepoint: a lost race with [`ExpectedVersion::Any`](crate::ExpectedVersion::Any) or
 /// [`ExpectedVersion::StreamExists`](crate::ExpectedVersion::StreamExists) is retried, and after an error the
 /// caller's transaction is still usable (roll it back or go on).
 ///
-/// On MySQL a deadlock rolls the caller's whole transaction back: the
-/// append then returns the [transient](crate::Error::is_transient) error
-/// without retrying, and the caller runs its transaction again from the
-/// start.
+/// A deadlock or another [transient](crate::Error::is_transient) error is
+/// returned without retrying: the caller runs its transaction again from
+/// the start (on MySQL the server has already rolled it back whole; on
+/// PostgreSQL it still holds the locks of its earlier statements, which a
+/// retry of the append alone would wait in the same cycle with).
 pub fn append_in(conn: &mut DbConnection, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
     // Inside a transaction on SQLite no other writer can come in between.
     if conn.dialect().serial_writers() && in_transaction(conn)? {
