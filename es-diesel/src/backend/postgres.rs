@@ -481,14 +481,20 @@ fn insert(
     chunk: &[NewEvent],
 ) -> Result<Vec<Appended>> {
     static ONE: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
-    let sql = append_text(&ONE, chunk.len(), expected, || {
-        let mut sql = String::with_capacity(900 + chunk.len() * 70);
-        sql.push_str(
+    static ONE_LOCKED: OneEventTexts = [const { std::sync::OnceLock::new() }; 4];
+    let locked = super::in_transaction(conn)?;
+    let texts = if locked { &ONE_LOCKED } else { &ONE };
+    let sql = append_text(texts, chunk.len(), expected, || {
+        let mut sql = String::with_capacity(1000 + chunk.len() * 70);
+        sql.push_str(if locked {
             "WITH l AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock(1163067393, \
-             hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n \
-             FROM (SELECT 1) AS one WHERE ?::integer = 1), \
-             k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), \
-             last AS (SELECT stream_version, order_key FROM es_events \
+             hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n), \
+             k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
+        } else {
+            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), "
+        });
+        sql.push_str(
+            "last AS (SELECT stream_version, order_key FROM es_events \
              WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
              cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
              GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
@@ -518,12 +524,13 @@ fn insert(
         );
         sql
     });
-    let mut q = Stmt::with_capacity(sql, 6 + chunk.len() * 5);
+    let mut q = Stmt::with_capacity(sql, 5 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
-    q.push(Bind::Text(stream));
-    q.push(Bind::Int(i32::from(super::in_transaction(conn)?)));
+    if locked {
+        q.push(Bind::Text(stream));
+    }
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
     q.push(Bind::Text(stream));
@@ -537,12 +544,19 @@ fn insert(
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));
     }
-    /// The texts of one-event appends that expect a version or no stream.
+    /// The texts of one-event appends that expect a version or no stream,
+    /// committing by themselves or (`…Locked`) in a transaction.
     struct OneAtVersion;
     struct OneNew;
-    let inserted = match (chunk.len(), expected) {
-        (1, ExpectedVersion::Exact(_)) => q.named::<OneAtVersion>().load::<Appended>(conn),
-        (1, ExpectedVersion::NoStream) => q.named::<OneNew>().load::<Appended>(conn),
+    struct OneAtVersionLocked;
+    struct OneNewLocked;
+    let inserted = match (chunk.len(), expected, locked) {
+        (1, ExpectedVersion::Exact(_), false) => q.named::<OneAtVersion>().load::<Appended>(conn),
+        (1, ExpectedVersion::NoStream, false) => q.named::<OneNew>().load::<Appended>(conn),
+        (1, ExpectedVersion::Exact(_), true) => {
+            q.named::<OneAtVersionLocked>().load::<Appended>(conn)
+        }
+        (1, ExpectedVersion::NoStream, true) => q.named::<OneNewLocked>().load::<Appended>(conn),
         _ => q.load::<Appended>(conn),
     };
     inserted
