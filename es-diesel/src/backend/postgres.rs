@@ -430,7 +430,7 @@ fn horizon(conn: &mut DbConnection) -> Result<Option<i64>> {
 }
 
 /// Advisory-lock namespace of per-stream append locks ("ES" + 1).
-const STREAM_LOCK_CLASS: i32 = 0x4553_0001; // 1163067393, as written in `insert`
+const STREAM_LOCK_CLASS: i32 = 0x4553_0001;
 /// The advisory lock class of tags (see [`Postgres::lock_tags`]); keys
 /// are hashed with the OID of the tag table, so that sessions reaching one
 /// log through different search paths take the same locks. (0x4553_0002 is
@@ -486,13 +486,17 @@ fn insert(
     let texts = if locked { &ONE_LOCKED } else { &ONE };
     let sql = append_text(texts, chunk.len(), expected, || {
         let mut sql = String::with_capacity(1000 + chunk.len() * 70);
-        sql.push_str(if locked {
-            "WITH l AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock(1163067393, \
-             hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n), \
-             k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
+        if locked {
+            use std::fmt::Write;
+            let _ = write!(
+                sql,
+                "WITH l AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock({STREAM_LOCK_CLASS}, \
+                 hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n), \
+                 k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
+            );
         } else {
-            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), "
-        });
+            sql.push_str("WITH k AS MATERIALIZED (SELECT es_append_key() AS k), ");
+        }
         sql.push_str(
             "last AS (SELECT stream_version, order_key FROM es_events \
              WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \

@@ -12,7 +12,9 @@ use es_core::{EventType, Recorded, RecordedEvent};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Appends `writes` inside the caller's transaction on `conn` (open it with
-/// [`write_transaction`](crate::write_transaction)), then runs the inline
+/// [`write_transaction`](crate::write_transaction) or Diesel's
+/// `Connection::transaction`; a transaction begun by sending `BEGIN` as SQL
+/// is not seen, and this call would commit it with its own), then runs the inline
 /// projectors on the recorded events in log order, so that the events,
 /// the read models and any other writes of the caller commit or roll back
 /// together. Returns the recorded events in the order of `writes`.
