@@ -329,3 +329,23 @@ fn describe_registry(duplicates: &[Duplicate], orphans: &[(String, String)]) -> 
     }));
     parts.join("; ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conflict_says_where_the_stream_is_or_that_it_is_not_read_yet() {
+        let conflict = |actual| Error::Conflict {
+            stream: "s".to_owned(),
+            expected: ExpectedVersion::Exact(2),
+            actual,
+        };
+        assert!(conflict(5)
+            .to_string()
+            .contains("the stream is at version 5;"));
+        let unknown = conflict(ACTUAL_UNKNOWN).to_string();
+        assert!(unknown.contains("another writer just wrote"), "{unknown}");
+        assert!(!unknown.contains(&i64::MIN.to_string()), "{unknown}");
+    }
+}

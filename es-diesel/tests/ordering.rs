@@ -562,24 +562,13 @@ impl Session {
 
     /// Waits until the step sent last waits for a lock of another session.
     fn blocked(&self, observer: &mut DbConnection) {
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let n = diesel::sql_query(
-                "SELECT COUNT(*) AS n FROM pg_stat_activity \
-                 WHERE pid = $1 AND cardinality(pg_blocking_pids(pid)) > 0",
-            )
-            .bind::<diesel::sql_types::Integer, _>(self.pid)
-            .get_result::<Count>(observer)
-            .unwrap()
-            .n;
-            if n > 0 {
-                return;
-            }
+        while sessions(
+            observer,
+            "pid = $1 AND cardinality(pg_blocking_pids(pid)) > 0",
+            self.pid,
+        ) == 0
+        {
             if let Ok(r) = self.done.try_recv() {
                 panic!("the step was expected to wait, but finished: {r:?}");
             }
@@ -634,14 +623,7 @@ fn writers_of_mixed_expectations_never_wait_in_a_cycle() {
     u.commit();
     t.result().expect("T goes on once U commits");
     t.commit();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ["s-a", "s-b", "s-c"]
-        .iter()
-        .any(|s| store.stream_version(s).unwrap() != 3)
-    {
-        assert!(Instant::now() < deadline, "every transaction committed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_versions(&store, &["s-a", "s-b", "s-c"], 3);
     // The server broke no deadlock by failing a statement (the store would
     // have retried it in its savepoint).
     for (name, session) in [("T", &t), ("U", &u), ("V", &v)] {
@@ -687,11 +669,7 @@ fn appends_in_transactions_hold_their_streams_lock_and_others_none() {
     waiter.commit();
     other.result().unwrap();
     other.commit();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while store.stream_version("held").unwrap() != 3 {
-        assert!(Instant::now() < deadline, "both transactions committed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_versions(&store, &["held"], 3);
 }
 
 /// A transaction that appends in two calls holds its first call's locks
@@ -741,23 +719,78 @@ fn a_deadlock_inside_a_callers_transaction_is_returned_not_retried() {
     assert_eq!(appended[0].stream_version, 2);
 }
 
+/// A write with a condition takes its streams' locks before its tag locks,
+/// the order every writer takes them in: while it waits for a stream, it
+/// holds no tag lock another writer could be waiting for.
+#[test]
+fn a_conditional_append_waits_for_its_stream_before_taking_tag_locks() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    let mut observer = store.connection().unwrap();
+    let mut holder = Session::begin(&store);
+    holder.sql(
+        "SELECT pg_advisory_xact_lock(1163067393, hashtext('es_events'::regclass::oid::text || '/' || 'tagged'))",
+    );
+    holder.result().unwrap();
+    let conditional = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.append_if(
+                &[write("tagged", ExpectedVersion::Any, 1)],
+                &AppendCondition::none_match(Query::tag("course:1")),
+            )
+        })
+    };
+    wait_until_blocked_by(&mut observer, holder.pid);
+    let holding_tags = sessions(
+        &mut observer,
+        "$1 = ANY(pg_blocking_pids(pid)) AND EXISTS (SELECT 1 FROM pg_locks AS l \
+         WHERE l.pid = pg_stat_activity.pid AND l.locktype = 'advisory' \
+         AND l.classid = 1163067395 AND l.granted)",
+        holder.pid,
+    );
+    assert_eq!(holding_tags, 0, "waits for the stream holding a tag lock");
+    holder.commit();
+    let appended = conditional.join().unwrap().unwrap();
+    assert_eq!(appended[0].stream_version, 1);
+}
+
 /// Waits until a session waits for a lock that `pid` holds.
 fn wait_until_blocked_by(observer: &mut DbConnection, pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sessions(observer, "$1 = ANY(pg_blocking_pids(pid))", pid) == 0 {
+        assert!(Instant::now() < deadline, "no one waited for {pid}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The server's sessions that meet `condition` (SQL on `pg_stat_activity`,
+/// `$1` being `pid`).
+fn sessions(observer: &mut DbConnection, condition: &str, pid: i32) -> i64 {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-    )
+    diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE {condition}"
+    ))
     .bind::<diesel::sql_types::Integer, _>(pid)
     .get_result::<Count>(observer)
     .unwrap()
-    .n == 0
+    .n
+}
+
+/// Waits until each of `streams` is at `version` (their writers committed).
+fn wait_for_versions(store: &EventStore, streams: &[&str], version: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while streams
+        .iter()
+        .any(|s| store.stream_version(s).unwrap() != version)
     {
-        assert!(Instant::now() < deadline, "no one waited for {pid}");
+        assert!(Instant::now() < deadline, "every transaction committed");
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -16,6 +16,31 @@ use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
 use es_core::{ExpectedVersion, NewEvent, Query};
 
+/// The key of the append lock of the stream `$stream` (SQL text) in the
+/// class ([`STREAM_LOCK_CLASS`]) bound at the `?` before it: the one expression every statement
+/// that takes stream locks uses, so that they all take the same locks.
+macro_rules! stream_lock {
+    ($stream:literal) => {
+        concat!(
+            "pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || ",
+            $stream,
+            "))"
+        )
+    };
+}
+
+/// Takes the append locks of the streams of a text array (binds: the
+/// class, the array), in the order of the stream ids; one row, `n`.
+macro_rules! lock_streams_sql {
+    () => {
+        concat!(
+            "SELECT COUNT(",
+            stream_lock!("s"),
+            ") AS n FROM (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams"
+        )
+    };
+}
+
 pub(crate) struct Postgres;
 
 impl Dialect for Postgres {
@@ -171,9 +196,8 @@ impl Dialect for Postgres {
         } else {
             // The stream locks (`s`, empty or not, one row) are a condition
             // of the tag locks' only row source, so they come first.
-            Stmt::new(
-            "WITH s AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || s))) AS n FROM \
-               (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams) \
+            Stmt::new(concat!(
+            "WITH s AS MATERIALIZED (", lock_streams_sql!(), ") \
              SELECT COUNT(CASE WHEN x THEN pg_advisory_xact_lock(?, k) \
                               ELSE pg_advisory_xact_lock_shared(?, k) END) AS n \
              FROM (SELECT k, bool_or(x) AS x FROM ( \
@@ -182,7 +206,7 @@ impl Dialect for Postgres {
                      SELECT hashtext('es_event_tags'::regclass::oid::text || '/' || t), true FROM unnest(?::text[]) AS t) AS u \
                    WHERE (SELECT n FROM s) >= 0 \
                    GROUP BY k ORDER BY k) AS keys",
-        )
+        ))
         .bind(Bind::Int(STREAM_LOCK_CLASS))
         .bind(Bind::TextArray(streams))
         .bind(Bind::Int(TAG_LOCK_CLASS))
@@ -447,13 +471,10 @@ const TAG_LOCK_CLASS: i32 = 0x4553_0003;
 /// of another transaction, only for these locks, which every write takes
 /// in one order, so two writers never wait for each other in a cycle.
 fn lock_streams(conn: &mut DbConnection, streams: &[&str]) -> Result<()> {
-    Stmt::new(
-        "SELECT COUNT(pg_advisory_xact_lock(?, hashtext('es_events'::regclass::oid::text || '/' || s))) FROM \
-         (SELECT DISTINCT s COLLATE \"C\" AS s FROM unnest(?::text[]) AS s ORDER BY 1) AS streams",
-    )
-    .bind(Bind::Int(STREAM_LOCK_CLASS))
-    .bind(Bind::TextArray(streams))
-    .execute(conn)?;
+    Stmt::new(lock_streams_sql!())
+        .bind(Bind::Int(STREAM_LOCK_CLASS))
+        .bind(Bind::TextArray(streams))
+        .execute(conn)?;
     Ok(())
 }
 
@@ -486,17 +507,15 @@ fn insert(
     let texts = if locked { &ONE_LOCKED } else { &ONE };
     let sql = append_text(texts, chunk.len(), expected, || {
         let mut sql = String::with_capacity(1000 + chunk.len() * 70);
-        if locked {
-            use std::fmt::Write;
-            let _ = write!(
-                sql,
-                "WITH l AS MATERIALIZED (SELECT COUNT(pg_advisory_xact_lock({STREAM_LOCK_CLASS}, \
-                 hashtext('es_events'::regclass::oid::text || '/' || ?))) AS n), \
-                 k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
-            );
+        sql.push_str(if locked {
+            concat!(
+                "WITH l AS MATERIALIZED (SELECT COUNT(",
+                stream_lock!("?"),
+                ") AS n), k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
+            )
         } else {
-            sql.push_str("WITH k AS MATERIALIZED (SELECT es_append_key() AS k), ");
-        }
+            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), "
+        });
         sql.push_str(
             "last AS (SELECT stream_version, order_key FROM es_events \
              WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
@@ -528,11 +547,12 @@ fn insert(
         );
         sql
     });
-    let mut q = Stmt::with_capacity(sql, 5 + chunk.len() * 5);
+    let mut q = Stmt::with_capacity(sql, 6 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
     }
     if locked {
+        q.push(Bind::Int(STREAM_LOCK_CLASS));
         q.push(Bind::Text(stream));
     }
     q.push(Bind::Text(stream));
