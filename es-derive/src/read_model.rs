@@ -717,6 +717,37 @@ impl<'a> Model<'a> {
                 },
             )
         };
+        // The same read, on PostgreSQL, with each row's version (`xmin`).
+        let versioned_select = quote!((__es::RowVersion, #select));
+        let find_many_versioned = if key_fields.len() == 1 {
+            let c = key_fields[0].ident;
+            let v = key_fields[0].to_sql(quote!(k));
+            quote! {
+                let keys: ::std::vec::Vec<_> = keys.iter().map(|k| #v).collect();
+                #table::table.filter(__diesel::ExpressionMethods::eq_any(#table::#c, keys)).select(#versioned_select).load::<(i64, Self)>(c)
+            }
+        } else {
+            let one = key_filter(quote!(k));
+            quote! {
+                let mut query = #table::table.select(#versioned_select).into_boxed();
+                for k in keys {
+                    query = query.or_filter(#one);
+                }
+                query.load::<(i64, Self)>(c)
+            }
+        };
+        let guarded_update = if non_key.is_empty() {
+            quote!(::core::option::Option::None)
+        } else {
+            quote! {
+                let __key = <Self as __es::ReadModel>::key(row);
+                ::core::option::Option::Some(::std::boxed::Box::new(__es::RowUpdate::<Self, _, _, _>::new(
+                    __diesel::QuerySource::from_clause(&#table::table),
+                    __diesel::query_builder::AsChangeset::as_changeset(row),
+                    #row_filter,
+                )))
+            }
+        };
         let update = if non_key.is_empty() {
             quote!(let _ = (conn, row); ::core::result::Result::Ok(0))
         } else {
@@ -866,6 +897,31 @@ impl<'a> Model<'a> {
                             return ::core::result::Result::Ok(0);
                         }
                         #delete_many
+                    }
+
+                    fn find_many_versioned(conn: &mut __es::DbConnection, keys: &[Self::Key]) -> __diesel::QueryResult<::core::option::Option<::std::vec::Vec<(i64, Self)>>> {
+                        use __diesel::prelude::*;
+                        let __es::DbConnection::Postgres(c) = conn else {
+                            return ::core::result::Result::Ok(::core::option::Option::None);
+                        };
+                        if keys.is_empty() {
+                            return ::core::result::Result::Ok(::core::option::Option::Some(::std::vec::Vec::new()));
+                        }
+                        let rows: __diesel::QueryResult<::std::vec::Vec<(i64, Self)>> = { #find_many_versioned };
+                        rows.map(::core::option::Option::Some)
+                    }
+
+                    fn guarded_write(write: __es::RowWrite<'_, Self>) -> ::core::option::Option<::std::boxed::Box<dyn __diesel::query_builder::QueryFragment<__diesel::pg::Pg>>> {
+                        use __diesel::prelude::*;
+                        match write {
+                            __es::RowWrite::Insert(row) => ::core::option::Option::Some(::std::boxed::Box::new(
+                                __diesel::insert_into(#table::table).values(row),
+                            )),
+                            __es::RowWrite::Update(row) => { #guarded_update }
+                            __es::RowWrite::Delete(key) => ::core::option::Option::Some(::std::boxed::Box::new(
+                                __diesel::delete(#table::table.filter(#find_filter)),
+                            )),
+                        }
                     }
                 }
 

@@ -190,7 +190,9 @@ pub mod __private {
         new_rows, row_handler, sql_handler, Handler, HoldsEvent, Projector, ProjectorOutput,
         ProjectorStyle, RowProjection, SqlProjection,
     };
-    pub use crate::read_model::{convert, rows_per_statement, ReadModelEntry, RowUpdate};
+    pub use crate::read_model::{
+        convert, rows_per_statement, ReadModelEntry, RowUpdate, RowVersion, RowWrite,
+    };
     pub use crate::{DbConnection, ReadModel, ReadModelSchema};
     pub use chrono;
     pub use diesel;

@@ -3,6 +3,8 @@
 //! their shape changes.
 
 use crate::backend::{Backend, DbConnection, PerBackend};
+use diesel::pg::Pg;
+use diesel::query_builder::QueryFragment;
 use diesel::QueryResult;
 use std::any::Any;
 use std::fmt::Debug;
@@ -60,6 +62,41 @@ pub trait ReadModel: Sized + Send + 'static {
 
     /// Deletes the rows with any of `keys`.
     fn delete_many(conn: &mut DbConnection, keys: &[Self::Key]) -> QueryResult<usize>;
+
+    /// PostgreSQL: the rows with any of `keys`, read without locking, each
+    /// with its row version (`xmin`), which a [`guarded_write`](Self::guarded_write)
+    /// checks. `None` on the other backends (and for read models written
+    /// by hand), which then lock rows as they read them.
+    #[doc(hidden)]
+    fn find_many_versioned(
+        conn: &mut DbConnection,
+        keys: &[Self::Key],
+    ) -> QueryResult<Option<Vec<(i64, Self)>>> {
+        let _ = (conn, keys);
+        Ok(None)
+    }
+
+    /// PostgreSQL: the statement that writes one row, for a `WITH` clause.
+    /// An update or a delete ends in its `WHERE` condition on the key, so
+    /// that the caller can add the row version it read; an insert ends in
+    /// its `VALUES`. `None` when the read model has no such statement
+    /// (an update of a table of key columns only).
+    #[doc(hidden)]
+    fn guarded_write(write: RowWrite<'_, Self>) -> Option<Box<dyn QueryFragment<Pg>>> {
+        let _ = write;
+        None
+    }
+}
+
+/// One row's write after projectors changed it (see [`ReadModel::guarded_write`]).
+#[doc(hidden)]
+pub enum RowWrite<'a, M: ReadModel> {
+    /// A row that did not exist.
+    Insert(&'a M),
+    /// Every non-key column of an existing row.
+    Update(&'a M),
+    /// The existing row of the key.
+    Delete(&'a M::Key),
 }
 
 /// What the store needs to know about a read model's table.
@@ -128,6 +165,22 @@ pub trait RowBatch: Any {
     fn is_empty(&self) -> bool;
     /// Rows held in memory.
     fn len(&self) -> usize;
+    /// PostgreSQL: loads the rows of every wanted key not yet in memory
+    /// without locking them, with their row versions. `false` where the
+    /// read model has no versioned read (nothing is loaded then).
+    fn load_versioned(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<bool>;
+    /// PostgreSQL: the write of each row of a versioned load that has one
+    /// (a row that neither existed nor exists has none), in the order the
+    /// rows were first wanted. `false` where a row has no guarded write.
+    fn guarded_writes(&self, out: &mut Vec<GuardedRow>) -> bool;
+}
+
+/// One row's write for an append that projects without a transaction: its
+/// statement, and the row version it was read at (`None` for an insert).
+#[doc(hidden)]
+pub struct GuardedRow {
+    pub statement: Box<dyn QueryFragment<Pg>>,
+    pub version: Option<i64>,
 }
 
 /// A registered read model (submitted by `#[derive(ReadModel)]`).
@@ -248,3 +301,32 @@ where
 }
 
 impl<M, T, V, W, Conn> diesel::RunQueryDsl<Conn> for RowUpdate<M, T, V, W> {}
+
+/// PostgreSQL's version of a row (`xmin`, the transaction that wrote it),
+/// as a selectable expression whose statement stays prepared (Diesel's
+/// `sql` literal would have it parsed again at every read).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, diesel::query_builder::QueryId)]
+pub struct RowVersion;
+
+impl diesel::expression::Expression for RowVersion {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl<QS> diesel::expression::AppearsOnTable<QS> for RowVersion {}
+
+impl<QS> diesel::expression::SelectableExpression<QS> for RowVersion {}
+
+impl<GB> diesel::expression::ValidGrouping<GB> for RowVersion {
+    type IsAggregate = diesel::expression::is_aggregate::Never;
+}
+
+impl QueryFragment<Pg> for RowVersion {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()> {
+        out.push_sql("xmin::text::bigint");
+        Ok(())
+    }
+}

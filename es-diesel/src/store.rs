@@ -43,6 +43,7 @@ pub struct EventStore {
     manager: Manager,
     backend: Backend,
     inline_projectors: bool,
+    optimistic_rows: bool,
     /// Aggregates' states kept between commands; `None` with
     /// [`StoreOptions::cache_aggregates`] off.
     states: Option<Arc<StateCache>>,
@@ -113,6 +114,7 @@ impl EventStore {
             manager,
             backend,
             inline_projectors: options.inline_projectors,
+            optimistic_rows: options.optimistic_rows,
             states: options
                 .cache_aggregates
                 .then(|| Arc::new(StateCache::default())),
@@ -153,6 +155,22 @@ impl EventStore {
                 .events
                 .iter()
                 .all(|e| e.tags.is_empty() && !crate::append::declares_tags(e.event_type))
+    }
+
+    /// Appends `writes`, whose inline projectors run (`project`), in one
+    /// statement that commits by itself and writes their rows, where the
+    /// backend and the projectors allow it (see `projection::guarded`);
+    /// `None`, having written nothing, where they do not or a row moved on.
+    pub(crate) fn append_optimistic(
+        &self,
+        conn: &mut crate::backend::DbConnection,
+        writes: &[StreamWrite],
+        project: bool,
+    ) -> Result<Option<Vec<RecordedEvent>>> {
+        if !(project && self.optimistic_rows && self.appends_in_one_statement(writes, false)) {
+            return Ok(None);
+        }
+        crate::projection::guarded::append(conn, &writes[0])
     }
 
     /// The cache of `A`'s states, when `A` asks for one and the store keeps
@@ -284,11 +302,14 @@ impl EventStore {
     pub fn append_streams(&self, writes: &[StreamWrite]) -> Result<Vec<RecordedEvent>> {
         // Stream ids are checked by `append_events`, before anything is written.
         let mut conn = self.connection()?;
-        let single_statement = self.appends_in_one_statement(writes, self.projects(writes)?);
+        let projects = self.projects(writes)?;
+        let single_statement = self.appends_in_one_statement(writes, projects);
         let project = self.inline_projectors;
         let appended = retrying(&mut conn, writes, |conn| {
             if single_statement {
                 append_events(conn, writes, false)
+            } else if let Some(appended) = self.append_optimistic(conn, writes, projects)? {
+                Ok(appended)
             } else {
                 write_transaction(conn, |c| append_events(c, writes, project))
             }

@@ -76,6 +76,14 @@ pub struct StoreOptions {
     /// [`Aggregate::CACHE`](crate::Aggregate::CACHE) (the default). Off,
     /// every command loads its stream, whatever the aggregates ask.
     pub cache_aggregates: bool,
+    /// On PostgreSQL, let an append that commits by itself, and whose inline
+    /// projectors all take a row and not the envelope, read its rows
+    /// without locking them and write its events and rows in one statement,
+    /// each row only if no other writer changed it since (the default).
+    /// When one did, nothing is written and the append runs in a
+    /// transaction that locks its rows, as it does off. It saves a BEGIN, a
+    /// COMMIT and a round trip per row.
+    pub optimistic_rows: bool,
 }
 
 impl Default for StoreOptions {
@@ -89,6 +97,7 @@ impl Default for StoreOptions {
             create_if_missing: true,
             queue_sqlite_writers: true,
             cache_aggregates: true,
+            optimistic_rows: true,
         }
     }
 }

@@ -298,6 +298,29 @@ pub(crate) trait Dialect: Send + Sync {
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>>;
 
+    /// Appends `chunk` as [`insert_events`](Self::insert_events) does and
+    /// writes the read-model `rows` in the same statement, committing by
+    /// itself, each row only if no other writer changed it since it was
+    /// read. `Ok(None)` when nothing was written: the backend has no such
+    /// statement, the expectation failed, or a row moved on (the append
+    /// then runs in a transaction that locks its rows).
+    fn insert_events_guarded(
+        &self,
+        conn: &mut DbConnection,
+        stream: &str,
+        expected: ExpectedVersion,
+        chunk: &[NewEvent],
+        rows: &[crate::read_model::GuardedRow],
+    ) -> Result<Option<Vec<Appended>>> {
+        let _ = (conn, stream, expected, chunk, rows);
+        Ok(None)
+    }
+
+    /// Whether [`insert_events_guarded`](Self::insert_events_guarded) can write.
+    fn guards_rows(&self) -> bool {
+        false
+    }
+
     /// Whether a runner can watch the log for appends on a connection of
     /// its own ([`Manager::listen`]) instead of waiting its idle poll.
     fn watches_appends(&self) -> bool {

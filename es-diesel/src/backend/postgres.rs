@@ -4,13 +4,17 @@
 use super::insert::{
     append_text, cached_shape, map_insert_error, metadata_bind, sorted, OneEventTexts,
 };
-use super::rows::{payload_only, Appended, EventSql, EventTuple, Number, PayloadSql, PayloadTuple};
+use super::rows::{
+    payload_only, Appended, EventSql, EventTuple, Number, PayloadSql, PayloadTuple, StoredTime,
+};
 mod migrations;
 
 use super::{quote_ident, quote_literal};
 use super::{Backend, Bind, Columns, DbConnection, Dialect, ListOf, Stmt};
 use crate::error::{Error, Result};
+use crate::read_model::GuardedRow;
 use diesel::connection::TransactionManager;
+use diesel::pg::Pg;
 use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryableByName};
 use es_core::view::ColumnType;
@@ -235,6 +239,21 @@ impl Dialect for Postgres {
         chunk: &[NewEvent],
     ) -> Result<Vec<Appended>> {
         insert(conn, stream, expected, chunk)
+    }
+
+    fn insert_events_guarded(
+        &self,
+        conn: &mut DbConnection,
+        stream: &str,
+        expected: ExpectedVersion,
+        chunk: &[NewEvent],
+        rows: &[GuardedRow],
+    ) -> Result<Option<Vec<Appended>>> {
+        insert_guarded(conn, stream, expected, chunk, rows)
+    }
+
+    fn guards_rows(&self) -> bool {
+        true
     }
 
     fn read_after(
@@ -506,47 +525,91 @@ fn insert(
     let locked = super::in_transaction(conn)?;
     let texts = if locked { &ONE_LOCKED } else { &ONE };
     let sql = append_text(texts, chunk.len(), expected, || {
-        let mut sql = String::with_capacity(1000 + chunk.len() * 70);
-        sql.push_str(if locked {
-            concat!(
-                "WITH l AS MATERIALIZED (SELECT COUNT(",
-                stream_lock!("?"),
-                ") AS n), k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
-            )
-        } else {
-            "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), "
-        });
-        sql.push_str(
-            "last AS (SELECT stream_version, order_key FROM es_events \
-             WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
-             cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
-             GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) \
-             INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
-             SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
-             FROM cur, (VALUES ",
-        );
-        for k in 1..=chunk.len() {
-            if k > 1 {
-                sql.push_str(", ");
-            }
-            use std::fmt::Write;
-            let _ = write!(
-                sql,
-                "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
-            );
-        }
-        sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
-        match expected {
-            ExpectedVersion::Any => {}
-            ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
-            ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
-            ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
-        }
-        sql.push_str(
-            " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
-        );
-        sql
+        insert_sql(chunk.len(), expected, locked, false)
     });
+    let q = insert_binds(sql, stream, expected, chunk, locked);
+    /// The texts of one-event appends that expect a version or no stream,
+    /// committing by themselves or (`…Locked`) in a transaction.
+    struct OneAtVersion;
+    struct OneNew;
+    struct OneAtVersionLocked;
+    struct OneNewLocked;
+    let inserted = match (chunk.len(), expected, locked) {
+        (1, ExpectedVersion::Exact(_), false) => q.named::<OneAtVersion>().load::<Appended>(conn),
+        (1, ExpectedVersion::NoStream, false) => q.named::<OneNew>().load::<Appended>(conn),
+        (1, ExpectedVersion::Exact(_), true) => {
+            q.named::<OneAtVersionLocked>().load::<Appended>(conn)
+        }
+        (1, ExpectedVersion::NoStream, true) => q.named::<OneNewLocked>().load::<Appended>(conn),
+        _ => q.load::<Appended>(conn),
+    };
+    inserted
+        .map(sorted)
+        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+}
+
+/// The text of [`insert`]: in a transaction (`locked`) it takes the
+/// stream's lock first. `guarded`: the insert is a `WITH` query `ins`,
+/// followed by `n`, the count of its rows, for [`insert_guarded`] to go on.
+fn insert_sql(events: usize, expected: ExpectedVersion, locked: bool, guarded: bool) -> String {
+    let mut sql = String::with_capacity(1000 + events * 70);
+    sql.push_str(if locked {
+        concat!(
+            "WITH l AS MATERIALIZED (SELECT COUNT(",
+            stream_lock!("?"),
+            ") AS n), k AS MATERIALIZED (SELECT es_append_key() AS k FROM l), "
+        )
+    } else {
+        "WITH k AS MATERIALIZED (SELECT es_append_key() AS k), "
+    });
+    sql.push_str(
+        "last AS (SELECT stream_version, order_key FROM es_events \
+         WHERE md5(stream_id) = md5(?) AND stream_id = ? ORDER BY stream_version DESC LIMIT 1), \
+         cur AS (SELECT COALESCE((SELECT stream_version FROM last), 0) AS v, \
+         GREATEST((SELECT k FROM k), (SELECT order_key FROM last)) AS key) ",
+    );
+    if guarded {
+        sql.push_str(", ins AS (");
+    }
+    sql.push_str(
+        "INSERT INTO es_events (event_id, stream_id, stream_version, event_type, event_version, payload, metadata, order_key) \
+         SELECT e.event_id, ?, cur.v + e.k, e.event_type, e.event_version, e.payload, e.metadata, cur.key \
+         FROM cur, (VALUES ",
+    );
+    for k in 1..=events {
+        if k > 1 {
+            sql.push_str(", ");
+        }
+        use std::fmt::Write;
+        let _ = write!(
+            sql,
+            "(?::uuid, {k}::bigint, ?::text, ?::smallint, ?::jsonb, ?::jsonb)"
+        );
+    }
+    sql.push_str(") AS e(event_id, k, event_type, event_version, payload, metadata)");
+    match expected {
+        ExpectedVersion::Any => {}
+        ExpectedVersion::NoStream => sql.push_str(" WHERE cur.v = 0"),
+        ExpectedVersion::StreamExists => sql.push_str(" WHERE cur.v > 0"),
+        ExpectedVersion::Exact(_) => sql.push_str(" WHERE cur.v = ?"),
+    }
+    sql.push_str(
+        " ORDER BY e.k RETURNING global_position, stream_version, (created_at AT TIME ZONE 'UTC') AS created_at",
+    );
+    if guarded {
+        sql.push_str("), n AS MATERIALIZED (SELECT COUNT(*) AS n FROM ins)");
+    }
+    sql
+}
+
+/// [`insert_sql`]'s values.
+fn insert_binds<'a>(
+    sql: impl Into<super::stmt::SqlText<'a>>,
+    stream: &'a str,
+    expected: ExpectedVersion,
+    chunk: &'a [NewEvent],
+    locked: bool,
+) -> Stmt<'a> {
     let mut q = Stmt::with_capacity(sql, 6 + chunk.len() * 5);
     if !cached_shape(chunk.len()) {
         q.dont_cache();
@@ -568,24 +631,140 @@ fn insert(
     if let ExpectedVersion::Exact(v) = expected {
         q.push(Bind::BigInt(v));
     }
-    /// The texts of one-event appends that expect a version or no stream,
-    /// committing by themselves or (`…Locked`) in a transaction.
-    struct OneAtVersion;
-    struct OneNew;
-    struct OneAtVersionLocked;
-    struct OneNewLocked;
-    let inserted = match (chunk.len(), expected, locked) {
-        (1, ExpectedVersion::Exact(_), false) => q.named::<OneAtVersion>().load::<Appended>(conn),
-        (1, ExpectedVersion::NoStream, false) => q.named::<OneNew>().load::<Appended>(conn),
-        (1, ExpectedVersion::Exact(_), true) => {
-            q.named::<OneAtVersionLocked>().load::<Appended>(conn)
-        }
-        (1, ExpectedVersion::NoStream, true) => q.named::<OneNewLocked>().load::<Appended>(conn),
-        _ => q.load::<Appended>(conn),
+    q
+}
+
+/// One statement, committing by itself: inserts `chunk` as [`insert`]
+/// does and writes the read-model `rows`, each only if it is still at the
+/// version it was read at (an update or a delete) or still missing (an
+/// insert). Either everything is written or nothing: when a row moved on,
+/// `es_rows_unchanged` (migration 12) fails the statement. `Ok(None)` when
+/// the expectation did not hold (nothing was written).
+///
+/// The events are inserted first: an update or a delete waits for `n`,
+/// the count of inserted events, before it looks at its row, so a writer
+/// of the stream that holds a row lock in its transaction is waited for on
+/// the stream, as by every other append, not on its row.
+fn insert_guarded(
+    conn: &mut DbConnection,
+    stream: &str,
+    expected: ExpectedVersion,
+    chunk: &[NewEvent],
+    rows: &[GuardedRow],
+) -> Result<Option<Vec<Appended>>> {
+    let DbConnection::Postgres(pg) = conn else {
+        return Ok(None);
     };
-    inserted
-        .map(sorted)
-        .map_err(|e| map_insert_error(e, stream, expected, chunk))
+    let head = insert_sql(chunk.len(), expected, false, true);
+    let query = GuardedAppend {
+        head: insert_binds(head, stream, expected, chunk, false).on_pg(),
+        rows,
+    };
+    let (ok, positions, versions, created) = match diesel::RunQueryDsl::get_result::<GuardedResult>(query, pg) {
+        Ok(result) => result,
+        // The server refused the statement (a row moved on, a duplicate, a
+        // constraint of a read model): it wrote nothing, and the append in
+        // a transaction reports what is wrong. A connection that broke may
+        // have committed it: that error is the caller's.
+        Err(diesel::result::Error::DatabaseError(kind, info))
+            if !matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection) =>
+        {
+            tracing::debug!(stream, error = info.message(), "an append with its rows was refused; appending in a transaction");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    debug_assert!(ok);
+    let (Some(positions), Some(versions), Some(created)) = (positions, versions, created) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        positions
+            .into_iter()
+            .zip(versions)
+            .zip(created)
+            .map(|((global_position, stream_version), created_at)| Appended {
+                global_position,
+                stream_version,
+                created_at: StoredTime(created_at),
+            })
+            .collect(),
+    ))
+}
+
+type GuardedResult = (
+    bool,
+    Option<Vec<i64>>,
+    Option<Vec<i64>>,
+    Option<Vec<chrono::NaiveDateTime>>,
+);
+
+/// The statement of [`insert_guarded`]: `head`, the insert's `WITH`
+/// queries, then one `WITH` query per row, then the check.
+struct GuardedAppend<'a> {
+    head: super::stmt::On<'a, Pg, diesel::sql_types::Untyped>,
+    rows: &'a [GuardedRow],
+}
+
+impl diesel::query_builder::QueryId for GuardedAppend<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::Query for GuardedAppend<'_> {
+    type SqlType = (
+        diesel::sql_types::Bool,
+        diesel::sql_types::Nullable<diesel::sql_types::Array<BigInt>>,
+        diesel::sql_types::Nullable<diesel::sql_types::Array<BigInt>>,
+        diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::Timestamp>>,
+    );
+}
+
+impl<Conn> diesel::RunQueryDsl<Conn> for GuardedAppend<'_> {}
+
+impl diesel::query_builder::QueryFragment<Pg> for GuardedAppend<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        self.head.walk_ast(out.reborrow())?;
+        for (i, row) in self.rows.iter().enumerate() {
+            out.push_sql(", w");
+            out.push_sql(&i.to_string());
+            out.push_sql(" AS (");
+            row.statement.walk_ast(out.reborrow())?;
+            match &row.version {
+                Some(version) => {
+                    out.push_sql(" AND xmin::text::bigint = ");
+                    out.push_bind_param::<BigInt, _>(version)?;
+                    out.push_sql(" AND (SELECT n FROM n) > 0 RETURNING 1)");
+                }
+                None => out.push_sql(" ON CONFLICT DO NOTHING RETURNING 1)"),
+            }
+        }
+        // Every row written, or (the expectation failed) none.
+        out.push_sql(" SELECT es_rows_unchanged(");
+        if self.rows.is_empty() {
+            out.push_sql("0");
+        }
+        for i in 0..self.rows.len() {
+            if i > 0 {
+                out.push_sql(" + ");
+            }
+            out.push_sql("(SELECT COUNT(*) FROM w");
+            out.push_sql(&i.to_string());
+            out.push_sql(")");
+        }
+        out.push_sql(" = CASE WHEN (SELECT n FROM n) = 0 THEN 0 ELSE ");
+        out.push_sql(&self.rows.len().to_string());
+        out.push_sql(" END)");
+        out.push_sql(
+            ", array_agg(global_position ORDER BY stream_version), \
+             array_agg(stream_version ORDER BY stream_version), \
+             array_agg(created_at ORDER BY stream_version) FROM ins",
+        );
+        Ok(())
+    }
 }
 
 fn pg_type(ty: ColumnType) -> &'static str {

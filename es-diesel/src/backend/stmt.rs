@@ -223,6 +223,14 @@ impl<'a, ST, K> Stmt<'a, ST, K> {
         }
     }
 
+    /// This statement as a part of a larger one on PostgreSQL.
+    pub(crate) fn on_pg(self) -> On<'a, Pg, ST, K>
+    where
+        K: CacheKey,
+    {
+        self.on::<Pg>()
+    }
+
     pub(crate) fn execute(self, conn: &mut DbConnection) -> QueryResult<usize>
     where
         K: CacheKey,

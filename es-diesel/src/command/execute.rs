@@ -611,6 +611,8 @@ fn append_decided<A: Aggregate>(
     let project = store.projects(writes)?;
     let recorded = if store.appends_in_one_statement(writes, project) {
         append_events(conn, writes, project)?
+    } else if let Some(recorded) = store.append_optimistic(conn, writes, project)? {
+        recorded
     } else {
         write_transaction(conn, |c| append_events(c, writes, project))?
     };

@@ -142,6 +142,18 @@ pub(crate) fn insert_writes(
     check: impl FnOnce() -> Result<()>,
     project: Option<Project<'_>>,
 ) -> Result<Vec<RecordedEvent>> {
+    traced_append(writes, || {
+        insert_traced(conn, writes, condition, check, project).map(Some)
+    })
+    .map(|events| events.unwrap_or_default())
+}
+
+/// Runs an append of `writes` in its `es.append` span; `Ok(None)` is an
+/// append that wrote nothing and is left to another way of appending.
+pub(crate) fn traced_append(
+    writes: &[StreamWrite],
+    append: impl FnOnce() -> Result<Option<Vec<RecordedEvent>>>,
+) -> Result<Option<Vec<RecordedEvent>>> {
     let span = tracing::debug_span!(
         "es.append",
         stream = Empty,
@@ -154,7 +166,7 @@ pub(crate) fn insert_writes(
     );
     let _entered = span.enter();
     if span.is_disabled() {
-        return insert_traced(conn, writes, condition, check, project);
+        return append();
     }
     let started = Instant::now();
     match writes {
@@ -174,15 +186,18 @@ pub(crate) fn insert_writes(
         "events",
         writes.iter().map(|w| w.events.len()).sum::<usize>(),
     );
-    let result = insert_traced(conn, writes, condition, check, project);
+    let result = append();
     match &result {
-        Ok(events) => {
+        Ok(Some(events)) => {
             let positions = events.iter().map(|e| e.global_position);
             if let (Some(first), Some(last)) = (positions.clone().min(), positions.max()) {
                 span.record("first_position", first);
                 span.record("last_position", last);
             }
             span.record("outcome", "appended");
+        }
+        Ok(None) => {
+            span.record("outcome", "deferred");
         }
         Err(Error::Conflict { .. } | Error::ConditionFailed { .. }) => {
             span.record("outcome", "conflict");

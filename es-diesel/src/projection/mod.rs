@@ -3,6 +3,7 @@
 //! module builds the registry once (sorted, duplicates reported) and applies
 //! the projectors to appended events inside the append transaction.
 
+pub(crate) mod guarded;
 pub(crate) mod inline;
 mod registry;
 mod rows;

@@ -4,7 +4,7 @@
 use super::inline::checked_apply;
 use super::{Failure, RowProjection};
 use crate::backend::DbConnection;
-use crate::read_model::{ReadModel, RowBatch};
+use crate::read_model::{GuardedRow, ReadModel, RowBatch, RowWrite};
 use es_core::{EventType, RecordedEvent};
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -12,6 +12,8 @@ use std::collections::{HashMap, HashSet};
 struct Slot<M> {
     existed: bool,
     row: Option<M>,
+    /// The row version read with it (PostgreSQL's `xmin`), for a guarded write.
+    version: Option<i64>,
 }
 
 /// The rows of one read model touched by a batch of events.
@@ -19,6 +21,8 @@ struct Slot<M> {
 pub struct Rows<M: ReadModel> {
     wanted: Vec<M::Key>,
     slots: HashMap<M::Key, Slot<M>>,
+    /// The keys of a versioned load, in the order first wanted.
+    order: Vec<M::Key>,
 }
 
 impl<M: ReadModel> Default for Rows<M> {
@@ -26,6 +30,7 @@ impl<M: ReadModel> Default for Rows<M> {
         Rows {
             wanted: Vec::new(),
             slots: HashMap::new(),
+            order: Vec::new(),
         }
     }
 }
@@ -56,6 +61,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                     Slot {
                         existed: true,
                         row: Some(row),
+                        version: None,
                     },
                 );
             }
@@ -64,9 +70,60 @@ impl<M: ReadModel> RowBatch for Rows<M> {
             self.slots.entry(k).or_insert(Slot {
                 existed: false,
                 row: None,
+                version: None,
             });
         }
         Ok(())
+    }
+
+    fn load_versioned(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<bool> {
+        let mut wanted = std::mem::take(&mut self.wanted);
+        let mut unique = HashSet::with_capacity(wanted.len());
+        wanted.retain(|k| !self.slots.contains_key(k) && unique.insert(k.clone()));
+        for chunk in wanted.chunks(KEYS_PER_STATEMENT) {
+            let Some(rows) = M::find_many_versioned(conn, chunk)? else {
+                return Ok(false);
+            };
+            for (version, row) in rows {
+                self.slots.insert(
+                    row.key(),
+                    Slot {
+                        existed: true,
+                        row: Some(row),
+                        version: Some(version),
+                    },
+                );
+            }
+        }
+        for k in &wanted {
+            self.slots.entry(k.clone()).or_insert(Slot {
+                existed: false,
+                row: None,
+                version: None,
+            });
+        }
+        self.order.extend(wanted);
+        Ok(true)
+    }
+
+    fn guarded_writes(&self, out: &mut Vec<GuardedRow>) -> bool {
+        for key in &self.order {
+            let slot = &self.slots[key];
+            let write = match (slot.existed, &slot.row, slot.version) {
+                (false, None, _) => continue,
+                (false, Some(row), _) => M::guarded_write(RowWrite::Insert(row)).map(|w| (w, None)),
+                (true, Some(row), Some(v)) => {
+                    M::guarded_write(RowWrite::Update(row)).map(|w| (w, Some(v)))
+                }
+                (true, None, Some(v)) => M::guarded_write(RowWrite::Delete(key)).map(|w| (w, Some(v))),
+                (true, _, None) => None,
+            };
+            let Some((statement, version)) = write else {
+                return false;
+            };
+            out.push(GuardedRow { statement, version });
+        }
+        true
     }
 
     fn flush(&mut self, conn: &mut DbConnection) -> diesel::QueryResult<usize> {
@@ -124,6 +181,7 @@ pub(super) fn row_fold<P: RowProjection<E>, E: EventType>(
     let slot = rows.slots.entry(key.clone()).or_insert(Slot {
         existed: false,
         row: None,
+        version: None,
     });
     checked_apply::<P, E>(event, &key, &mut slot.row)
 }

@@ -63,6 +63,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 11,
         name: "stream versions follow each other",
     },
+    Migration {
+        version: 12,
+        name: "read-model rows written with their append",
+    },
 ];
 
 #[derive(QueryableByName)]

@@ -122,4 +122,5 @@ CREATE TABLE IF NOT EXISTS es_tag_declarations (
     ),
     (10, ""),
     (11, ""),
+    (12, ""),
 ];

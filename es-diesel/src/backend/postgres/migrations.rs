@@ -208,4 +208,20 @@ DROP FUNCTION IF EXISTS es_events_notify();
 "#,
     ),
     (11, ""),
+    // An append that writes read-model rows in the statement of its insert
+    // (`insert_guarded` in backend/postgres.rs) fails whole through this
+    // when a row changed since it was read.
+    (
+        12,
+        r#"
+CREATE FUNCTION es_rows_unchanged(unchanged boolean) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF unchanged IS NOT TRUE THEN
+        RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
+            MESSAGE = 'a read-model row changed between its read and the append that writes it';
+    END IF;
+    RETURN TRUE;
+END $$;
+"#,
+    ),
 ];

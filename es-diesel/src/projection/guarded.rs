@@ -1,0 +1,139 @@
+//! Appends whose inline projectors all write rows, in one statement that
+//! commits by itself (PostgreSQL).
+//!
+//! The projectors' rows are read without locking them, each with its row
+//! version; the projectors run on them before anything is written; then one
+//! statement inserts the events and writes each row only if it is still at
+//! the version it was read at (or, for a new row, still missing). When a row
+//! moved on, or anything else fails, the statement writes nothing and the
+//! append runs as before: in a transaction that locks each row as it reads
+//! it. So the rows end as the transaction would have left them, and the
+//! errors (a projector's, with the event's position) are the transaction's.
+//!
+//! An append then costs the reads of its rows and one statement, where the
+//! transaction costs BEGIN, the insert, a locking read and a write per row,
+//! and COMMIT.
+
+use super::{registry, HandlerKind};
+use crate::append::StreamWrite;
+use crate::backend::{in_transaction, DbConnection};
+use crate::error::Result;
+use crate::read_model::{GuardedRow, RowBatch};
+use es_core::{ExpectedVersion, Payload, RecordedEvent};
+
+/// Appends `write` with its row-level projectors in one statement, or
+/// returns `None` having written nothing: the backend has no such
+/// statement, the caller holds a transaction, a projector reads the
+/// envelope or writes SQL, a projector fails, a row moved on since it was
+/// read, or the stream is not at the expected version.
+pub(crate) fn append(
+    conn: &mut DbConnection,
+    write: &StreamWrite,
+) -> Result<Option<Vec<RecordedEvent>>> {
+    if !conn.dialect().guards_rows() {
+        return Ok(None);
+    }
+    crate::append::traced_append(std::slice::from_ref(write), || guarded(conn, write))
+}
+
+fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<RecordedEvent>>> {
+    let dialect = conn.dialect();
+    if !dialect.guards_rows() || write.events.is_empty() || in_transaction(conn)? {
+        return Ok(None);
+    }
+    // The versions the events will have; a projector that could see more
+    // of the envelope (its position, its time) runs after the insert.
+    let base = match write.expected {
+        ExpectedVersion::Exact(v) => v,
+        ExpectedVersion::NoStream => 0,
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => return Ok(None),
+    };
+    if crate::error::check_stream_id(&write.stream_id).is_err()
+        || write.events.iter().any(|e| e.check().is_err())
+    {
+        return Ok(None);
+    }
+    let reg = registry()?;
+    let now = chrono::Utc::now();
+    let mut events: Vec<RecordedEvent> = write
+        .events
+        .iter()
+        .zip(1..)
+        .map(|(ev, k)| RecordedEvent {
+            global_position: 0,
+            event_id: ev.event_id,
+            stream_id: write.stream_id.clone(),
+            stream_version: base + k,
+            event_type: ev.event_type.to_owned(),
+            event_version: ev.event_version,
+            metadata: ev.metadata.clone(),
+            created_at: now,
+            event: Payload(ev.payload.clone()),
+        })
+        .collect();
+    // The rows each read model's projectors want, in the order they are
+    // first wanted.
+    let mut batches: Vec<(&'static str, Box<dyn RowBatch>)> = Vec::new();
+    let mut folds = Vec::new();
+    for ev in &events {
+        for (p, h) in reg.inline_handlers(&ev.event_type) {
+            let HandlerKind::Row { want, fold, .. } = &h.kind else {
+                return Ok(None);
+            };
+            if p.reads_envelope {
+                return Ok(None);
+            }
+            let at = match batches.iter().position(|(name, _)| *name == p.read_model) {
+                Some(at) => at,
+                None => {
+                    let Some(model) = reg.read_model(p.read_model) else {
+                        return Ok(None);
+                    };
+                    batches.push((p.read_model, (model.new_rows)()));
+                    batches.len() - 1
+                }
+            };
+            if want(ev, &mut *batches[at].1).is_err() {
+                return Ok(None);
+            }
+            folds.push((ev, *fold, at));
+        }
+    }
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    for (_, batch) in &mut batches {
+        if !batch.load_versioned(conn)? {
+            return Ok(None);
+        }
+    }
+    for (ev, fold, at) in folds {
+        if fold(ev, &mut *batches[at].1).is_err() {
+            return Ok(None);
+        }
+    }
+    let mut rows: Vec<GuardedRow> = Vec::new();
+    for (_, batch) in &batches {
+        if !batch.guarded_writes(&mut rows) {
+            return Ok(None);
+        }
+    }
+    let Some(appended) = dialect.insert_events_guarded(
+        conn,
+        &write.stream_id,
+        write.expected,
+        &write.events,
+        &rows,
+    )?
+    else {
+        return Ok(None);
+    };
+    // The statement inserts every event or none, and `None` was none.
+    debug_assert_eq!(appended.len(), events.len());
+    for (ev, row) in events.iter_mut().zip(appended) {
+        ev.global_position = row.global_position;
+        ev.stream_version = row.stream_version;
+        ev.created_at = row.created_at.0.and_utc();
+    }
+    Ok(Some(events))
+}
