@@ -660,20 +660,25 @@ fn insert_guarded(
         head: insert_binds(head, stream, expected, chunk, false).on_pg(),
         rows,
     };
-    let (ok, positions, versions, created) = match diesel::RunQueryDsl::get_result::<GuardedResult>(query, pg) {
-        Ok(result) => result,
-        // The server refused the statement (a row moved on, a duplicate, a
-        // constraint of a read model): it wrote nothing, and the append in
-        // a transaction reports what is wrong. A connection that broke may
-        // have committed it: that error is the caller's.
-        Err(diesel::result::Error::DatabaseError(kind, info))
-            if !matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection) =>
-        {
-            tracing::debug!(stream, error = info.message(), "an append with its rows was refused; appending in a transaction");
-            return Ok(None);
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let (ok, positions, versions, created) =
+        match diesel::RunQueryDsl::get_result::<GuardedResult>(query, pg) {
+            Ok(result) => result,
+            // The server refused the statement (a row moved on, a duplicate, a
+            // constraint of a read model): it wrote nothing, and the append in
+            // a transaction reports what is wrong. A connection that broke may
+            // have committed it: that error is the caller's.
+            Err(diesel::result::Error::DatabaseError(kind, info))
+                if !matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection) =>
+            {
+                tracing::debug!(
+                    stream,
+                    error = info.message(),
+                    "an append with its rows was refused; appending in a transaction"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
     debug_assert!(ok);
     let (Some(positions), Some(versions), Some(created)) = (positions, versions, created) else {
         return Ok(None);

@@ -130,6 +130,7 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
     };
     // The statement inserts every event or none, and `None` was none.
     debug_assert_eq!(appended.len(), events.len());
+    tracing::debug!(rows = rows.len(), "appended with its rows in one statement");
     for (ev, row) in events.iter_mut().zip(appended) {
         ev.global_position = row.global_position;
         ev.stream_version = row.stream_version;

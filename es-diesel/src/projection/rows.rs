@@ -115,7 +115,9 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                 (true, Some(row), Some(v)) => {
                     M::guarded_write(RowWrite::Update(row)).map(|w| (w, Some(v)))
                 }
-                (true, None, Some(v)) => M::guarded_write(RowWrite::Delete(key)).map(|w| (w, Some(v))),
+                (true, None, Some(v)) => {
+                    M::guarded_write(RowWrite::Delete(key)).map(|w| (w, Some(v)))
+                }
                 (true, _, None) => None,
             };
             let Some((statement, version)) = write else {
