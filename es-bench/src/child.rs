@@ -41,6 +41,9 @@ struct Task {
     /// `StoreOptions::cache_aggregates` of the framework's store.
     #[serde(default)]
     aggregate_cache: bool,
+    /// `StoreOptions::optimistic_rows` of the framework's store.
+    #[serde(default = "yes")]
+    optimistic_rows: bool,
 }
 
 fn yes() -> bool {
@@ -89,6 +92,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         preload_events: phase.preload(args.preload_events),
         writer_queue: !args.no_writer_queue,
         aggregate_cache: args.aggregate_cache,
+        optimistic_rows: !args.no_optimistic_rows,
     };
     spawn(&task)?;
     task.step = Step::Run;
@@ -166,6 +170,7 @@ pub fn child_main(task: &str) -> Result<()> {
                     sync,
                     task.writer_queue,
                     task.aggregate_cache,
+                    task.optimistic_rows,
                     task.phase,
                 )?,
                 task.phase,
@@ -191,6 +196,7 @@ pub fn child_main(task: &str) -> Result<()> {
                         sync,
                         task.writer_queue,
                         task.aggregate_cache,
+                        task.optimistic_rows,
                         task.phase,
                     )?;
                     let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;

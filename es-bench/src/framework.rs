@@ -164,12 +164,14 @@ pub fn open(
     sqlite_sync: SqliteSync,
     queue_sqlite_writers: bool,
     cache_aggregates: bool,
+    optimistic_rows: bool,
     phase: Phase,
 ) -> Result<EventStore> {
     let options = StoreOptions {
         sqlite_sync,
         queue_sqlite_writers,
         cache_aggregates,
+        optimistic_rows,
         inline_projectors: phase == Phase::B,
         ..StoreOptions::default()
     };
@@ -455,13 +457,13 @@ mod tests {
     ) -> State {
         let url = db.url();
         prepare(
-            &open(url, SqliteSync::Normal, true, false, phase).unwrap(),
+            &open(url, SqliteSync::Normal, true, false, true, phase).unwrap(),
             phase,
             n,
             preload,
         )
         .unwrap();
-        let store = open(url, SqliteSync::Normal, true, cache, phase).unwrap();
+        let store = open(url, SqliteSync::Normal, true, cache, true, phase).unwrap();
         let commands: Vec<Command> = match phase {
             Phase::D => Vec::new(),
             _ => workload::commands(n).collect(),
@@ -556,7 +558,7 @@ mod tests {
     #[test]
     fn d_seeds_an_empty_read_model_and_the_rebuild_fills_it() {
         for db in TestDatabase::all() {
-            let store = open(db.url(), SqliteSync::Normal, true, false, Phase::D).unwrap();
+            let store = open(db.url(), SqliteSync::Normal, true, false, true, Phase::D).unwrap();
             prepare(&store, Phase::D, 200, 0).unwrap();
             assert_eq!(book_list_rows(&store), 0, "seed on {}", db.backend());
             run(&store, Phase::D, &[]).unwrap();

@@ -252,6 +252,12 @@ pub struct Args {
     /// the same reads.
     #[arg(long)]
     aggregate_cache: bool,
+    /// On PostgreSQL, the framework's appends in B lock their read-model
+    /// rows in a transaction (BEGIN, insert, SELECT … FOR UPDATE, UPDATE,
+    /// COMMIT) instead of writing events and rows in one statement that
+    /// checks each row's version (`StoreOptions::optimistic_rows` off).
+    #[arg(long)]
+    no_optimistic_rows: bool,
     /// One JSON object per (phase, implementation) on stdout instead of a table.
     #[arg(long)]
     json: bool,

@@ -198,6 +198,16 @@ impl Results {
                 }
             );
         }
+        if self.backend == BackendArg::Postgres {
+            println!(
+                "   inline read model (B): {}",
+                if args.no_optimistic_rows {
+                    "the framework locks its rows in a transaction (--no-optimistic-rows)"
+                } else {
+                    "the framework writes events and rows in one statement that checks each row's version (StoreOptions::optimistic_rows)"
+                }
+            );
+        }
         if args.aggregate_cache {
             println!("   state per command (A, B, C): {APPROACH}: raw reads and folds the whole book stream; the framework keeps each book's state in memory after its first command (--aggregate-cache), so its later commands read no stream");
         } else {

@@ -301,9 +301,9 @@ pub(crate) trait Dialect: Send + Sync {
     /// Appends `chunk` as [`insert_events`](Self::insert_events) does and
     /// writes the read-model `rows` in the same statement, committing by
     /// itself, each row only if no other writer changed it since it was
-    /// read. `Ok(None)` when nothing was written: the backend has no such
-    /// statement, the expectation failed, or a row moved on (the append
-    /// then runs in a transaction that locks its rows).
+    /// read. No rows when the stream was not at the expected version;
+    /// `Ok(None)` when the backend has no such statement or refused it (a
+    /// row moved on): nothing was written either way.
     fn insert_events_guarded(
         &self,
         conn: &mut DbConnection,

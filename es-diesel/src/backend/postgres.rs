@@ -638,8 +638,9 @@ fn insert_binds<'a>(
 /// does and writes the read-model `rows`, each only if it is still at the
 /// version it was read at (an update or a delete) or still missing (an
 /// insert). Either everything is written or nothing: when a row moved on,
-/// `es_rows_unchanged` (migration 12) fails the statement. `Ok(None)` when
-/// the expectation did not hold (nothing was written).
+/// `es_rows_unchanged` (migration 12) fails the statement. No rows when
+/// the expectation did not hold; `Ok(None)` when the server refused the
+/// statement (nothing was written either way).
 ///
 /// The events are inserted first: an update or a delete waits for `n`,
 /// the count of inserted events, before it looks at its row, so a writer
@@ -681,7 +682,7 @@ fn insert_guarded(
         };
     debug_assert!(ok);
     let (Some(positions), Some(versions), Some(created)) = (positions, versions, created) else {
-        return Ok(None);
+        return Ok(Some(Vec::new()));
     };
     Ok(Some(
         positions

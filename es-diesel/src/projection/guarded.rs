@@ -24,29 +24,48 @@ use es_core::{ExpectedVersion, Payload, RecordedEvent};
 /// Appends `write` with its row-level projectors in one statement, or
 /// returns `None` having written nothing: the backend has no such
 /// statement, the caller holds a transaction, a projector reads the
-/// envelope or writes SQL, a projector fails, a row moved on since it was
-/// read, or the stream is not at the expected version.
+/// envelope or writes SQL, a projector fails, or a row moved on since it
+/// was read. A stream not at the expected version is an
+/// [`Error::Conflict`](crate::Error::Conflict), nothing written.
 pub(crate) fn append(
     conn: &mut DbConnection,
     write: &StreamWrite,
 ) -> Result<Option<Vec<RecordedEvent>>> {
-    if !conn.dialect().guards_rows() {
+    if !eligible(conn, write)? {
         return Ok(None);
     }
     crate::append::traced_append(std::slice::from_ref(write), || guarded(conn, write))
 }
 
+/// Whether `write` can go in one statement with its rows: the backend
+/// has the statement, no transaction of the caller's is open, the
+/// expectation gives the events' versions, and every inline projector of
+/// its events takes a row and the event alone (one that could see more of
+/// the envelope, its position or its time, runs after the insert).
+fn eligible(conn: &mut DbConnection, write: &StreamWrite) -> Result<bool> {
+    if !conn.dialect().guards_rows()
+        || write.events.is_empty()
+        || !matches!(
+            write.expected,
+            ExpectedVersion::Exact(_) | ExpectedVersion::NoStream
+        )
+        || in_transaction(conn)?
+    {
+        return Ok(false);
+    }
+    let reg = registry()?;
+    Ok(write.events.iter().all(|ev| {
+        reg.inline_handlers(ev.event_type)
+            .iter()
+            .all(|(p, h)| !p.reads_envelope && matches!(h.kind, HandlerKind::Row { .. }))
+    }))
+}
+
 fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<RecordedEvent>>> {
     let dialect = conn.dialect();
-    if !dialect.guards_rows() || write.events.is_empty() || in_transaction(conn)? {
-        return Ok(None);
-    }
-    // The versions the events will have; a projector that could see more
-    // of the envelope (its position, its time) runs after the insert.
     let base = match write.expected {
         ExpectedVersion::Exact(v) => v,
-        ExpectedVersion::NoStream => 0,
-        ExpectedVersion::Any | ExpectedVersion::StreamExists => return Ok(None),
+        _ => 0,
     };
     if crate::error::check_stream_id(&write.stream_id).is_err()
         || write.events.iter().any(|e| e.check().is_err())
@@ -128,7 +147,21 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
     else {
         return Ok(None);
     };
-    // The statement inserts every event or none, and `None` was none.
+    if appended.is_empty() {
+        // Nothing written: the stream was not at the expected version when
+        // the statement looked, and if it is now, the append in a
+        // transaction looks again.
+        let actual = crate::read::stream_version(conn, &write.stream_id)?;
+        if write.expected.is_satisfied_by(actual) {
+            return Ok(None);
+        }
+        return Err(crate::Error::Conflict {
+            stream: write.stream_id.clone(),
+            expected: write.expected,
+            actual,
+        });
+    }
+    // The statement inserts every event or none.
     debug_assert_eq!(appended.len(), events.len());
     tracing::debug!(rows = rows.len(), "appended with its rows in one statement");
     for (ev, row) in events.iter_mut().zip(appended) {
