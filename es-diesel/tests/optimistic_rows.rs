@@ -549,3 +549,55 @@ fn without_the_check_function_appends_run_in_a_transaction() {
     assert_eq!(capture.one_statement(), 0, "{}", capture.text());
     assert_eq!(capture.deferred(), 1, "{}", capture.text());
 }
+
+/// One append makes a row and removes it again, while another transaction
+/// inserts that row: as in a transaction, the append waits for it and
+/// comes after it, so the row ends removed, as a rebuild would leave it.
+#[test]
+fn a_row_made_and_removed_by_one_append_waits_for_a_writer_of_its_key() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    let holder = Holder::begin(
+        &db,
+        "INSERT INTO opt_counters (counter, total, events) VALUES (6, 100, 1)",
+    );
+    let append = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut w = StreamWrite::new("mr-1", ExpectedVersion::NoStream);
+            w.push(&Counted { counter: 6, by: 1 }).unwrap();
+            w.push(&CounterReset { counter: 6 }).unwrap();
+            store.append_streams(&[w])
+        })
+    };
+    holder.wait_for_waiter(&db);
+    holder.commit();
+    append.join().unwrap().unwrap();
+    assert_eq!(row_of(&store, 6), None);
+}
+
+/// A read model's table that cannot be read is the projector's error, at
+/// its event, as in a transaction; nothing is written.
+#[test]
+fn an_unreadable_read_model_is_the_projectors_error() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    let mut conn = PgConnection::establish(db.url()).unwrap();
+    conn.batch_execute("DROP TABLE opt_counters").unwrap();
+    let err = store
+        .append(
+            "u-1",
+            ExpectedVersion::NoStream,
+            [Counted { counter: 1, by: 1 }],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Projector { position, .. } if *position > 0),
+        "{err:?}"
+    );
+    assert_eq!(store.stream_version("u-1").unwrap(), 0);
+}

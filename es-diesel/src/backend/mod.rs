@@ -23,6 +23,7 @@ pub(crate) use connection::{
 };
 pub use connection::{write_transaction, DbConnection, Manager, SqliteSync, StoreOptions};
 pub(crate) use insert::{cached_shape, CHUNK};
+pub(crate) use postgres::refused;
 pub(crate) use stmt::{Bind, Marked, SqlText, Stmt};
 pub(crate) use writer_queue::Turn;
 

@@ -660,26 +660,21 @@ fn insert_guarded(
     let query = GuardedAppend {
         head: insert_binds(head, stream, expected, chunk, false).on_pg(),
         rows,
+        // A connection keeps every statement it prepared: only the shapes
+        // a command's append takes (one event, a row or two, whose tables
+        // and writes its projectors fix) stay prepared.
+        cache: chunk.len() == 1 && rows.len() <= 2,
     };
-    let (ok, positions, versions, created) =
-        match diesel::RunQueryDsl::get_result::<GuardedResult>(query, pg) {
-            Ok(result) => result,
-            // The server refused the statement (a row moved on, a duplicate, a
-            // constraint of a read model): it wrote nothing, and the append in
-            // a transaction reports what is wrong. A connection that broke may
-            // have committed it: that error is the caller's.
-            Err(diesel::result::Error::DatabaseError(kind, info))
-                if !matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection) =>
-            {
-                tracing::debug!(
-                    stream,
-                    error = info.message(),
-                    "an append with its rows was refused; appending in a transaction"
-                );
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let (ok, positions, versions, created) = match diesel::RunQueryDsl::get_result::<GuardedResult>(
+        query, pg,
+    ) {
+        Ok(result) => result,
+        Err(e) if refused(&e) => {
+            tracing::debug!(stream, error = %e, "an append with its rows was refused; appending in a transaction");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
     debug_assert!(ok);
     let (Some(positions), Some(versions), Some(created)) = (positions, versions, created) else {
         return Ok(Some(Vec::new()));
@@ -705,11 +700,32 @@ type GuardedResult = (
     Option<Vec<chrono::NaiveDateTime>>,
 );
 
+/// Whether `err` is a refusal of a statement that commits by itself:
+/// nothing was written, and the append in a transaction reports what is
+/// wrong (a row moved on, a duplicate, a read model's constraint, a value
+/// that cannot be bound). A connection that broke may have committed it,
+/// and a cancelled statement (a timeout, an administrator) is not run
+/// again: those errors are the caller's.
+pub(crate) fn refused(err: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error as E};
+    match err {
+        E::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => false,
+        E::DatabaseError(_, info) => {
+            let message = info.message();
+            !message.starts_with("canceling statement")
+                && !message.starts_with("terminating connection")
+        }
+        E::SerializationError(_) | E::QueryBuilderError(_) => true,
+        _ => false,
+    }
+}
+
 /// The statement of [`insert_guarded`]: `head`, the insert's `WITH`
 /// queries, then one `WITH` query per row, then the check.
 struct GuardedAppend<'a> {
     head: super::stmt::On<'a, Pg, diesel::sql_types::Untyped>,
     rows: &'a [GuardedRow],
+    cache: bool,
 }
 
 impl diesel::query_builder::QueryId for GuardedAppend<'_> {
@@ -733,6 +749,9 @@ impl diesel::query_builder::QueryFragment<Pg> for GuardedAppend<'_> {
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
     ) -> diesel::QueryResult<()> {
+        if !self.cache {
+            out.unsafe_to_cache_prepared();
+        }
         self.head.walk_ast(out.reborrow())?;
         for (i, row) in self.rows.iter().enumerate() {
             out.push_sql(", w");

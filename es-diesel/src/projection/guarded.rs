@@ -21,6 +21,9 @@ use crate::error::Result;
 use crate::read_model::{GuardedRow, RowBatch};
 use es_core::{ExpectedVersion, Payload, RecordedEvent};
 
+/// Rows written by one statement at most.
+const MAX_ROWS: usize = 64;
+
 /// Appends `write` with its row-level projectors in one statement, or
 /// returns `None` having written nothing: the backend has no such
 /// statement, the caller holds a transaction, a projector reads the
@@ -122,8 +125,13 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
         return Ok(None);
     }
     for (_, batch) in &mut batches {
-        if !batch.load_versioned(conn)? {
-            return Ok(None);
+        match batch.load_versioned(conn) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            // A row that does not read back, a table that is missing: the
+            // transaction reports it as its projector's error, at its event.
+            Err(e) if crate::backend::refused(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
     }
     for (ev, fold, at) in folds {
@@ -136,6 +144,11 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
         if !batch.guarded_writes(&mut rows) {
             return Ok(None);
         }
+    }
+    // The statement's check grows with its rows (a subquery each): a bulk
+    // append goes in a transaction.
+    if rows.len() > MAX_ROWS {
+        return Ok(None);
     }
     let Some(appended) = dialect.insert_events_guarded(
         conn,

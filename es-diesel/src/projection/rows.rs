@@ -14,6 +14,8 @@ struct Slot<M> {
     row: Option<M>,
     /// The row version read with it (PostgreSQL's `xmin`), for a guarded write.
     version: Option<i64>,
+    /// A projector left a row here at some point.
+    held: bool,
 }
 
 /// The rows of one read model touched by a batch of events.
@@ -62,6 +64,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                         existed: true,
                         row: Some(row),
                         version: None,
+                        held: false,
                     },
                 );
             }
@@ -71,6 +74,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                 existed: false,
                 row: None,
                 version: None,
+                held: false,
             });
         }
         Ok(())
@@ -91,6 +95,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                         existed: true,
                         row: Some(row),
                         version: Some(version),
+                        held: false,
                     },
                 );
             }
@@ -100,6 +105,7 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                 existed: false,
                 row: None,
                 version: None,
+                held: false,
             });
         }
         self.order.extend(wanted);
@@ -110,6 +116,10 @@ impl<M: ReadModel> RowBatch for Rows<M> {
         for key in &self.order {
             let slot = &self.slots[key];
             let write = match (slot.existed, &slot.row, slot.version) {
+                // A row made and removed again by this append's events
+                // was written and deleted by the transaction, which waits
+                // for a writer of the same key: so must this append.
+                (false, None, _) if slot.held => return false,
                 (false, None, _) => continue,
                 (false, Some(row), _) => M::guarded_write(RowWrite::Insert(row)).map(|w| (w, None)),
                 (true, Some(row), Some(v)) => {
@@ -184,6 +194,9 @@ pub(super) fn row_fold<P: RowProjection<E>, E: EventType>(
         existed: false,
         row: None,
         version: None,
+        held: false,
     });
-    checked_apply::<P, E>(event, &key, &mut slot.row)
+    checked_apply::<P, E>(event, &key, &mut slot.row)?;
+    slot.held |= slot.row.is_some();
+    Ok(())
 }
