@@ -183,6 +183,9 @@ impl Holder {
     }
 }
 
+/// An append's result and what it traced.
+type Traced = (Result<Vec<es_diesel::Recorded<Counted>>, Error>, Capture);
+
 /// Appends `Counted { counter: id, by }` to a new stream on a thread of its
 /// own, while the test holds the row; returns what it traced.
 fn append_while_held(
@@ -190,7 +193,7 @@ fn append_while_held(
     stream: &'static str,
     id: i64,
     by: i64,
-) -> std::thread::JoinHandle<(Result<Vec<es_diesel::Recorded<Counted>>, Error>, Capture)> {
+) -> std::thread::JoinHandle<Traced> {
     let store = store.clone();
     std::thread::spawn(move || {
         let capture = Capture::default();
