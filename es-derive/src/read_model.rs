@@ -736,8 +736,30 @@ impl<'a> Model<'a> {
                 query.load::<(i64, Self)>(c)
             }
         };
+        // A new row's insert as `INSERT … SELECT`, so that it can wait for
+        // the append's events (`EventsInserted`).
+        let new_row_values: Vec<TokenStream> = self
+            .fields
+            .iter()
+            .zip(&sql_tys)
+            .map(|(f, ty)| {
+                let c = f.ident;
+                let v = f.to_sql(quote!(&row.#c));
+                quote!(__diesel::IntoSql::into_sql::<#ty>(#v))
+            })
+            .collect();
         let guarded_update = if non_key.is_empty() {
-            quote!(::core::option::Option::None)
+            // Nothing to change but the row's version to check: the key
+            // set to itself.
+            let c = key_fields[0].ident;
+            quote! {
+                let __key = <Self as __es::ReadModel>::key(row);
+                ::core::option::Option::Some(::std::boxed::Box::new(__es::RowUpdate::<Self, _, _, _>::new(
+                    __diesel::QuerySource::from_clause(&#table::table),
+                    __diesel::query_builder::AsChangeset::as_changeset(__diesel::ExpressionMethods::eq(#table::#c, #table::#c)),
+                    #row_filter,
+                )))
+            }
         } else {
             quote! {
                 let __key = <Self as __es::ReadModel>::key(row);
@@ -915,7 +937,9 @@ impl<'a> Model<'a> {
                         use __diesel::prelude::*;
                         match write {
                             __es::RowWrite::Insert(row) => ::core::option::Option::Some(::std::boxed::Box::new(
-                                __diesel::insert_into(#table::table).values(row),
+                                __diesel::insert_into(#table::table)
+                                    .values(__diesel::select((#(#new_row_values,)*)).filter(__es::EventsInserted))
+                                    .into_columns((#(#cols,)*)),
                             )),
                             __es::RowWrite::Update(row) => { #guarded_update }
                             __es::RowWrite::Delete(key) => ::core::option::Option::Some(::std::boxed::Box::new(

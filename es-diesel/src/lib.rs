@@ -191,7 +191,8 @@ pub mod __private {
         ProjectorStyle, RowProjection, SqlProjection,
     };
     pub use crate::read_model::{
-        convert, rows_per_statement, ReadModelEntry, RowUpdate, RowVersion, RowWrite,
+        convert, rows_per_statement, EventsInserted, ReadModelEntry, RowUpdate, RowVersion,
+        RowWrite,
     };
     pub use crate::{DbConnection, ReadModel, ReadModelSchema};
     pub use chrono;

@@ -78,9 +78,12 @@ pub trait ReadModel: Sized + Send + 'static {
 
     /// PostgreSQL: the statement that writes one row, for a `WITH` clause.
     /// An update or a delete ends in its `WHERE` condition on the key, so
-    /// that the caller can add the row version it read; an insert ends in
-    /// its `VALUES`. `None` when the read model has no such statement
-    /// (an update of a table of key columns only).
+    /// that the caller can add the row version it read (an update of a
+    /// table of key columns only sets its key to itself, to check that
+    /// version); an insert is an `INSERT … SELECT` of the row's values on
+    /// the condition that the append inserted its events
+    /// ([`EventsInserted`]). `None` when the read model has no such
+    /// statement.
     #[doc(hidden)]
     fn guarded_write(write: RowWrite<'_, Self>) -> Option<Box<dyn QueryFragment<Pg>>> {
         let _ = write;
@@ -327,6 +330,36 @@ impl QueryFragment<Pg> for RowVersion {
         mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
     ) -> QueryResult<()> {
         out.push_sql("xmin::text::bigint");
+        Ok(())
+    }
+}
+
+/// In the statement of an append that writes its rows (see
+/// [`ReadModel::guarded_write`]): whether the append inserted its events,
+/// so that a new row's insert waits for them and writes nothing without
+/// them.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, diesel::query_builder::QueryId)]
+pub struct EventsInserted;
+
+impl diesel::expression::Expression for EventsInserted {
+    type SqlType = diesel::sql_types::Bool;
+}
+
+impl<QS> diesel::expression::AppearsOnTable<QS> for EventsInserted {}
+
+impl<QS> diesel::expression::SelectableExpression<QS> for EventsInserted {}
+
+impl<GB> diesel::expression::ValidGrouping<GB> for EventsInserted {
+    type IsAggregate = diesel::expression::is_aggregate::Never;
+}
+
+impl QueryFragment<Pg> for EventsInserted {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()> {
+        out.push_sql("(SELECT n FROM n) > 0");
         Ok(())
     }
 }

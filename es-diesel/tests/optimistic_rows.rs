@@ -64,6 +64,24 @@ fn refused(_e: &CountRefused, _row: &mut Option<Counter>) -> Result<(), String> 
     Err("refused by the test".into())
 }
 
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(view = false)]
+struct MemberJoined {
+    member: i64,
+}
+
+/// A read model of key columns only.
+#[derive(ReadModel, Debug, Clone, PartialEq)]
+#[read_model(table = "opt_members", primary_key = member)]
+struct Member {
+    member: i64,
+}
+
+#[projector(on = MemberJoined, key = member)]
+fn joined(e: &MemberJoined, row: &mut Option<Member>) {
+    *row = Some(Member { member: e.member });
+}
+
 fn row_of(store: &EventStore, id: i64) -> Option<(i64, i64)> {
     let mut conn = store.connection().unwrap();
     opt_counters::table
@@ -292,13 +310,18 @@ fn a_stale_expectation_writes_neither_events_nor_rows() {
             "{}: {err:?}",
             db.backend()
         );
-        let err = store
-            .append(
-                "s-1",
-                ExpectedVersion::Exact(0),
-                [Counted { counter: 9, by: 10 }],
-            )
+        // A new row: its insert waits for the events, and writes nothing.
+        let capture = Capture::default();
+        let err = capture
+            .run(|| {
+                store.append(
+                    "s-1",
+                    ExpectedVersion::Exact(0),
+                    [Counted { counter: 9, by: 10 }],
+                )
+            })
             .unwrap_err();
+        assert_eq!(capture.deferred(), 0, "{}", capture.text());
         assert!(matches!(err, Error::Conflict { actual: 1, .. }), "{err:?}");
         assert_eq!(row_of(&store, 1), Some((1, 1)), "{}", db.backend());
         assert_eq!(row_of(&store, 9), None, "{}", db.backend());
@@ -603,4 +626,53 @@ fn an_unreadable_read_model_is_the_projectors_error() {
         "{err:?}"
     );
     assert_eq!(store.stream_version("u-1").unwrap(), 0);
+}
+
+/// A row of key columns only is checked by setting its key to itself, so
+/// a second event on it still goes in one statement, and a row deleted
+/// in between is made again by the transaction.
+#[test]
+fn a_row_of_key_columns_only_is_checked_too() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    let capture = Capture::default();
+    capture.run(|| {
+        for v in 0..3 {
+            let expected = if v == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(v)
+            };
+            store
+                .append("k-1", expected, [MemberJoined { member: 1 }])
+                .unwrap();
+        }
+    });
+    assert_eq!(capture.one_statement(), 3, "{}", capture.text());
+    assert_eq!(capture.deferred(), 0, "{}", capture.text());
+    let holder = Holder::begin(&db, "DELETE FROM opt_members WHERE member = 1");
+    let append = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let capture = Capture::default();
+            let result = capture.run(|| {
+                store.append(
+                    "k-1",
+                    ExpectedVersion::Exact(3),
+                    [MemberJoined { member: 1 }],
+                )
+            });
+            (result, capture)
+        })
+    };
+    holder.wait_for_waiter(&db);
+    holder.commit();
+    let (result, capture) = append.join().unwrap();
+    result.unwrap();
+    assert_eq!(capture.deferred(), 1, "{}", capture.text());
+    let mut conn = store.connection().unwrap();
+    let members: i64 = opt_members::table.count().get_result(&mut *conn).unwrap();
+    assert_eq!(members, 1);
 }
