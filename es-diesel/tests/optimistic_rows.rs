@@ -265,6 +265,15 @@ fn an_append_writes_its_rows_with_its_events() {
         if db.backend() == es_diesel::Backend::Postgres {
             assert_eq!(capture.one_statement(), 5, "{}", capture.text());
             assert_eq!(capture.deferred(), 0, "{}", capture.text());
+            // Each projector's run has its span, inside the append's.
+            let closed = capture
+                .text()
+                .lines()
+                .filter(|l| {
+                    l.contains("es.append") && l.contains("es.projector") && l.contains("close")
+                })
+                .count();
+            assert_eq!(closed, 7, "{}", capture.text());
         } else {
             assert_eq!(capture.one_statement(), 0, "{}", capture.text());
         }

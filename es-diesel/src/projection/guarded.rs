@@ -118,7 +118,7 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
             if want(ev, &mut *batches[at].1).is_err() {
                 return Ok(None);
             }
-            folds.push((ev, *fold, at));
+            folds.push((ev, p.name, *fold, at));
         }
     }
     if batches.is_empty() {
@@ -134,7 +134,16 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
             Err(e) => return Err(e.into()),
         }
     }
-    for (ev, fold, at) in folds {
+    for (ev, projector, fold, at) in folds {
+        // As inside the transaction, but before the insert: no position yet.
+        let _span = tracing::debug_span!(
+            "es.projector",
+            projector,
+            event_type = ev.event_type.as_str(),
+            stream = ev.stream_id.as_str(),
+            position = tracing::field::Empty,
+        )
+        .entered();
         if fold(ev, &mut *batches[at].1).is_err() {
             return Ok(None);
         }
