@@ -729,6 +729,11 @@ impl<'a> Model<'a> {
         } else {
             let one = key_filter(quote!(k));
             quote! {
+                // Its text grows with the keys, and a connection keeps every
+                // text it prepared: more keys go in a transaction.
+                if keys.len() > 2 {
+                    return ::core::result::Result::Ok(::core::option::Option::None);
+                }
                 let mut query = #table::table.select(#versioned_select).into_boxed();
                 for k in keys {
                     query = query.or_filter(#one);

@@ -184,6 +184,9 @@ pub trait RowBatch: Any {
 pub struct GuardedRow {
     pub statement: Box<dyn QueryFragment<Pg>>,
     pub version: Option<i64>,
+    /// Its table and key, the order in which one statement writes its rows
+    /// (so two such statements lock rows in one order).
+    pub order: String,
 }
 
 /// A registered read model (submitted by `#[derive(ReadModel)]`).

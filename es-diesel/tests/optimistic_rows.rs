@@ -685,3 +685,510 @@ fn a_row_of_key_columns_only_is_checked_too() {
     let members: i64 = opt_members::table.count().get_result(&mut *conn).unwrap();
     assert_eq!(members, 1);
 }
+
+/// An append reads its row as missing and leaves it missing; another
+/// writer creates the row before the append's events go in: as in a
+/// transaction, which reads the row after its insert, the append must see
+/// that row (here: and remove it), as a rebuild of the log would.
+#[test]
+fn a_row_created_after_the_read_of_a_missing_row_is_seen() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    // Every append announces itself on this lock before it draws its order
+    // key: held exclusively, it stops the append after its read.
+    let holder = Holder::begin(
+        &db,
+        "SELECT pg_advisory_xact_lock(1163067394, 'es_order_keys'::regclass::oid::integer)",
+    );
+    let append = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.append(
+                "g-1",
+                ExpectedVersion::NoStream,
+                [CounterReset { counter: 90 }],
+            )
+        })
+    };
+    holder.wait_for_waiter(&db);
+    let mut other = PgConnection::establish(db.url()).unwrap();
+    other
+        .batch_execute("INSERT INTO opt_counters (counter, total, events) VALUES (90, 100, 1)")
+        .unwrap();
+    holder.commit();
+    append.join().unwrap().unwrap();
+    assert_eq!(row_of(&store, 90), None);
+}
+
+/// Every column kind, tables named like the parts of the statement, and
+/// composite keys, through the one statement.
+mod kinds {
+    use super::{Capture, PgConnection, SimpleConnection};
+    use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+    use diesel::prelude::*;
+    use es_diesel::testing::TestDatabase;
+    use es_diesel::{projector, Error, Event, ExpectedVersion, StoreOptions, StreamWrite};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+    #[event(view = false)]
+    struct PutKinds {
+        id: uuid::Uuid,
+        sid: String,
+        step: i64,
+    }
+
+    #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+    #[event(view = false)]
+    struct PutOdd {
+        num: i64,
+        step: i64,
+    }
+
+    #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+    #[event(view = false)]
+    struct PutPair {
+        a: String,
+        b: uuid::Uuid,
+        step: i64,
+    }
+
+    #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+    #[event(view = false)]
+    struct DropKinds {
+        id: uuid::Uuid,
+        sid: String,
+    }
+
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "rv_all", primary_key = id)]
+    struct AllKinds {
+        id: uuid::Uuid,
+        s16: i16,
+        s32: i32,
+        s64: i64,
+        f4: f32,
+        f8: f64,
+        b: bool,
+        t: String,
+        bytes: Vec<u8>,
+        ts: NaiveDateTime,
+        d: NaiveDate,
+        tm: NaiveTime,
+        utc: DateTime<Utc>,
+        j: serde_json::Value,
+    }
+
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "rv_opts", primary_key = sid)]
+    struct AllOpts {
+        sid: String,
+        s16: Option<i16>,
+        s32: Option<i32>,
+        s64: Option<i64>,
+        f4: Option<f32>,
+        f8: Option<f64>,
+        b: Option<bool>,
+        t: Option<String>,
+        bytes: Option<Vec<u8>>,
+        ts: Option<NaiveDateTime>,
+        d: Option<NaiveDate>,
+        tm: Option<NaiveTime>,
+        utc: Option<DateTime<Utc>>,
+        u: Option<uuid::Uuid>,
+        j: Option<serde_json::Value>,
+    }
+
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "rv_pair", primary_key(a, b))]
+    struct Pair {
+        a: String,
+        b: uuid::Uuid,
+        v: i64,
+    }
+
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "n", primary_key = id)]
+    struct TN {
+        id: i64,
+        v: i64,
+    }
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "ins", primary_key = id)]
+    struct TIns {
+        id: i64,
+        n: i64,
+    }
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "k", primary_key = id)]
+    struct TK {
+        id: i64,
+        v: i64,
+    }
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "last", primary_key = id)]
+    struct TLast {
+        id: i64,
+        v: i64,
+    }
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "cur", primary_key = id)]
+    struct TCur {
+        id: i64,
+        v: i64,
+    }
+    #[derive(es_diesel::ReadModel, Debug, Clone, PartialEq)]
+    #[read_model(table = "w0", primary_key = id)]
+    struct TW0 {
+        id: i64,
+        v: i64,
+    }
+
+    fn kinds(id: uuid::Uuid, step: i64) -> AllKinds {
+        let base = NaiveDate::from_ymd_opt(2020, 1, 1).unwrap();
+        AllKinds {
+            id,
+            s16: step as i16 - 3,
+            s32: step as i32 * 1000 - 7,
+            s64: step * 1_000_000_000_000,
+            f4: step as f32 * 0.5 + 0.25,
+            f8: step as f64 * 1.5e100,
+            b: step % 2 == 0,
+            t: format!("text 'with' \"quotes\" \u{e9} {step}"),
+            bytes: vec![0, 1, 2, 255, step as u8],
+            ts: base
+                .and_hms_micro_opt(1, 2, 3, 123_456 + step as u32)
+                .unwrap(),
+            d: base + chrono::Duration::days(step),
+            tm: NaiveTime::from_hms_micro_opt(23, 59, 59, 999_999 - step as u32).unwrap(),
+            utc: Utc
+                .timestamp_opt(1_700_000_000 + step, 654_321_000)
+                .unwrap(),
+            j: serde_json::json!({"step": step, "s": "x\"y", "arr": [1, null, true]}),
+        }
+    }
+
+    fn opts(sid: &str, step: i64) -> AllOpts {
+        let k = kinds(uuid::Uuid::nil(), step);
+        let some = step % 2 == 0;
+        AllOpts {
+            sid: sid.to_owned(),
+            s16: some.then_some(k.s16),
+            s32: some.then_some(k.s32),
+            s64: some.then_some(k.s64),
+            f4: some.then_some(k.f4),
+            f8: some.then_some(k.f8),
+            b: some.then_some(k.b),
+            t: some.then_some(k.t.clone()),
+            bytes: some.then_some(k.bytes.clone()),
+            ts: some.then_some(k.ts),
+            d: some.then_some(k.d),
+            tm: some.then_some(k.tm),
+            utc: some.then_some(k.utc),
+            u: some.then_some(uuid::Uuid::from_u128(step as u128)),
+            j: some.then_some(k.j.clone()),
+        }
+    }
+
+    #[projector(on = PutKinds, key = id)]
+    fn put_kinds(e: &PutKinds, row: &mut Option<AllKinds>) {
+        *row = Some(kinds(e.id, e.step));
+    }
+
+    #[projector(on = PutKinds, key = sid)]
+    fn put_opts(e: &PutKinds, row: &mut Option<AllOpts>) {
+        *row = Some(opts(&e.sid, e.step));
+    }
+
+    #[projector(on = DropKinds, key = id)]
+    fn drop_kinds(_e: &DropKinds, row: &mut Option<AllKinds>) {
+        *row = None;
+    }
+
+    #[projector(on = DropKinds, key = sid)]
+    fn drop_opts(_e: &DropKinds, row: &mut Option<AllOpts>) {
+        *row = None;
+    }
+
+    #[projector(on = PutPair, key = (a, b))]
+    fn put_pair(e: &PutPair, row: &mut Option<Pair>) {
+        *row = Some(Pair {
+            a: e.a.clone(),
+            b: e.b,
+            v: e.step,
+        });
+    }
+
+    macro_rules! odd {
+        ($f:ident, $m:ident, $c:ident) => {
+            #[projector(on = PutOdd, key = num)]
+            fn $f(e: &PutOdd, row: &mut Option<$m>) {
+                let r = row.get_or_insert($m { id: e.num, $c: 0 });
+                r.$c += e.step;
+            }
+        };
+    }
+    odd!(odd_n, TN, v);
+    odd!(odd_ins, TIns, n);
+    odd!(odd_k, TK, v);
+    odd!(odd_last, TLast, v);
+    odd!(odd_cur, TCur, v);
+    odd!(odd_w0, TW0, v);
+
+    fn expected(v: i64) -> ExpectedVersion {
+        if v == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(v)
+        }
+    }
+
+    #[test]
+    fn every_column_kind_goes_in_one_statement() {
+        let Some(db) = TestDatabase::postgres() else {
+            return;
+        };
+        let store = db.store();
+        let id = uuid::Uuid::new_v4();
+        let capture = Capture::default();
+        for step in 0..6 {
+            capture.run(|| {
+                store
+                    .append(
+                        "kinds-1",
+                        expected(step),
+                        [PutKinds {
+                            id,
+                            sid: "s-1".into(),
+                            step,
+                        }],
+                    )
+                    .unwrap()
+            });
+            let mut conn = store.connection().unwrap();
+            let got: AllKinds = rv_all::table
+                .select((
+                    rv_all::id,
+                    rv_all::s16,
+                    rv_all::s32,
+                    rv_all::s64,
+                    rv_all::f4,
+                    rv_all::f8,
+                    rv_all::b,
+                    rv_all::t,
+                    rv_all::bytes,
+                    rv_all::ts,
+                    rv_all::d,
+                    rv_all::tm,
+                    rv_all::utc,
+                    rv_all::j,
+                ))
+                .get_result(&mut *conn)
+                .unwrap();
+            assert_eq!(got, kinds(id, step), "step {step}");
+            let got: AllOpts = rv_opts::table
+                .select((
+                    rv_opts::sid,
+                    rv_opts::s16,
+                    rv_opts::s32,
+                    rv_opts::s64,
+                    rv_opts::f4,
+                    rv_opts::f8,
+                    rv_opts::b,
+                    rv_opts::t,
+                    rv_opts::bytes,
+                    rv_opts::ts,
+                    rv_opts::d,
+                    rv_opts::tm,
+                    rv_opts::utc,
+                    rv_opts::u,
+                    rv_opts::j,
+                ))
+                .get_result(&mut *conn)
+                .unwrap();
+            assert_eq!(got, opts("s-1", step), "step {step}");
+        }
+        // A new stream whose rows start as NULLs (odd step): an insert of NULLs.
+        capture.run(|| {
+            store
+                .append(
+                    "kinds-2",
+                    ExpectedVersion::NoStream,
+                    [PutKinds {
+                        id: uuid::Uuid::new_v4(),
+                        sid: "s-2".into(),
+                        step: 1,
+                    }],
+                )
+                .unwrap()
+        });
+        capture.run(|| {
+            store
+                .append(
+                    "kinds-1",
+                    ExpectedVersion::Exact(6),
+                    [DropKinds {
+                        id,
+                        sid: "s-1".into(),
+                    }],
+                )
+                .unwrap()
+        });
+        {
+            let mut conn = store.connection().unwrap();
+            let n: i64 = rv_all::table.count().get_result(&mut *conn).unwrap();
+            assert_eq!(n, 1);
+            let n: i64 = rv_opts::table.count().get_result(&mut *conn).unwrap();
+            assert_eq!(n, 1);
+        }
+        let text = capture.text();
+        assert_eq!(capture.one_statement(), 8, "{text}");
+        assert_eq!(capture.deferred(), 0, "{text}");
+    }
+
+    #[test]
+    fn tables_named_like_the_statements_parts_and_composite_keys() {
+        let Some(db) = TestDatabase::postgres() else {
+            return;
+        };
+        let store = db.store();
+        let capture = Capture::default();
+        for step in 0..3 {
+            capture.run(|| {
+                store
+                    .append(
+                        "odd-1",
+                        expected(step),
+                        [PutOdd {
+                            num: 7,
+                            step: step + 1,
+                        }],
+                    )
+                    .unwrap()
+            });
+        }
+        let b = uuid::Uuid::new_v4();
+        for step in 0..3 {
+            capture.run(|| {
+                store
+                    .append(
+                        "pair-1",
+                        expected(step),
+                        [PutPair {
+                            a: "x".into(),
+                            b,
+                            step,
+                        }],
+                    )
+                    .unwrap()
+            });
+        }
+        let mut conn = store.connection().unwrap();
+        let v: i64 = n::table.select(n::v).get_result(&mut *conn).unwrap();
+        assert_eq!(v, 6);
+        let v: i64 = ins::table.select(ins::n).get_result(&mut *conn).unwrap();
+        assert_eq!(v, 6);
+        let v: i64 = w0::table.select(w0::v).get_result(&mut *conn).unwrap();
+        assert_eq!(v, 6);
+        let v: i64 = rv_pair::table
+            .select(rv_pair::v)
+            .get_result(&mut *conn)
+            .unwrap();
+        assert_eq!(v, 2);
+        let text = capture.text();
+        assert_eq!(capture.one_statement(), 6, "{text}");
+        assert_eq!(capture.deferred(), 0, "{text}");
+    }
+
+    #[derive(QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+
+    /// Appends of 1 to 40 rows of a read model with a composite key, on one
+    /// connection: reads of more than two of its keys go in a transaction, so
+    /// the connection keeps at most two prepared versioned reads, and no
+    /// statement of more than two rows.
+    #[test]
+    fn a_connection_keeps_few_prepared_statements_for_rows() {
+        let Some(db) = TestDatabase::postgres() else {
+            return;
+        };
+        let store = db.store_with(StoreOptions {
+            pool_size: 1,
+            ..StoreOptions::default()
+        });
+        for k in 1..=40usize {
+            let mut w = StreamWrite::new(format!("bulk-{k}"), ExpectedVersion::NoStream);
+            for i in 0..k {
+                w.push(&PutPair {
+                    a: format!("a{i}"),
+                    b: uuid::Uuid::from_u128(i as u128),
+                    step: 1,
+                })
+                .unwrap();
+            }
+            store.append_streams(&[w]).unwrap();
+        }
+        let mut conn = store.connection().unwrap();
+        let mut count = |sql: &str| {
+            diesel::sql_query(sql)
+                .get_result::<Prepared>(&mut *conn)
+                .unwrap()
+                .n
+        };
+        let reads = count(
+        "SELECT COUNT(*) AS n FROM pg_prepared_statements WHERE statement LIKE '%xmin::text::bigint, %'",
+    );
+        let statements =
+        count("SELECT COUNT(*) AS n FROM pg_prepared_statements WHERE statement LIKE '%es_rows_unchanged%'");
+        assert!(reads <= 2, "{reads} versioned reads kept prepared");
+        assert!(
+            statements <= 2,
+            "{statements} statements with rows kept prepared"
+        );
+    }
+
+    /// A row whose JSON no longer reads back is the projector's error at its
+    /// event, as in a transaction.
+    #[test]
+    fn a_row_that_does_not_read_back_is_the_projectors_error() {
+        let Some(db) = TestDatabase::postgres() else {
+            return;
+        };
+        for optimistic in [false, true] {
+            let store = db.store_with(StoreOptions {
+                optimistic_rows: optimistic,
+                ..StoreOptions::default()
+            });
+            let id = uuid::Uuid::new_v4();
+            let stream = format!("bad-{optimistic}");
+            let put = |step| PutKinds {
+                id,
+                sid: stream.clone(),
+                step,
+            };
+            store
+                .append(&stream, ExpectedVersion::NoStream, [put(0)])
+                .unwrap();
+            let mut admin = PgConnection::establish(db.url()).unwrap();
+            admin
+                .batch_execute(&format!(
+                    "UPDATE rv_all SET j = 'not json' WHERE id = '{id}'"
+                ))
+                .unwrap();
+            let err = store
+                .append(&stream, ExpectedVersion::Exact(1), [put(1)])
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::Projector { projector, position, .. }
+                if projector.ends_with("put_kinds") && *position > 0),
+                "optimistic_rows {optimistic}: {err:?}"
+            );
+            assert_eq!(store.stream_version(&stream).unwrap(), 1);
+        }
+    }
+}

@@ -21,7 +21,8 @@ use crate::error::Result;
 use crate::read_model::{GuardedRow, RowBatch};
 use es_core::{ExpectedVersion, Payload, RecordedEvent};
 
-/// Rows written by one statement at most.
+/// Projector runs, and so rows, of one statement at most: its check grows
+/// with its rows (a subquery each).
 const MAX_ROWS: usize = 64;
 
 /// Appends `write` with its row-level projectors in one statement, or
@@ -121,7 +122,8 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
             folds.push((ev, p.name, *fold, at));
         }
     }
-    if batches.is_empty() {
+    // A bulk append goes in a transaction before reading its rows.
+    if batches.is_empty() || folds.len() > MAX_ROWS {
         return Ok(None);
     }
     for (_, batch) in &mut batches {
@@ -130,7 +132,12 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
             Ok(false) => return Ok(None),
             // A row that does not read back, a table that is missing: the
             // transaction reports it as its projector's error, at its event.
-            Err(e) if crate::backend::refused(&e) => return Ok(None),
+            Err(e)
+                if crate::backend::refused(&e)
+                    || matches!(e, diesel::result::Error::DeserializationError(_)) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -154,11 +161,9 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
             return Ok(None);
         }
     }
-    // The statement's check grows with its rows (a subquery each): a bulk
-    // append goes in a transaction.
-    if rows.len() > MAX_ROWS {
-        return Ok(None);
-    }
+    // One order of rows for every such statement: two of them take their
+    // rows' locks in one order.
+    rows.sort_by(|a, b| a.order.cmp(&b.order));
     let Some(appended) = dialect.insert_events_guarded(
         conn,
         &write.stream_id,

@@ -14,8 +14,6 @@ struct Slot<M> {
     row: Option<M>,
     /// The row version read with it (PostgreSQL's `xmin`), for a guarded write.
     version: Option<i64>,
-    /// A projector left a row here at some point.
-    held: bool,
 }
 
 /// The rows of one read model touched by a batch of events.
@@ -64,7 +62,6 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                         existed: true,
                         row: Some(row),
                         version: None,
-                        held: false,
                     },
                 );
             }
@@ -74,7 +71,6 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                 existed: false,
                 row: None,
                 version: None,
-                held: false,
             });
         }
         Ok(())
@@ -95,7 +91,6 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                         existed: true,
                         row: Some(row),
                         version: Some(version),
-                        held: false,
                     },
                 );
             }
@@ -105,7 +100,6 @@ impl<M: ReadModel> RowBatch for Rows<M> {
                 existed: false,
                 row: None,
                 version: None,
-                held: false,
             });
         }
         self.order.extend(wanted);
@@ -116,11 +110,11 @@ impl<M: ReadModel> RowBatch for Rows<M> {
         for key in &self.order {
             let slot = &self.slots[key];
             let write = match (slot.existed, &slot.row, slot.version) {
-                // A row made and removed again by this append's events
-                // was written and deleted by the transaction, which waits
-                // for a writer of the same key: so must this append.
-                (false, None, _) if slot.held => return false,
-                (false, None, _) => continue,
+                // A row missing when read and left missing: one that
+                // another writer commits before this append's events would
+                // be missed (the statement's snapshot predates them), where
+                // the transaction, reading after its insert, sees it.
+                (false, None, _) => return false,
                 (false, Some(row), _) => M::guarded_write(RowWrite::Insert(row)).map(|w| (w, None)),
                 (true, Some(row), Some(v)) => {
                     M::guarded_write(RowWrite::Update(row)).map(|w| (w, Some(v)))
@@ -133,7 +127,11 @@ impl<M: ReadModel> RowBatch for Rows<M> {
             let Some((statement, version)) = write else {
                 return false;
             };
-            out.push(GuardedRow { statement, version });
+            out.push(GuardedRow {
+                statement,
+                version,
+                order: format!("{}\u{0}{key:?}", M::SCHEMA.name),
+            });
         }
         true
     }
@@ -194,9 +192,6 @@ pub(super) fn row_fold<P: RowProjection<E>, E: EventType>(
         existed: false,
         row: None,
         version: None,
-        held: false,
     });
-    checked_apply::<P, E>(event, &key, &mut slot.row)?;
-    slot.held |= slot.row.is_some();
-    Ok(())
+    checked_apply::<P, E>(event, &key, &mut slot.row)
 }
