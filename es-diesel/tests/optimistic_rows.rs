@@ -722,6 +722,38 @@ fn a_row_created_after_the_read_of_a_missing_row_is_seen() {
     assert_eq!(row_of(&store, 90), None);
 }
 
+/// A statement the server cancels (here its `statement_timeout`, while it
+/// waits for a row another transaction holds) is the caller's error: the
+/// append is not run again in a transaction, which would wait again.
+#[test]
+fn a_cancelled_statement_is_returned_not_run_again() {
+    let Some(db) = TestDatabase::postgres() else {
+        return;
+    };
+    let store = db.store();
+    count(&store, "x-1", 1, 1, ExpectedVersion::NoStream);
+    let timed = EventStore::open(&format!("{}%20-cstatement_timeout%3D300", db.url())).unwrap();
+    let holder = Holder::begin(
+        &db,
+        "UPDATE opt_counters SET total = total + 100 WHERE counter = 1",
+    );
+    let capture = Capture::default();
+    let err = capture
+        .run(|| {
+            timed.append(
+                "x-2",
+                ExpectedVersion::NoStream,
+                [Counted { counter: 1, by: 10 }],
+            )
+        })
+        .unwrap_err();
+    holder.commit();
+    assert!(err.to_string().contains("canceling statement"), "{err}");
+    assert_eq!(capture.deferred(), 0, "{}", capture.text());
+    assert_eq!(store.stream_version("x-2").unwrap(), 0);
+    assert_eq!(row_of(&store, 1), Some((101, 1)));
+}
+
 /// Every column kind, tables named like the parts of the statement, and
 /// composite keys, through the one statement.
 mod kinds {

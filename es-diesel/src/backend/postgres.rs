@@ -803,3 +803,45 @@ fn pg_type(ty: ColumnType) -> &'static str {
         ColumnType::Text | ColumnType::Json => "text",
     }
 }
+
+#[cfg(test)]
+mod refused_tests {
+    use super::refused;
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    fn server(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    #[test]
+    fn refusals_go_to_the_transaction_and_the_rest_to_the_caller() {
+        assert!(refused(&server(
+            DatabaseErrorKind::SerializationFailure,
+            "a read-model row changed between its read and the append that writes it"
+        )));
+        assert!(refused(&server(
+            DatabaseErrorKind::UniqueViolation,
+            "duplicate key"
+        )));
+        assert!(refused(&server(
+            DatabaseErrorKind::Unknown,
+            "function es_rows_unchanged(boolean) does not exist"
+        )));
+        assert!(refused(&Error::SerializationError("bind".into())));
+        assert!(!refused(&server(
+            DatabaseErrorKind::ClosedConnection,
+            "server closed the connection"
+        )));
+        assert!(!refused(&server(
+            DatabaseErrorKind::Unknown,
+            "canceling statement due to statement timeout"
+        )));
+        assert!(!refused(&server(
+            DatabaseErrorKind::Unknown,
+            "terminating connection due to administrator command"
+        )));
+        // The statement may have committed before its result failed to decode.
+        assert!(!refused(&Error::DeserializationError("row".into())));
+        assert!(!refused(&Error::NotFound));
+    }
+}
