@@ -120,10 +120,14 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
                 return Ok(None);
             }
             folds.push((ev, p.name, *fold, at));
+            // A bulk append goes in a transaction, before decoding the rest
+            // of its events or reading its rows.
+            if folds.len() > MAX_ROWS {
+                return Ok(None);
+            }
         }
     }
-    // A bulk append goes in a transaction before reading its rows.
-    if batches.is_empty() || folds.len() > MAX_ROWS {
+    if batches.is_empty() {
         return Ok(None);
     }
     for (_, batch) in &mut batches {
