@@ -308,61 +308,50 @@ where
 
 impl<M, T, V, W, Conn> diesel::RunQueryDsl<Conn> for RowUpdate<M, T, V, W> {}
 
-/// PostgreSQL's version of a row (`xmin`, the transaction that wrote it),
-/// as a selectable expression whose statement stays prepared (Diesel's
-/// `sql` literal would have it parsed again at every read).
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default, diesel::query_builder::QueryId)]
-pub struct RowVersion;
+/// A unit struct that is a PostgreSQL expression of a fixed text and SQL
+/// type, whose statements stay prepared (Diesel's `sql` literal would have
+/// them parsed again at every run).
+macro_rules! pg_expression {
+    ($(#[$doc:meta])* $name:ident: $ty:ty = $sql:literal) => {
+        $(#[$doc])*
+        #[doc(hidden)]
+        #[derive(Debug, Clone, Copy, Default, diesel::query_builder::QueryId)]
+        pub struct $name;
 
-impl diesel::expression::Expression for RowVersion {
-    type SqlType = diesel::sql_types::BigInt;
+        impl diesel::expression::Expression for $name {
+            type SqlType = $ty;
+        }
+
+        impl<QS> diesel::expression::AppearsOnTable<QS> for $name {}
+
+        impl<QS> diesel::expression::SelectableExpression<QS> for $name {}
+
+        impl<GB> diesel::expression::ValidGrouping<GB> for $name {
+            type IsAggregate = diesel::expression::is_aggregate::Never;
+        }
+
+        impl QueryFragment<Pg> for $name {
+            fn walk_ast<'b>(
+                &'b self,
+                mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+            ) -> QueryResult<()> {
+                out.push_sql($sql);
+                Ok(())
+            }
+        }
+    };
 }
 
-impl<QS> diesel::expression::AppearsOnTable<QS> for RowVersion {}
-
-impl<QS> diesel::expression::SelectableExpression<QS> for RowVersion {}
-
-impl<GB> diesel::expression::ValidGrouping<GB> for RowVersion {
-    type IsAggregate = diesel::expression::is_aggregate::Never;
+pg_expression! {
+    /// PostgreSQL's version of a row (`xmin`, the transaction that wrote
+    /// it), read with the row for a [`ReadModel::guarded_write`].
+    RowVersion: diesel::sql_types::BigInt = "xmin::text::bigint"
 }
 
-impl QueryFragment<Pg> for RowVersion {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
-    ) -> QueryResult<()> {
-        out.push_sql("xmin::text::bigint");
-        Ok(())
-    }
-}
-
-/// In the statement of an append that writes its rows (see
-/// [`ReadModel::guarded_write`]): whether the append inserted its events,
-/// so that a new row's insert waits for them and writes nothing without
-/// them.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default, diesel::query_builder::QueryId)]
-pub struct EventsInserted;
-
-impl diesel::expression::Expression for EventsInserted {
-    type SqlType = diesel::sql_types::Bool;
-}
-
-impl<QS> diesel::expression::AppearsOnTable<QS> for EventsInserted {}
-
-impl<QS> diesel::expression::SelectableExpression<QS> for EventsInserted {}
-
-impl<GB> diesel::expression::ValidGrouping<GB> for EventsInserted {
-    type IsAggregate = diesel::expression::is_aggregate::Never;
-}
-
-impl QueryFragment<Pg> for EventsInserted {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
-    ) -> QueryResult<()> {
-        out.push_sql("(SELECT n FROM n) > 0");
-        Ok(())
-    }
+pg_expression! {
+    /// In the statement of an append that writes its rows (see
+    /// [`ReadModel::guarded_write`]): whether the append inserted its
+    /// events, so that a new row's insert waits for them and writes nothing
+    /// without them.
+    EventsInserted: diesel::sql_types::Bool = "(SELECT n FROM n) > 0"
 }

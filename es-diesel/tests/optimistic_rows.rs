@@ -13,8 +13,12 @@ use es_diesel::{
     projector, Error, Event, EventStore, ExpectedVersion, ReadModel, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "support/capture.rs"]
+mod capture;
+use capture::Capture;
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[event(view = false)]
@@ -98,38 +102,7 @@ fn count(store: &EventStore, stream: &str, id: i64, by: i64, expected: ExpectedV
         .unwrap();
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Capture {
-    /// Runs `f` with the store's traces of this thread kept here.
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        let kept = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-            .with_writer(move || kept.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, f)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
     /// Appends written with their rows in one statement.
     fn one_statement(&self) -> usize {
         self.text()
@@ -201,29 +174,38 @@ impl Holder {
     }
 }
 
-/// An append's result and what it traced.
-type Traced = (Result<Vec<es_diesel::Recorded<Counted>>, Error>, Capture);
-
-/// Appends `Counted { counter: id, by }` to a new stream on a thread of its
-/// own, while the test holds the row; returns what it traced.
-fn append_while_held(
+/// Runs `sql` in another transaction and holds it open; appends
+/// `Counted { counter: id, by }` as the first event of `stream` on a thread
+/// of its own; commits the other transaction once the append waits for it.
+/// Returns what the append traced (it must succeed).
+fn append_while_holding(
+    db: &TestDatabase,
     store: &EventStore,
+    sql: &str,
     stream: &'static str,
     id: i64,
     by: i64,
-) -> std::thread::JoinHandle<Traced> {
-    let store = store.clone();
-    std::thread::spawn(move || {
-        let capture = Capture::default();
-        let result = capture.run(|| {
-            store.append(
-                stream,
-                ExpectedVersion::NoStream,
-                [Counted { counter: id, by }],
-            )
-        });
-        (result, capture)
-    })
+) -> Capture {
+    let holder = Holder::begin(db, sql);
+    let append = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let capture = Capture::default();
+            let result = capture.run(|| {
+                store.append(
+                    stream,
+                    ExpectedVersion::NoStream,
+                    [Counted { counter: id, by }],
+                )
+            });
+            (result, capture)
+        })
+    };
+    holder.wait_for_waiter(db);
+    holder.commit();
+    let (result, capture) = append.join().unwrap();
+    result.unwrap_or_else(|e| panic!("{e}\n{}", capture.text()));
+    capture
 }
 
 #[test]
@@ -397,15 +379,14 @@ fn a_row_changed_after_its_read_keeps_that_change() {
     count(&store, "h-1", 1, 1, ExpectedVersion::NoStream);
     // The holder's update waits for nothing; the append reads the committed
     // row (total 1) and then waits for the holder's row lock.
-    let holder = Holder::begin(
+    let capture = append_while_holding(
         &db,
+        &store,
         "UPDATE opt_counters SET total = total + 100, events = events + 1 WHERE counter = 1",
+        "h-2",
+        1,
+        10,
     );
-    let append = append_while_held(&store, "h-2", 1, 10);
-    holder.wait_for_waiter(&db);
-    holder.commit();
-    let (result, capture) = append.join().unwrap();
-    result.unwrap();
     assert_eq!(row_of(&store, 1), Some((111, 3)), "{}", capture.text());
     assert_eq!(capture.deferred(), 1, "{}", capture.text());
     assert_eq!(store.stream_version("h-2").unwrap(), 1);
@@ -419,12 +400,14 @@ fn a_row_deleted_after_its_read_stays_deleted_before_the_append() {
     };
     let store = db.store();
     count(&store, "d-1", 1, 1, ExpectedVersion::NoStream);
-    let holder = Holder::begin(&db, "DELETE FROM opt_counters WHERE counter = 1");
-    let append = append_while_held(&store, "d-2", 1, 10);
-    holder.wait_for_waiter(&db);
-    holder.commit();
-    let (result, capture) = append.join().unwrap();
-    result.unwrap();
+    let capture = append_while_holding(
+        &db,
+        &store,
+        "DELETE FROM opt_counters WHERE counter = 1",
+        "d-2",
+        1,
+        10,
+    );
     // The append came after the delete: a new row of its event alone.
     assert_eq!(row_of(&store, 1), Some((10, 1)), "{}", capture.text());
     assert_eq!(capture.deferred(), 1, "{}", capture.text());
@@ -437,15 +420,14 @@ fn a_row_inserted_after_its_read_found_none_is_not_replaced() {
         return;
     };
     let store = db.store();
-    let holder = Holder::begin(
+    let capture = append_while_holding(
         &db,
+        &store,
         "INSERT INTO opt_counters (counter, total, events) VALUES (5, 100, 1)",
+        "i-1",
+        5,
+        10,
     );
-    let append = append_while_held(&store, "i-1", 5, 10);
-    holder.wait_for_waiter(&db);
-    holder.commit();
-    let (result, capture) = append.join().unwrap();
-    result.unwrap();
     assert_eq!(row_of(&store, 5), Some((110, 2)), "{}", capture.text());
     assert_eq!(capture.deferred(), 1, "{}", capture.text());
 }

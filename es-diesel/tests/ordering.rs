@@ -18,6 +18,10 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
+#[path = "support/capture.rs"]
+mod capture;
+use capture::Capture;
+
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[event(view = false)]
 struct Moved {
@@ -467,25 +471,11 @@ struct Session {
     steps: mpsc::Sender<SessionStep>,
     done: mpsc::Receiver<Result<(), Error>>,
     pid: i32,
-    log: Arc<std::sync::Mutex<Vec<u8>>>,
+    log: Capture,
 }
 
 /// What a [`Session`] runs in its transaction.
 type SessionStep = Box<dyn FnOnce(&mut DbConnection) -> Result<(), Error> + Send>;
-
-/// A `tracing` writer into a shared buffer.
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 impl Session {
     fn begin(store: &EventStore) -> Session {
@@ -493,15 +483,10 @@ impl Session {
         let (tx, done) = mpsc::channel();
         let (pid_tx, pid_rx) = mpsc::channel();
         let store = store.clone();
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Capture::default();
         let kept = log.clone();
         std::thread::spawn(move || {
-            let subscriber = tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::DEBUG)
-                .with_ansi(false)
-                .with_writer(move || Capture(kept.clone()))
-                .finish();
-            let _traced = tracing::subscriber::set_default(subscriber);
+            let _traced = tracing::subscriber::set_default(kept.subscriber());
             let mut conn = store.connection().unwrap();
             #[derive(QueryableByName)]
             struct Pid {
@@ -535,7 +520,7 @@ impl Session {
 
     /// What the store traced on this session's connection.
     fn traced(&self) -> String {
-        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+        self.log.text()
     }
 
     fn send(&self, writes: Vec<StreamWrite>) {

@@ -100,12 +100,10 @@ fn guarded(conn: &mut DbConnection, write: &StreamWrite) -> Result<Option<Vec<Re
     let mut folds = Vec::new();
     for ev in &events {
         for (p, h) in reg.inline_handlers(&ev.event_type) {
+            // `eligible` saw every handler row-level, without the envelope.
             let HandlerKind::Row { want, fold, .. } = &h.kind else {
                 return Ok(None);
             };
-            if p.reads_envelope {
-                return Ok(None);
-            }
             let at = match batches.iter().position(|(name, _)| *name == p.read_model) {
                 Some(at) => at,
                 None => {
