@@ -44,6 +44,9 @@ struct Task {
     /// `StoreOptions::optimistic_rows` of the framework's store.
     #[serde(default = "yes")]
     optimistic_rows: bool,
+    /// `--framework-sql`: run on the framework's database after its set-up.
+    #[serde(default)]
+    framework_sql: Option<String>,
 }
 
 fn yes() -> bool {
@@ -59,6 +62,13 @@ struct ChildReport {
     vm_hwm_kib: Option<u64>,
     /// Per-command latency (A, B, C).
     latency: Option<latency::Summary>,
+    /// CPU time (user + system, every thread) this process spent in the
+    /// timed phase, in seconds.
+    #[serde(default)]
+    cpu_s: Option<f64>,
+    /// The system (kernel) part of `cpu_s`.
+    #[serde(default)]
+    cpu_system_s: Option<f64>,
 }
 
 /// One measured run.
@@ -70,11 +80,24 @@ pub struct Sample {
     pub peak_rss_kib: u64,
     pub vm_hwm_kib: Option<u64>,
     pub latency: Option<latency::Summary>,
+    /// The client's CPU time in the timed phase (see `ChildReport`).
+    pub cpu_s: Option<f64>,
+    pub cpu_system_s: Option<f64>,
 }
 
 impl Sample {
     pub fn events_per_s(&self) -> f64 {
         self.events as f64 / self.elapsed_s
+    }
+
+    /// The client's CPU time per rated event, in µs.
+    pub fn cpu_us_per_event(&self) -> Option<f64> {
+        Some(self.cpu_s? * 1e6 / self.events as f64)
+    }
+
+    /// The kernel's part of [`Sample::cpu_us_per_event`].
+    pub fn cpu_system_us_per_event(&self) -> Option<f64> {
+        Some(self.cpu_system_s? * 1e6 / self.events as f64)
     }
 }
 
@@ -93,6 +116,7 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         writer_queue: !args.no_writer_queue,
         aggregate_cache: args.aggregate_cache,
         optimistic_rows: !args.no_optimistic_rows,
+        framework_sql: args.framework_sql.clone(),
     };
     spawn(&task)?;
     task.step = Step::Run;
@@ -109,6 +133,8 @@ pub fn measure(args: &Args, backend: BackendArg, phase: Phase, imp: Impl) -> Res
         peak_rss_kib,
         vm_hwm_kib: report.vm_hwm_kib,
         latency: report.latency,
+        cpu_s: report.cpu_s,
+        cpu_system_s: report.cpu_system_s,
     })
 }
 
@@ -176,6 +202,7 @@ pub fn child_main(task: &str) -> Result<()> {
                 task.phase,
                 n,
                 preload,
+                task.framework_sql.as_deref(),
             ),
             Impl::Raw => raw::prepare(
                 &mut raw::Conn::open(&task.url, sync)?,
@@ -189,7 +216,8 @@ pub fn child_main(task: &str) -> Result<()> {
                 Phase::A | Phase::B | Phase::C => workload::commands(n).collect(),
                 _ => Vec::new(),
             };
-            let (elapsed, mut latencies, state) = match task.imp {
+            let cpu_before = cpu_time();
+            let (elapsed, mut latencies, cpu, state) = match task.imp {
                 Impl::Es => {
                     let store = framework::open(
                         &task.url,
@@ -200,18 +228,25 @@ pub fn child_main(task: &str) -> Result<()> {
                         task.phase,
                     )?;
                     let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;
-                    (elapsed, latencies, framework::state(&store, task.phase)?)
+                    let cpu = cpu_since(cpu_before);
+                    (
+                        elapsed,
+                        latencies,
+                        cpu,
+                        framework::state(&store, task.phase)?,
+                    )
                 }
                 Impl::Raw => {
                     let mut conn = raw::Conn::open(&task.url, sync)?;
                     let outcome = raw::run(
                         &mut conn, &task.url, sync, task.phase, &commands, n, preload,
                     )?;
+                    let cpu = cpu_since(cpu_before);
                     let state = match outcome.read_state {
                         Some(s) => s,
                         None => raw::state(&mut conn, task.phase)?,
                     };
-                    (outcome.elapsed, outcome.latencies, state)
+                    (outcome.elapsed, outcome.latencies, cpu, state)
                 }
             };
             let report = ChildReport {
@@ -220,11 +255,44 @@ pub fn child_main(task: &str) -> Result<()> {
                 state,
                 vm_hwm_kib: vm_hwm_kib(),
                 latency: latency::Summary::of(&mut latencies),
+                cpu_s: cpu.map(|c| c.total),
+                cpu_system_s: cpu.map(|c| c.system),
             };
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
     }
+}
+
+/// CPU time of this process (every thread), in seconds.
+#[derive(Clone, Copy)]
+struct Cpu {
+    total: f64,
+    system: f64,
+}
+
+/// This process's CPU time so far.
+fn cpu_time() -> Option<Cpu> {
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let system = secs(usage.ru_stime);
+    Some(Cpu {
+        total: secs(usage.ru_utime) + system,
+        system,
+    })
+}
+
+fn cpu_since(before: Option<Cpu>) -> Option<Cpu> {
+    let (now, before) = (cpu_time()?, before?);
+    Some(Cpu {
+        total: now.total - before.total,
+        system: now.system - before.system,
+    })
 }
 
 /// This process's peak RSS since exec, from /proc (Linux only).

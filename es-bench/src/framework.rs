@@ -180,12 +180,19 @@ pub fn open(
 
 /// Untimed set-up of a fresh database for `phase`: schema, the `preload`
 /// events of `--preload-events` (history on books the workload does not
-/// touch), registrations, and for D the log of `replay_events` commands.
+/// touch), registrations, for D the log of `replay_events` commands, then
+/// the statements of `--framework-sql` (`alter`), if any.
 /// On PostgreSQL a preloaded log is then vacuumed, analyzed and
 /// checkpointed, as raw's is, so that neither autovacuum's reaction to the
 /// bulk load nor the checkpoint writing its pages falls into the timed
 /// phase.
-pub fn prepare(store: &EventStore, phase: Phase, replay_events: u64, preload: u64) -> Result<()> {
+pub fn prepare(
+    store: &EventStore,
+    phase: Phase,
+    replay_events: u64,
+    preload: u64,
+    alter: Option<&str>,
+) -> Result<()> {
     store.migrate()?;
     append_log(store, workload::preload_events(preload))?;
     match phase {
@@ -195,6 +202,10 @@ pub fn prepare(store: &EventStore, phase: Phase, replay_events: u64, preload: u6
             seed(store, replay_events)?;
         }
         Phase::E1 | Phase::E2 | Phase::E3 => return Err(BenchError::RawOnly(phase)),
+    }
+    if let Some(sql) = alter {
+        use diesel::connection::SimpleConnection;
+        store.connection()?.batch_execute(sql)?;
     }
     if preload > 0 && store.backend() == Backend::Postgres {
         use diesel::connection::SimpleConnection;
@@ -461,6 +472,7 @@ mod tests {
             phase,
             n,
             preload,
+            None,
         )
         .unwrap();
         let store = open(url, SqliteSync::Normal, true, cache, true, phase).unwrap();
@@ -559,7 +571,7 @@ mod tests {
     fn d_seeds_an_empty_read_model_and_the_rebuild_fills_it() {
         for db in TestDatabase::all() {
             let store = open(db.url(), SqliteSync::Normal, true, false, true, Phase::D).unwrap();
-            prepare(&store, Phase::D, 200, 0).unwrap();
+            prepare(&store, Phase::D, 200, 0, None).unwrap();
             assert_eq!(book_list_rows(&store), 0, "seed on {}", db.backend());
             run(&store, Phase::D, &[]).unwrap();
             assert_eq!(

@@ -258,6 +258,12 @@ pub struct Args {
     /// checks each row's version (`StoreOptions::optimistic_rows` off).
     #[arg(long)]
     no_optimistic_rows: bool,
+    /// SQL run on the framework's database after its untimed set-up and
+    /// before the timed phase, e.g. `DROP INDEX es_events_by_type`: prices
+    /// a part of the store's schema by measuring without it. The final
+    /// state is still checked; the goals are not judged.
+    #[arg(long, value_name = "SQL")]
+    framework_sql: Option<String>,
     /// One JSON object per (phase, implementation) on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -372,8 +378,14 @@ fn run(args: &Args) -> Result<()> {
                             l.max_ns as f64 / 1e3
                         )
                     });
+                    let cpu = match (sample.cpu_us_per_event(), sample.cpu_system_us_per_event()) {
+                        (Some(c), Some(s)) => {
+                            format!(", client CPU {c:.1} µs/event ({s:.1} in the kernel)")
+                        }
+                        _ => String::new(),
+                    };
                     eprintln!(
-                        "{backend} {phase} {imp} run {run}/{}: {:.0} events/s ({} events in {:.3} s){latency}, peak RSS {} KiB (VmHWM {} KiB), state ok",
+                        "{backend} {phase} {imp} run {run}/{}: {:.0} events/s ({} events in {:.3} s){latency}{cpu}, peak RSS {} KiB (VmHWM {} KiB), state ok",
                         args.runs,
                         sample.events_per_s(),
                         sample.events,

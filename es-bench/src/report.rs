@@ -22,6 +22,10 @@ struct Summary {
     peak_rss_kib: u64,
     state: State,
     latency: Option<Latency>,
+    /// Median over the runs of the client's CPU µs per event, and of its
+    /// kernel part.
+    cpu_us: Option<f64>,
+    cpu_system_us: Option<f64>,
 }
 
 /// Per-command latency over the runs, in microseconds: the median of the
@@ -75,6 +79,13 @@ struct JsonLine<'a> {
     /// The framework's p99 over raw's (on the framework's lines of A, B, C).
     #[serde(skip_serializing_if = "Option::is_none")]
     p99_vs_raw: Option<f64>,
+    /// The benchmark process's CPU time (user + system, all threads) in
+    /// the timed phase, per event, in µs: the client's share of the work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_event: Option<f64>,
+    /// The kernel's part of `cpu_us_per_event`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_system_us_per_event: Option<f64>,
 }
 
 /// How both implementations obtain a book's state per command.
@@ -120,6 +131,16 @@ impl Results {
             peak_rss_kib: v.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
             state: v[0].state,
             latency: Latency::over(v),
+            cpu_us: v
+                .iter()
+                .map(Sample::cpu_us_per_event)
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
+            cpu_system_us: v
+                .iter()
+                .map(Sample::cpu_system_us_per_event)
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
         })
     }
 
@@ -159,6 +180,8 @@ impl Results {
                     } else {
                         None
                     },
+                    cpu_us_per_event: s.cpu_us,
+                    cpu_system_us_per_event: s.cpu_system_us,
                 };
                 println!("{}", serde_json::to_string(&line)?);
             }
@@ -207,6 +230,9 @@ impl Results {
                     "the framework writes events and rows in one statement that checks each row's version (StoreOptions::optimistic_rows)"
                 }
             );
+        }
+        if let Some(sql) = &args.framework_sql {
+            println!("   the framework's schema was changed before each timed phase (--framework-sql): {sql}");
         }
         if args.aggregate_cache {
             println!("   state per command (A, B, C): {APPROACH}: raw reads and folds the whole book stream; the framework keeps each book's state in memory after its first command (--aggregate-cache), so its later commands read no stream");
@@ -261,6 +287,7 @@ impl Results {
             );
         }
         self.print_latency();
+        self.print_cpu();
         self.print_goals(args);
     }
 
@@ -306,14 +333,44 @@ impl Results {
         }
     }
 
+    /// The client's CPU per event, where it was measured.
+    fn print_cpu(&self) {
+        let cpu: Vec<String> = self
+            .order
+            .iter()
+            .filter_map(|&p| {
+                let cpu = |imp| self.summary(p, imp)?.cpu_us;
+                Some(format!(
+                    "{p} {:.1} / {:.1}",
+                    cpu(Impl::Es)?,
+                    cpu(Impl::Raw)?
+                ))
+            })
+            .collect();
+        if !cpu.is_empty() {
+            println!(
+                "client CPU per event, µs, framework / raw (user + system of the benchmark process in the timed phase, median of runs): {}",
+                cpu.join(", ")
+            );
+        }
+    }
+
     fn print_goals(&self, args: &Args) {
         let rate = |p, i| self.summary(p, i).map(|s| s.events_per_s);
         let e1 = rate(Phase::E1, Impl::Raw);
         let mut lines = Vec::new();
         // With the framework's state cache, raw reads every stream and the
-        // framework does not: its rates are shown, not judged.
-        const UNLIKE: &str = ": not judged (--aggregate-cache: raw reads every book's stream, the framework does not)";
-        let unlike = |phase: Phase| args.aggregate_cache && phase.has_commands();
+        // framework does not; with --framework-sql the framework ran on
+        // another schema: the rates are shown, not judged.
+        let unlike = |phase: Phase| {
+            if args.framework_sql.is_some() {
+                Some(": not judged (--framework-sql changed the framework's schema)")
+            } else if args.aggregate_cache && phase.has_commands() {
+                Some(": not judged (--aggregate-cache: raw reads every book's stream, the framework does not)")
+            } else {
+                None
+            }
+        };
         // `goal` None: a direction ("approach E1"), not a threshold.
         let versus = |phase: Phase, base: Option<f64>, base_name: &str, goal: Option<f64>| {
             if !self.order.contains(&phase) {
@@ -323,11 +380,11 @@ impl Results {
             let line = match (rate(phase, Impl::Es), base) {
                 (Some(fw), Some(base)) => {
                     let r = fw / base;
-                    let verdict = match goal {
-                        _ if unlike(phase) => UNLIKE,
-                        Some(g) if r >= g => ": met",
-                        Some(_) => ": MISSED",
-                        None => "",
+                    let verdict = match (unlike(phase), goal) {
+                        (Some(reason), _) => reason,
+                        (None, Some(g)) if r >= g => ": met",
+                        (None, Some(_)) => ": MISSED",
+                        (None, None) => "",
                     };
                     format!("{phase}: framework/{base_name} = {r:.2} (goal {goal_text}){verdict}")
                 }
@@ -356,8 +413,8 @@ impl Results {
             lines.push(match self.p99_ratio(Phase::C) {
                 Some(r) => format!(
                     "C: framework p99 latency / raw p99 = {r:.2} (goal <= {P99_GOAL}){}",
-                    if unlike(Phase::C) {
-                        UNLIKE
+                    if let Some(reason) = unlike(Phase::C) {
+                        reason
                     } else if r <= P99_GOAL {
                         ": met"
                     } else {
@@ -378,10 +435,10 @@ impl Results {
         if let Some(d) = self.summary(Phase::D, Impl::Es) {
             let ok = d.peak_rss_kib < 64 * 1024;
             lines.push(format!(
-                "D: framework peak RSS {} (goal < 64 MiB at --replay-events 1000000, measured at {}): {}",
+                "D: framework peak RSS {} (goal < 64 MiB at --replay-events 1000000, measured at {}){}",
                 mib(d.peak_rss_kib),
                 args.replay_events,
-                if ok { "met" } else { "MISSED" }
+                unlike(Phase::D).map_or(if ok { ": met" } else { ": MISSED" }, |r| r)
             ));
         }
         if !lines.is_empty() {

@@ -74,6 +74,7 @@ fn check(lines: &[serde_json::Value], backend: &str) {
             "{l}"
         );
         check_latency(l);
+        check_cpu(l);
         let preloads = matches!(l["phase"].as_str().unwrap(), "A" | "C" | "D");
         assert_eq!(l["preload_events"].as_u64(), preloads.then_some(0), "{l}");
     }
@@ -99,6 +100,19 @@ fn check_latency(l: &serde_json::Value) {
     let ratio = l["p99_vs_raw"].as_f64();
     assert_eq!(ratio.is_some(), commands && l["impl"] == "es", "{l}");
     assert!(ratio.is_none_or(|r| r > 0.0), "{l}");
+}
+
+/// Every line carries the client's CPU per event, its kernel part within
+/// it; a sequential phase cannot spend more CPU per event than two cores
+/// give in its wall time per event.
+fn check_cpu(l: &serde_json::Value) {
+    let cpu = l["cpu_us_per_event"].as_f64().unwrap();
+    let system = l["cpu_system_us_per_event"].as_f64().unwrap();
+    assert!(cpu > 0.0 && (0.0..=cpu).contains(&system), "{l}");
+    if matches!(l["phase"].as_str().unwrap(), "A" | "B") {
+        let wall_us = 1e6 / l["events_per_s"].as_f64().unwrap();
+        assert!(cpu <= 2.0 * wall_us, "{l}");
+    }
 }
 
 #[test]
@@ -162,6 +176,54 @@ fn table_shows_latencies_and_the_p99_goal() {
     assert!(
         table.contains("the framework's wait in its writer queue"),
         "{table}"
+    );
+}
+
+/// `--framework-sql` runs on the framework's database before the timed
+/// phase (a statement that fails stops the benchmark), says so in the
+/// header, and leaves the goals unjudged; the state is still checked.
+#[test]
+fn framework_sql_changes_the_schema_and_the_goals_are_not_judged() {
+    let table = sqlite_table(&[
+        "--phases",
+        "A,D",
+        "--replay-events",
+        "500",
+        "--framework-sql",
+        "DROP INDEX es_events_by_type",
+    ]);
+    assert!(
+        table.contains("(--framework-sql): DROP INDEX es_events_by_type"),
+        "{table}"
+    );
+    let goals: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("goals"))
+        .skip(1)
+        .collect();
+    assert!(goals.len() >= 3, "{table}");
+    for goal in goals {
+        assert!(
+            goal.contains("not judged (--framework-sql") || goal.contains("not measured"),
+            "{table}"
+        );
+    }
+    assert!(table.contains("client CPU per event, µs"), "{table}");
+    let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
+        .args(["--backend", "sqlite", "--events", "50", "--runs", "1"])
+        .args([
+            "--phases",
+            "A",
+            "--framework-sql",
+            "DROP INDEX es_no_such_index",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("es_no_such_index"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

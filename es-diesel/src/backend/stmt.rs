@@ -36,6 +36,7 @@ impl Marked {
         Marked { sql, marks }
     }
 
+    #[cfg(any(debug_assertions, test))]
     pub(crate) fn as_str(&self) -> &str {
         &self.sql
     }
@@ -50,6 +51,7 @@ pub(crate) enum SqlText<'a> {
 }
 
 impl SqlText<'_> {
+    #[cfg(debug_assertions)]
     fn as_str(&self) -> &str {
         match self {
             SqlText::Plain(s) => s,
