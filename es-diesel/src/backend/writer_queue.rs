@@ -29,10 +29,10 @@
 use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::sqlite::SqliteConnection;
 use diesel::Connection;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::thread::ThreadId;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::{Thread, ThreadId};
 use std::time::{Duration, Instant};
 
 /// The writers of one SQLite file in this process: a ticket queue.
@@ -47,7 +47,6 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 pub(crate) struct WriterQueue {
     state: Mutex<QueueState>,
-    served: Condvar,
 }
 
 #[derive(Default)]
@@ -60,10 +59,13 @@ struct QueueState {
     abandoned: BTreeSet<u64>,
     /// The thread that has the turn, and how many turns it holds.
     holder: Option<(ThreadId, usize)>,
-    /// Writers asleep on `served` (or about to be): with none, a turn is
-    /// given back without waking anyone, which on Linux is a system call
-    /// even when nobody waits.
-    asleep: usize,
+    /// Writers asleep (or about to be), by ticket: a turn given back wakes
+    /// the writer whose ticket comes next and no other, so the others sleep
+    /// on instead of each waking to find it is not their turn.
+    asleep: BTreeMap<u64, Thread>,
+    /// How many times a writer woke up while waiting.
+    #[cfg(test)]
+    wakes: usize,
 }
 
 impl QueueState {
@@ -71,6 +73,16 @@ impl QueueState {
         while self.abandoned.remove(&self.serving) {
             self.serving += 1;
         }
+    }
+
+    /// With the turn free, the writer whose ticket is served next, if it
+    /// sleeps (one that is awake sees the turn when it looks): to be woken
+    /// once the state is unlocked.
+    fn next_to_wake(&self) -> Option<Thread> {
+        self.holder
+            .is_none()
+            .then(|| self.asleep.get(&self.serving).cloned())
+            .flatten()
     }
 
     /// Writers holding a ticket that has not been served.
@@ -113,10 +125,10 @@ impl Drop for Turn {
             *depth -= 1;
             if *depth == 0 {
                 state.holder = None;
-                let wake = state.asleep > 0;
+                let next = state.next_to_wake();
                 drop(state);
-                if wake {
-                    self.0.served.notify_all();
+                if let Some(next) = next {
+                    next.unpark();
                 }
             }
         }
@@ -165,10 +177,10 @@ impl WriterQueue {
             if left.is_zero() {
                 state.abandoned.insert(ticket);
                 state.skip_abandoned();
-                let wake = state.asleep > 0;
+                let next = state.next_to_wake();
                 drop(state);
-                if wake {
-                    self.served.notify_all();
+                if let Some(next) = next {
+                    next.unpark();
                 }
                 tracing::debug!(
                     wait_ms = wait.as_millis() as u64,
@@ -176,13 +188,17 @@ impl WriterQueue {
                 );
                 return None;
             }
-            state.asleep += 1;
-            state = self
-                .served
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            state.asleep -= 1;
+            // An unpark that comes between the unlock and the park is kept
+            // by the thread, and the park returns at once.
+            state.asleep.insert(ticket, std::thread::current());
+            drop(state);
+            std::thread::park_timeout(left);
+            state = self.lock();
+            state.asleep.remove(&ticket);
+            #[cfg(test)]
+            {
+                state.wakes += 1;
+            }
         }
         state.holder = Some((me, 1));
         state.serving += 1;
@@ -401,20 +417,65 @@ mod tests {
 
     /// Writers that waited with a 30-second timeout were woken when the
     /// turn was given back at `released`, not by their timeout (a turn given
-    /// back wakes sleepers only when it counts some, and the count must not
-    /// miss one), and nobody is left counted asleep.
+    /// back wakes the sleeper registered for the next ticket, and the
+    /// registry must not miss one), and nobody is left registered asleep.
     fn woken_when_given_back(queue: &WriterQueue, released: Instant) {
         assert!(
             released.elapsed() < Duration::from_secs(10),
             "the writers slept {:?} after the turn was given back",
             released.elapsed()
         );
-        assert_eq!(queue.lock().asleep, 0, "nobody is left counted asleep");
+        assert!(
+            queue.lock().asleep.is_empty(),
+            "nobody is left registered asleep"
+        );
+    }
+
+    /// A turn given back wakes the writer whose ticket comes next, not every
+    /// sleeper: with a wake-all, each of the five turns below would wake
+    /// all the writers still waiting (15 wake-ups), since each turn is
+    /// given back only once every later writer sleeps.
+    #[test]
+    fn a_turn_given_back_wakes_the_next_writer_only() {
+        let queue = Arc::new(WriterQueue::default());
+        let first = queue.take(Duration::ZERO).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writers: Vec<_> = (0..5)
+            .map(|i| {
+                let (mine, tx) = (Arc::clone(&queue), tx.clone());
+                let writer = std::thread::spawn(move || {
+                    let turn = mine.take(Duration::from_secs(30)).unwrap();
+                    tx.send(i).unwrap();
+                    // Give the turn back only once every later writer is
+                    // asleep again, so that a wake-all would wake them all.
+                    wait_until("the later writers sleep", || {
+                        mine.lock().asleep.len() == 4 - i
+                    });
+                    drop(turn);
+                });
+                wait_until(&format!("writer {i} sleeps"), || {
+                    queue.lock().asleep.len() == i + 1
+                });
+                writer
+            })
+            .collect();
+        let released = Instant::now();
+        drop(first);
+        for w in writers {
+            w.join().unwrap();
+        }
+        drop(tx);
+        assert_eq!(rx.iter().collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        woken_when_given_back(&queue, released);
+        // Each writer wakes once; a spurious return from `park` is allowed
+        // by its contract, so a little slack, well below a wake-all's 15.
+        let wakes = queue.lock().wakes;
+        assert!((5..=8).contains(&wakes), "{wakes} wake-ups for 5 writers");
     }
 
     /// A writer that gives up waiting while others sleep does not strand
     /// them: they take the turn when it is given back, not at their
-    /// timeout, and nobody is left counted asleep.
+    /// timeout, and nobody is left registered asleep.
     #[test]
     fn a_writer_that_gives_up_does_not_strand_the_others() {
         let queue = Arc::new(WriterQueue::default());
