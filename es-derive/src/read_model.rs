@@ -723,8 +723,15 @@ impl<'a> Model<'a> {
             let c = key_fields[0].ident;
             let v = key_fields[0].to_sql(quote!(k));
             quote! {
-                let keys: ::std::vec::Vec<_> = keys.iter().map(|k| #v).collect();
-                #table::table.filter(__diesel::ExpressionMethods::eq_any(#table::#c, keys)).select(#versioned_select).load::<(i64, Self)>(c)
+                if let [k] = keys {
+                    // One key: a query Diesel's statement cache finds by its
+                    // type, where `eq_any`'s is built and hashed as text at
+                    // every call.
+                    #table::table.filter(__diesel::ExpressionMethods::eq(#table::#c, #v)).select(#versioned_select).load::<(i64, Self)>(c)
+                } else {
+                    let keys: ::std::vec::Vec<_> = keys.iter().map(|k| #v).collect();
+                    #table::table.filter(__diesel::ExpressionMethods::eq_any(#table::#c, keys)).select(#versioned_select).load::<(i64, Self)>(c)
+                }
             }
         } else {
             let one = key_filter(quote!(k));
