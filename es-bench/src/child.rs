@@ -216,7 +216,6 @@ pub fn child_main(task: &str) -> Result<()> {
                 Phase::A | Phase::B | Phase::C => workload::commands(n).collect(),
                 _ => Vec::new(),
             };
-            let cpu_before = cpu_time();
             let (elapsed, mut latencies, cpu, state) = match task.imp {
                 Impl::Es => {
                     let store = framework::open(
@@ -228,7 +227,7 @@ pub fn child_main(task: &str) -> Result<()> {
                         task.phase,
                     )?;
                     let (elapsed, latencies) = framework::run(&store, task.phase, &commands)?;
-                    let cpu = cpu_since(cpu_before);
+                    let cpu = crate::clock::timed_cpu();
                     (
                         elapsed,
                         latencies,
@@ -241,7 +240,7 @@ pub fn child_main(task: &str) -> Result<()> {
                     let outcome = raw::run(
                         &mut conn, &task.url, sync, task.phase, &commands, n, preload,
                     )?;
-                    let cpu = cpu_since(cpu_before);
+                    let cpu = crate::clock::timed_cpu();
                     let state = match outcome.read_state {
                         Some(s) => s,
                         None => raw::state(&mut conn, task.phase)?,
@@ -262,37 +261,6 @@ pub fn child_main(task: &str) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// CPU time of this process (every thread), in seconds.
-#[derive(Clone, Copy)]
-struct Cpu {
-    total: f64,
-    system: f64,
-}
-
-/// This process's CPU time so far.
-fn cpu_time() -> Option<Cpu> {
-    // SAFETY: rusage is plain data; all-zero is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return None;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let system = secs(usage.ru_stime);
-    Some(Cpu {
-        total: secs(usage.ru_utime) + system,
-        system,
-    })
-}
-
-fn cpu_since(before: Option<Cpu>) -> Option<Cpu> {
-    let (now, before) = (cpu_time()?, before?);
-    Some(Cpu {
-        total: now.total - before.total,
-        system: now.system - before.system,
-    })
 }
 
 /// This process's peak RSS since exec, from /proc (Linux only).

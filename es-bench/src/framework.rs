@@ -9,6 +9,7 @@
 //! phases without a read model (A, C) is opened with inline projectors off
 //! (see [`open`]); `migrate` still creates the empty `book_list` table there.
 
+use crate::clock::Clock;
 use crate::workload::{self, Command, LogEvent, State};
 use crate::{latency, BenchError, Phase, Result};
 use diesel::prelude::*;
@@ -17,7 +18,7 @@ use es_diesel::{
     ReadModel, RebuildOptions, SqliteSync, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How a command obtains the book's state, as printed in the report.
 pub const APPROACH: &str = "load + fold (no snapshots)";
@@ -330,9 +331,9 @@ fn sequential(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec
     // The pool opens connections lazily; open one before the clock.
     drop(store.connection()?);
     let mut latencies = Vec::with_capacity(commands.len());
-    let start = Instant::now();
+    let clock = Clock::start();
     latency::each(commands, &mut latencies, |c| execute(store, c))?;
-    Ok((start.elapsed(), latencies))
+    Ok((clock.stop(), latencies))
 }
 
 /// C: four writers on disjoint streams sharing one store (and its pool).
@@ -348,7 +349,7 @@ fn concurrent(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec
         drop(warm);
     }
     let mut latencies: Vec<Vec<u64>> = parts.iter().map(|p| Vec::with_capacity(p.len())).collect();
-    let start = Instant::now();
+    let clock = Clock::start();
     std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
@@ -359,7 +360,7 @@ fn concurrent(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec
             .into_iter()
             .try_for_each(|h| h.join().map_err(|_| BenchError::WriterPanicked)?)
     })?;
-    let elapsed = start.elapsed();
+    let elapsed = clock.stop();
     Ok((elapsed, latencies.concat()))
 }
 
@@ -368,9 +369,9 @@ fn concurrent(store: &EventStore, commands: &[Command]) -> Result<(Duration, Vec
 fn rebuild(store: &EventStore) -> Result<Duration> {
     drop(store.connection()?);
     let options = RebuildOptions::default();
-    let start = Instant::now();
+    let clock = Clock::start();
     let report = store.rebuild_with(BookList::SCHEMA.name, &options, |_| {})?;
-    let elapsed = start.elapsed();
+    let elapsed = clock.stop();
     // Every event but the user registrations feeds book_list.
     let log = count(
         &mut *store.connection()?,

@@ -13,6 +13,7 @@
 //! with an error on any mismatch.
 
 mod child;
+mod clock;
 mod framework;
 mod latency;
 mod raw;

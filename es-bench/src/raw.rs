@@ -13,6 +13,7 @@
 //! optimistic-concurrency guard, and a JSONB payload (TEXT on SQLite; on
 //! MySQL an `AUTO_INCREMENT` position, VARCHAR ids, a JSON payload, InnoDB).
 
+use crate::clock::Clock;
 use crate::workload::{self, Command, LogEntry, LogEvent, State};
 use crate::{latency, BenchError, Phase, Result};
 use diesel::connection::SimpleConnection;
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Rows per multi-row INSERT (phase E2, seeds, read-model upserts).
 const INSERT_BATCH: usize = 1_000;
@@ -913,10 +914,10 @@ pub fn run(
     preload: u64,
 ) -> Result<Outcome> {
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<Outcome> {
-        let start = Instant::now();
+        let clock = Clock::start();
         f()?;
         Ok(Outcome {
-            elapsed: start.elapsed(),
+            elapsed: clock.stop(),
             latencies: Vec::new(),
             read_state: None,
         })
@@ -972,9 +973,9 @@ pub fn run(
             })
         }
         Phase::E3 => {
-            let start = Instant::now();
+            let clock = Clock::start();
             let rows = on!(&mut *conn, m, c => m::read_all(c))?;
-            let elapsed = start.elapsed();
+            let elapsed = clock.stop();
             let borrowed = rows.iter().filter(|r| r.3 == "BookBorrowed").count() as i64;
             Ok(Outcome {
                 elapsed,
@@ -1002,7 +1003,7 @@ fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome>
         .map(|w| workload::writer_commands(commands, w))
         .collect();
     let mut latencies: Vec<Vec<u64>> = parts.iter().map(|p| Vec::with_capacity(p.len())).collect();
-    let start = Instant::now();
+    let clock = Clock::start();
     std::thread::scope(|s| {
         let handles: Vec<_> = conns
             .iter_mut()
@@ -1020,7 +1021,7 @@ fn phase_c(url: &str, sync: SqliteSync, commands: &[Command]) -> Result<Outcome>
                 .map_err(BenchError::from)
         })
     })?;
-    let elapsed = start.elapsed();
+    let elapsed = clock.stop();
     Ok(Outcome {
         elapsed,
         latencies: latencies.concat(),

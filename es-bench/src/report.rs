@@ -86,6 +86,9 @@ struct JsonLine<'a> {
     /// The kernel's part of `cpu_us_per_event`.
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_system_us_per_event: Option<f64>,
+    /// `--framework-sql`: the framework's schema was changed by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    framework_sql: Option<&'a str>,
 }
 
 /// How both implementations obtain a book's state per command.
@@ -182,6 +185,7 @@ impl Results {
                     },
                     cpu_us_per_event: s.cpu_us,
                     cpu_system_us_per_event: s.cpu_system_us,
+                    framework_sql: args.framework_sql.as_deref(),
                 };
                 println!("{}", serde_json::to_string(&line)?);
             }

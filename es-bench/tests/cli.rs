@@ -75,6 +75,7 @@ fn check(lines: &[serde_json::Value], backend: &str) {
         );
         check_latency(l);
         check_cpu(l);
+        assert!(l["framework_sql"].is_null(), "{l}");
         let preloads = matches!(l["phase"].as_str().unwrap(), "A" | "C" | "D");
         assert_eq!(l["preload_events"].as_u64(), preloads.then_some(0), "{l}");
     }
@@ -209,6 +210,18 @@ fn framework_sql_changes_the_schema_and_the_goals_are_not_judged() {
         );
     }
     assert!(table.contains("client CPU per event, µs"), "{table}");
+    let lines = bench(
+        "sqlite",
+        &[
+            "--phases",
+            "A",
+            "--framework-sql",
+            "DROP INDEX es_events_by_type",
+        ],
+    );
+    for l in &lines {
+        assert_eq!(l["framework_sql"], "DROP INDEX es_events_by_type", "{l}");
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_es-bench"))
         .args(["--backend", "sqlite", "--events", "50", "--runs", "1"])
         .args([
