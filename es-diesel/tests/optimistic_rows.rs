@@ -1166,6 +1166,53 @@ mod kinds {
         );
     }
 
+    /// A one-key read model's rows are read with `=` when an append reads
+    /// one key and with `= ANY` when it reads several: a connection keeps
+    /// those two versioned reads prepared, whatever the number of keys.
+    #[test]
+    fn a_one_key_model_keeps_two_versioned_reads_prepared() {
+        let Some(db) = TestDatabase::postgres() else {
+            return;
+        };
+        let store = db.store_with(StoreOptions {
+            pool_size: 1,
+            ..StoreOptions::default()
+        });
+        for k in 1..=6i64 {
+            let events: Vec<super::Counted> = (0..k)
+                .map(|i| super::Counted {
+                    counter: 100 * k + i,
+                    by: 1,
+                })
+                .collect();
+            store
+                .append(&format!("keys-{k}"), ExpectedVersion::NoStream, events)
+                .unwrap();
+        }
+        assert_eq!(super::row_of(&store, 601), Some((1, 1)));
+        #[derive(QueryableByName)]
+        struct Text {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            statement: String,
+        }
+        let mut conn = store.connection().unwrap();
+        let reads: Vec<String> = diesel::sql_query(
+            "SELECT statement FROM pg_prepared_statements \
+             WHERE statement LIKE '%xmin::text::bigint, %' AND statement LIKE '%opt_counters%'",
+        )
+        .load::<Text>(&mut *conn)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.statement)
+        .collect();
+        assert_eq!(reads.len(), 2, "{reads:#?}");
+        assert!(
+            reads.iter().any(|r| r.contains("\"counter\" = $1")),
+            "{reads:#?}"
+        );
+        assert!(reads.iter().any(|r| r.contains("= ANY($1)")), "{reads:#?}");
+    }
+
     /// A row whose JSON no longer reads back is the projector's error at its
     /// event, as in a transaction.
     #[test]
