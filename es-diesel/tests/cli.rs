@@ -7,10 +7,13 @@ use es_diesel::{
     ReadModel, Recorded, StoreOptions, StreamWrite,
 };
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+#[path = "support/capture.rs"]
+mod capture;
+use capture::Capture;
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
 #[event(view = false)]
@@ -151,24 +154,7 @@ fn admin_commands_report_the_store() {
 }
 
 /// Output shared with a `tail` running on another thread.
-#[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Shared {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-
+impl Capture {
     /// How many printed events are on `shelf`.
     fn count(&self, shelf: &str) -> usize {
         self.text().matches(&format!("\"{shelf}\"")).count()
@@ -198,8 +184,8 @@ fn start_tail(
     store: &EventStore,
     count: usize,
     stop: &Arc<AtomicBool>,
-) -> (Shared, std::thread::JoinHandle<()>) {
-    let out = Shared::default();
+) -> (Capture, std::thread::JoinHandle<()>) {
+    let out = Capture::default();
     let (store, stop, mut sink) = (store.clone(), stop.clone(), out.clone());
     let handle =
         std::thread::spawn(move || tail(&store, count, false, Some(&stop), &mut sink).unwrap());

@@ -20,6 +20,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[path = "support/capture.rs"]
+mod capture;
+use capture::Capture;
+
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[event(view = false)]
 struct Tick {
@@ -700,24 +704,9 @@ fn a_long_multi_statement_writer_is_waited_for_whole() {
     assert_eq!(*seen.last().unwrap(), 5000);
 }
 
-#[derive(Clone, Default)]
-struct SharedOut(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl SharedOut {
+impl Capture {
     fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .matches(needle)
-            .count()
+        self.text().matches(needle).count()
     }
 }
 
@@ -738,7 +727,7 @@ fn tail_follow_prints_an_event_committed_behind_its_start_once() {
     store
         .append("later-stream", ExpectedVersion::NoStream, [Tick { n: 2 }])
         .unwrap();
-    let out = SharedOut::default();
+    let out = Capture::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tail = {
         let (store, out, stop) = (store.clone(), out.clone(), stop.clone());

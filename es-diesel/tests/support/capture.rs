@@ -1,11 +1,12 @@
-//! What the store traces on a thread, kept in memory for a test to read.
+//! A writer into memory that a test reads: what the store traces on a
+//! thread, or what a command prints on another.
 
 // Each test binary that includes this uses part of it.
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
 
-/// A `tracing` writer into a shared buffer.
+/// A writer into a shared buffer (for `tracing`, or any `io::Write`).
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<u8>>>);
 
